@@ -1,0 +1,256 @@
+"""Command-line interface: a thin layer over :mod:`stegoseg.pipeline`.
+
+Every subcommand maps onto a library function; errors caused by input are printed as
+one line (``stegoseg: error: ...``) with exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .errors import StegosegError
+
+log = logging.getLogger("stegoseg")
+
+
+def _out_arg(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--out", default=default, help=f"output folder (default: {default})")
+
+
+def _check_out(out: Path, overwrite: bool, marker: str) -> None:
+    """Refuse to overwrite a finished run's outputs unless asked."""
+    if (out / marker).exists() and not overwrite:
+        raise StegosegError(f"{out / marker} exists: choose another --out or pass --overwrite")
+
+
+def cmd_backbones(args) -> int:
+    from .backbones import list_backbones
+
+    for name in list_backbones():
+        print(name)
+    return 0
+
+
+def cmd_baseline(args) -> int:
+    from .config import resolve_config
+    from .pipeline import run_feature_baseline
+
+    cfg = resolve_config(args)
+    out = Path(args.out)
+    _check_out(out, args.overwrite, "metrics.json")
+    result = run_feature_baseline(cfg, out)
+    _print_summary(result, out)
+    return 0
+
+
+def cmd_make_synthetic(args) -> int:
+    from .synthetic import make_synthetic_dataset
+
+    try:
+        root = make_synthetic_dataset(
+            args.root, n_train=args.n_train, n_val=args.n_val, n_classes=args.n_classes, seed=args.seed,
+            size=(args.height, args.width),
+        )
+    except FileExistsError as exc:
+        raise StegosegError(str(exc)) from exc
+    print(root)
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from .config import resolve_config
+    from .pipeline import prepare
+
+    cfg = resolve_config(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = prepare(cfg, out)
+    print(f"feature cache: {cache.path} ({cache.n} items, complete={cache.complete})")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .config import resolve_config
+    from .pipeline import train_stego
+
+    cfg = resolve_config(args)
+    out = Path(args.out)
+    if not args.resume:
+        _check_out(out, args.overwrite, "checkpoint.pt")
+    path = train_stego(cfg, out, resume=args.resume)
+    if path is not None:
+        print(f"checkpoint: {path}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import summary_rows
+    from .model import load
+    from .pipeline import config_for_checkpoint, evaluate_checkpoint_model, resolve_device
+
+    model = load(args.checkpoint, weights=args.weights, device="cpu")
+    cfg = config_for_checkpoint(model, args)
+    model.to(resolve_device(cfg.device))
+    out = Path(args.out)
+    _check_out(out, args.overwrite, "metrics.json")
+    result = evaluate_checkpoint_model(cfg, model, out, split=args.split)
+    result["summary"] = summary_rows(result)
+    _print_summary(result, out)
+    return 0
+
+
+def cmd_segment(args) -> int:
+    from .model import load
+    from .pipeline import resolve_device, segment_images
+
+    model = load(args.checkpoint, weights=args.weights, device=resolve_device(args.device))
+    written = segment_images(
+        model, args.inputs, args.out, crf=args.crf, flip=args.flip,
+        resolution=None if args.resolution == 0 else args.resolution, probe=args.probe,
+        overwrite=args.overwrite, progress=not args.quiet, num_workers=args.num_workers,
+    )
+    print(f"wrote {len(written)} label maps (+ overlays) to {args.out}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .config import resolve_config
+    from .pipeline import run_all
+
+    cfg = resolve_config(args)
+    out = Path(args.out)
+    if not args.resume:
+        _check_out(out, args.overwrite, "report.md")
+    summary = run_all(cfg, out, resume=args.resume, baseline=args.baseline)
+    if summary is not None:
+        for name, rows in summary.items():
+            print(name + ": " + ", ".join(f"{k} {v:.1f}" for k, v in rows.items()))
+        print(f"report: {out / 'report.md'}")
+    return 0
+
+
+def _print_summary(result: dict, out: Path) -> None:
+    summary = result.get("summary") or {}
+    if summary:
+        print("| metric | value |\n|---|---|")
+        for k, v in summary.items():
+            print(f"| {k} | {v:.2f} |")
+    print(f"outputs: {out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .config import add_config_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="stegoseg",
+        description="Unsupervised semantic segmentation with frozen self-supervised ViTs (STEGO and baselines).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("backbones", help="list backbone presets")
+    p.set_defaults(func=cmd_backbones)
+
+    p = sub.add_parser(
+        "baseline",
+        help="raw backbone features: k-means cluster probe + linear probe, evaluated (the 'DINO baseline')",
+        description="Cache the training split's backbone features, fit a spherical k-means cluster probe "
+        "(and a linear probe when labels exist) straight on them, and evaluate on the validation split. "
+        "Writes config.yaml, checkpoint.pt, metrics.json, confusion_*.png and predictions.png under --out.",
+    )
+    _out_arg(p, "runs/baseline")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run's outputs in --out")
+    add_config_arguments(p)
+    p.set_defaults(func=cmd_baseline)
+
+    p = sub.add_parser(
+        "run",
+        help="the main job: prepare -> train -> evaluate -> segment (+ raw-feature baseline) -> report.md",
+        description="Run everything for one dataset into one folder: feature cache, STEGO training, evaluation "
+        "(parity and strict), the raw-feature baseline on the same backbone, example segmentations and "
+        "report.md. With --dataset synthetic and no --data-root, images are generated (no downloads).",
+    )
+    _out_arg(p, "runs/main")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run's outputs in --out")
+    p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
+                   help="also fit and evaluate the raw-feature baseline (default: on)")
+    add_config_arguments(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("prepare", help="five-crop, extract and cache backbone features, compute nearest neighbours",
+                       description="Resumable: an interrupted run continues where it stopped; finished items are never recomputed.")
+    _out_arg(p, "runs/prepare")
+    add_config_arguments(p)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train the STEGO head and probes on cached features (Lightning)",
+                       description="Writes checkpoint.pt (one self-contained file), lightning/ checkpoints every "
+                       "--ckpt-every steps, logs/metrics.csv, similarity_histogram.png, training_curves.png.")
+    _out_arg(p, "runs/train")
+    p.add_argument("--resume", action="store_true", help="continue from --out/lightning/last.ckpt")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run's outputs in --out")
+    add_config_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint with the published protocol (parity + strict)",
+                       description="Uses the checkpoint's own config; any option given here overrides it "
+                       "(e.g. --no-crf, --eval-resolution, --data-root).")
+    p.add_argument("checkpoint", help="checkpoint.pt written by train / baseline / run")
+    p.add_argument("--split", default=None, help="split to evaluate (default: the config's val split)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in --out")
+    _out_arg(p, "runs/eval")
+    add_config_arguments(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("segment", help="segment images, folders or globs into palette PNGs + overlays")
+    p.add_argument("checkpoint", help="checkpoint.pt")
+    p.add_argument("inputs", nargs="+", help="image files, folders, or glob patterns (quoted)")
+    _out_arg(p, "segmented")
+    p.add_argument("--crf", action=argparse.BooleanOptionalAction, default=True, help="dense CRF refinement")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True, help="flip averaging")
+    p.add_argument("--resolution", type=int, default=320, help="network input minor side (0: original size)")
+    p.add_argument("--probe", choices=("cluster", "linear"), default="cluster")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--weights", default=None, help="local backbone weights if the checkpoint names hub weights")
+    p.add_argument("--num-workers", type=int, default=2, help="image-decoding workers")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("make-synthetic", help="write a generated labelled dataset (directory layout)")
+    p.add_argument("root", help="empty folder to write into")
+    p.add_argument("--n-train", type=int, default=40)
+    p.add_argument("--n-val", type=int, default=12)
+    p.add_argument("--n-classes", type=int, default=4)
+    p.add_argument("--height", type=int, default=96)
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_synthetic)
+
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except StegosegError as exc:
+        print(f"stegoseg: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("stegoseg: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

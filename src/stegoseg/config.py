@@ -1,0 +1,237 @@
+"""Typed run configuration, the paper's presets, YAML files and command-line overrides.
+
+Resolution order (later wins): dataclass defaults < ``--preset`` < ``--config FILE.yaml``
+< explicit command-line options. Every field is a command-line option
+(``--field-name``; booleans also ``--no-field-name``), so no value needs a code edit.
+A run writes its fully resolved config as ``config.yaml`` next to its outputs.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from .errors import StegosegError
+
+
+@dataclass
+class Config:
+    # ---- data
+    dataset: str = "directory"  # directory | cocostuff27 | cityscapes27 | potsdam3 | suim | voc2012 | synthetic
+    data_root: Optional[str] = None  # dataset folder; None with dataset=synthetic generates images
+    train_split: str = "train"
+    val_split: str = "val"
+    ignore_index: int = 255  # label value meaning "unlabelled" in a directory dataset
+    # ---- backbone
+    backbone: str = "dino_vits8"
+    weights: Optional[str] = None  # local weights file (offline use)
+    pretrained: bool = True  # False: random initialisation (numbers not meaningful)
+    tiny: bool = False  # tiny architecture (tests)
+    # ---- prepare: crops, feature cache, nearest neighbours
+    resolution: int = 224  # training crops: minor side resized to this, centre crop
+    five_crop: bool = True
+    n_neighbors: int = 30
+    knn_backend: str = "auto"  # auto | faiss | torch
+    cache_dir: Optional[str] = None  # default: <out>/cache
+    extract_batch_size: int = 32
+    num_workers: int = 2
+    # ---- head and correspondence loss
+    dim: int = 70
+    n_classes: Optional[int] = None  # needed for label-free data; else from the dataset
+    extra_clusters: int = 0
+    feature_dropout: float = 0.1
+    n_samples: int = 11  # points per side: 11 x 11 = 121
+    w_self: float = 0.10
+    w_knn: float = 1.00
+    w_rand: float = 0.15
+    b_self: float = 0.12
+    b_knn: float = 0.20
+    b_rand: float = 1.00
+    n_random: int = 5
+    knn_topk: int = 7
+    pointwise: bool = True
+    zero_clamp: bool = True
+    stabilize: bool = False
+    potts_weight: float = 0.0  # optional CRF-kernel (Potts) loss term, STEGO A.9
+    # ---- optimisation
+    steps: int = 5000
+    batch_size: int = 16
+    lr: float = 5e-4
+    probe_lr: float = 5e-3
+    seed: int = 0
+    live_backbone: bool = False  # run the backbone every step instead of reading the cache
+    accelerator: str = "auto"
+    devices: str = "1"
+    strategy: str = "auto"
+    num_nodes: int = 1
+    precision: str = "auto"  # auto: bf16-mixed on GPU, 32 on CPU
+    ckpt_every: int = 500
+    log_every: int = 25
+    # ---- raw-feature baseline
+    kmeans_iters: int = 30
+    linear_epochs: int = 5
+    # ---- evaluation
+    eval_resolution: Optional[int] = 320
+    eval_crop: str = "center"
+    eval_resample: str = "nearest"
+    flip: bool = True
+    crf: bool = True
+    crf_workers: int = 2
+    eval_batch_size: int = 8
+    max_eval_images: Optional[int] = None
+    n_grid: int = 6
+    # ---- misc
+    device: str = "auto"  # for prepare / evaluate / segment: auto | cpu | cuda | cuda:N
+    progress: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+PRESETS = {
+    # Paper Table 6 (CocoStuff column), ViT-S/8 as in the ablations.
+    "cocostuff27": dict(
+        dataset="cocostuff27", backbone="dino_vits8", dim=70,
+        w_self=0.10, w_knn=1.00, w_rand=0.15, b_self=0.12, b_knn=0.20, b_rand=1.00,
+    ),
+    # Released CocoStuff ViT-B/8 checkpoint: K = 90.
+    "cocostuff27-vitb8": dict(
+        dataset="cocostuff27", backbone="dino_vitb8", dim=90,
+        w_self=0.10, w_knn=1.00, w_rand=0.15, b_self=0.12, b_knn=0.20, b_rand=1.00,
+    ),
+    # Paper Table 6 (Cityscapes column); released ViT-B/8 checkpoint: K = 100, pointwise off.
+    "cityscapes27": dict(
+        dataset="cityscapes27", backbone="dino_vitb8", dim=100, pointwise=False,
+        w_self=1.00, w_knn=0.58, w_rand=0.91, b_self=0.46, b_knn=0.18, b_rand=0.31,
+    ),
+    # Released Potsdam ViT-S/8 checkpoint.
+    "potsdam3": dict(
+        dataset="potsdam3", backbone="dino_vits8", dim=70, pointwise=True,
+        w_self=0.67, w_knn=0.25, w_rand=0.63, b_self=0.08, b_knn=0.02, b_rand=0.76,
+    ),
+    # A user's own folder: the CocoStuff values (diverse natural images) as the default.
+    "directory": dict(dataset="directory"),
+}
+
+_FIELD_HELP = {
+    "dataset": "dataset format: directory, cocostuff27, cityscapes27, potsdam3, suim, voc2012, or synthetic",
+    "data_root": "dataset folder (for directory: imgs/{split}/ and optional labels/{split}/)",
+    "weights": "local backbone weights file (timm/safetensors, official DINO .pth, or stegoseg file)",
+    "pretrained": "use pretrained weights (--no-pretrained: random init, numbers not meaningful)",
+    "cache_dir": "feature cache folder (default: <out>/cache); shared between runs with the same settings",
+    "n_classes": "number of classes/clusters; required for label-free data",
+    "devices": "Lightning devices: a count, 'auto', or a list like '0,1'",
+    "live_backbone": "run the backbone each training step instead of reading cached features",
+}
+
+
+def _base_type(tp):
+    """Unwrap Optional[X] -> X."""
+    if typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0]
+    return tp
+
+
+def _parse_optional(kind):
+    def parse(text: str):
+        if text.lower() in ("none", "null", ""):
+            return None
+        return kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, only: Optional[set] = None) -> None:
+    """Add ``--preset``, ``--config`` and one option per Config field (default: not given)."""
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="the paper's settings for a dataset")
+    parser.add_argument("--config", metavar="YAML", help="YAML file of config values")
+    hints = typing.get_type_hints(Config)
+    group = parser.add_argument_group("config (every value of the resolved config)")
+    for f in fields(Config):
+        if only is not None and f.name not in only:
+            continue
+        tp = hints[f.name]
+        base = _base_type(tp)
+        flag = "--" + f.name.replace("_", "-")
+        help_text = _FIELD_HELP.get(f.name, "") + f" (default: {f.default})"
+        if base is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            kind = _parse_optional(base) if tp is not base else base
+            group.add_argument(flag, dest=f.name, type=kind, default=None, metavar=f.name.upper(), help=help_text)
+
+
+def resolve_config(args: argparse.Namespace, **overrides) -> Config:
+    """Defaults < preset < YAML < explicit command-line values < ``overrides``."""
+    values = {}
+    if getattr(args, "preset", None):
+        values.update(PRESETS[args.preset])
+    if getattr(args, "config", None):
+        values.update(load_yaml(args.config))
+    for f in fields(Config):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            values[f.name] = v
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return make_config(values)
+
+
+def load_yaml(path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise StegosegError(f"--config {p}: file not found")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise StegosegError(f"--config {p}: not valid YAML ({exc.__class__.__name__})") from exc
+    if not isinstance(data, dict):
+        raise StegosegError(f"--config {p}: expected a mapping of option: value")
+    return data
+
+
+def make_config(values: dict) -> Config:
+    """Build a Config, rejecting unknown keys with a one-line error."""
+    names = {f.name for f in fields(Config)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise StegosegError(f"unknown config option(s): {', '.join(unknown)} (see `stegoseg train --help`)")
+    cfg = Config(**values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    checks = [
+        (cfg.steps >= 1, "--steps must be >= 1"),
+        (cfg.batch_size >= 2, "--batch-size must be >= 2 (the random term needs a partner image)"),
+        (cfg.n_samples >= 1, "--n-samples must be >= 1"),
+        (cfg.knn_topk >= 1, "--knn-topk must be >= 1"),
+        (cfg.n_neighbors >= cfg.knn_topk, "--n-neighbors must be >= --knn-topk"),
+        (0 <= cfg.feature_dropout < 1, "--feature-dropout must be in [0, 1)"),
+        (cfg.eval_crop in ("center", "none"), "--eval-crop must be center or none"),
+        (cfg.eval_resample in ("nearest", "bilinear"), "--eval-resample must be nearest or bilinear"),
+        (cfg.knn_backend in ("auto", "faiss", "torch"), "--knn-backend must be auto, faiss or torch"),
+        (cfg.extra_clusters >= 0, "--extra-clusters must be >= 0"),
+        (cfg.n_classes is None or cfg.n_classes >= 2, "--n-classes must be >= 2"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise StegosegError(message)
+
+
+def replace(cfg: Config, **changes) -> Config:
+    return dataclasses.replace(cfg, **changes)
+
+
+__all__ = ["Config", "PRESETS", "add_config_arguments", "resolve_config", "make_config", "load_yaml", "replace", "field"]

@@ -1,0 +1,48 @@
+"""Datasets, image/label I/O and joint transforms.
+
+Every dataset yields ``{"image": FloatTensor (3, H, W) in [0, 1], "label": LongTensor
+(H, W) (labelled datasets only), "id": str}`` with IGNORE_INDEX (255) for unlabelled
+pixels; build one by name with :func:`build_dataset` (kinds listed in ``DATASETS``).
+"""
+from .base import IGNORE_INDEX, RawSample, SegmentationDataset
+from .datasets import (
+    DATASETS,
+    Cityscapes27,
+    CocoStuff,
+    CocoStuff3,
+    CocoStuff15,
+    CocoStuff27,
+    DirectoryDataset,
+    Potsdam3,
+    Suim,
+    VOC2012,
+    build_dataset,
+)
+from .io import check_same_size, list_images, load_image, load_label
+from .transforms import EvalTransform, TrainTransform, five_crop, five_crop_boxes, pad_to_multiple
+
+__all__ = [
+    "IGNORE_INDEX",
+    "RawSample",
+    "SegmentationDataset",
+    "DATASETS",
+    "build_dataset",
+    "DirectoryDataset",
+    "CocoStuff",
+    "CocoStuff27",
+    "CocoStuff15",
+    "CocoStuff3",
+    "Cityscapes27",
+    "Potsdam3",
+    "Suim",
+    "VOC2012",
+    "EvalTransform",
+    "TrainTransform",
+    "five_crop",
+    "five_crop_boxes",
+    "pad_to_multiple",
+    "load_image",
+    "load_label",
+    "check_same_size",
+    "list_images",
+]

@@ -1,0 +1,175 @@
+"""The evaluation protocol as explicit options, streaming over a dataset.
+
+Published protocol (the defaults): resize the minor side to 320 with NEAREST resampling
+for images (as the reference evaluation script does), centre crop 320 x 320, average the
+code over the image and its horizontal flip, upsample the code bilinearly to label size,
+read both probes, refine each with the dense CRF, and count confusion for cluster
+(Hungarian-matched, parity and strict modes) and linear (identity) predictions.
+
+Outputs (when ``out_dir`` is given): ``metrics.json``, ``confusion_cluster.png``,
+``confusion_linear.png``, ``predictions.png`` (image | ground truth | cluster |
+linear, clusters shown in the colour of their matched class).
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .crf import CRFParams, image_to_uint8
+from .data.base import SegmentationDataset
+from .data.transforms import EvalTransform
+from .metrics import ConfusionAccumulator, plot_confusion, save_metrics_json
+from .viz import make_palette, prediction_grid
+
+
+@dataclass
+class EvalConfig:
+    resolution: Optional[int] = 320  # minor side; None = full image, no resize
+    crop: str = "center"  # "center" or "none"
+    image_resample: str = "nearest"  # the reference evaluation used nearest
+    flip: bool = True
+    crf: bool = True
+    crf_workers: int = 2
+    batch_size: int = 8
+    num_workers: int = 0
+    max_images: Optional[int] = None
+    n_grid: int = 6
+
+
+def _collate(samples):
+    """Batch samples; images of different sizes (crop='none') are kept as a list."""
+    out = {"id": [s["id"] for s in samples]}
+    shapes = {tuple(s["image"].shape) for s in samples}
+    out["image"] = torch.stack([s["image"] for s in samples]) if len(shapes) == 1 else [s["image"] for s in samples]
+    if "label" in samples[0]:
+        out["label"] = torch.stack([s["label"] for s in samples]) if len(shapes) == 1 else [s["label"] for s in samples]
+    return out
+
+
+def evaluate_model(
+    model,
+    dataset: SegmentationDataset,
+    config: EvalConfig = EvalConfig(),
+    out_dir=None,
+    progress: bool = True,
+) -> dict:
+    """Evaluate ``model`` (a :class:`~stegoseg.model.SegmentationModel`) on ``dataset``.
+
+    ``dataset`` is built without a transform; the protocol's transform is applied here.
+    Returns the metrics dict ({"cluster": {"parity": ..., "strict": ...}, "linear": ...,
+    "config": ..., "n_images": ..., "seconds": ...}). Unlabelled datasets give no
+    metrics, only prediction pictures.
+    """
+    dataset.transform = EvalTransform(
+        resolution=config.resolution, crop=config.crop, image_resample=config.image_resample
+    )
+    indices = list(range(len(dataset)))
+    if config.max_images is not None:
+        indices = indices[: config.max_images]
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, indices),
+        batch_size=config.batch_size if config.crop == "center" else 1,
+        num_workers=config.num_workers,
+        collate_fn=_collate,
+    )
+    labelled = dataset.has_labels
+    n_classes = dataset.n_classes if labelled else None
+    cluster_acc = ConfusionAccumulator(model.n_clusters, n_classes) if labelled else None
+    linear_acc = (
+        ConfusionAccumulator(n_classes, n_classes, hungarian=False)
+        if labelled and model.linear_probe is not None and model.linear_probe.n_classes == n_classes
+        else None
+    )
+    grid_rows = []
+    t0 = time.perf_counter()
+    pool = ProcessPoolExecutor(config.crf_workers) if config.crf and config.crf_workers > 1 else None
+    try:
+        bar = tqdm(loader, desc="evaluate", disable=not progress, unit="batch")
+        for batch in bar:
+            images = batch["image"]
+            image_list = images if isinstance(images, list) else list(images)
+            if isinstance(images, list):
+                preds = [model.predict(im[None], flip=config.flip, crf=config.crf, crf_pool=pool) for im in images]
+                cluster = [p["cluster"][0] for p in preds]
+                linear = [p["linear"][0] if p["linear"] is not None else None for p in preds]
+            else:
+                p = model.predict(images, flip=config.flip, crf=config.crf, crf_pool=pool)
+                cluster = list(p["cluster"])
+                linear = list(p["linear"]) if p["linear"] is not None else [None] * len(cluster)
+            labels = batch.get("label")
+            for i in range(len(cluster)):
+                if labelled:
+                    cluster_acc.update(cluster[i], labels[i])
+                    if linear_acc is not None:
+                        linear_acc.update(linear[i], labels[i])
+                if len(grid_rows) < config.n_grid:
+                    grid_rows.append(
+                        {
+                            "image": image_to_uint8(image_list[i]),
+                            "label": labels[i].numpy() if labelled else None,
+                            "cluster": cluster[i].numpy(),
+                            "linear": linear[i].numpy() if linear[i] is not None else None,
+                        }
+                    )
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    seconds = time.perf_counter() - t0
+    result = {
+        "n_images": len(indices),
+        "seconds": seconds,
+        "images_per_s": len(indices) / seconds if seconds else None,
+        "config": asdict(config),
+    }
+    names = dataset.class_names if labelled else None
+    if labelled:
+        result["cluster"] = {mode: cluster_acc.compute(mode, names) for mode in ("parity", "strict")}
+        if linear_acc is not None:
+            result["linear"] = linear_acc.compute("strict", names)
+    if out_dir is not None:
+        write_eval_outputs(result, grid_rows, out_dir, n_classes or model.n_clusters, model.n_clusters)
+    return result
+
+
+def write_eval_outputs(result: dict, grid_rows: list, out_dir, n_classes: int, n_clusters: int) -> None:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_metrics_json(result, out_dir / "metrics.json")
+    palette = make_palette(max(n_classes, n_clusters))
+    if "cluster" in result:
+        strict = result["cluster"]["strict"]
+        plot_confusion(strict, out_dir / "confusion_cluster.png", title=f"cluster probe (strict) mIoU {strict['miou']:.1f}")
+        # Paint clusters with the colour of their matched class; unmatched clusters get colours after the classes.
+        mapping = np.asarray(strict["assignment"])
+        remap = np.where(mapping >= 0, mapping, n_classes + np.arange(len(mapping)))
+        palette = make_palette(max(n_classes, int(remap.max()) + 1))
+        for row in grid_rows:
+            row["cluster"] = remap[row["cluster"]]
+    if "linear" in result:
+        lin = result["linear"]
+        plot_confusion(lin, out_dir / "confusion_linear.png", title=f"linear probe mIoU {lin['miou']:.1f}")
+    if grid_rows:
+        prediction_grid(grid_rows, out_dir / "predictions.png", palette)
+
+
+def summary_rows(result: dict) -> dict:
+    """Flat headline numbers: cluster (strict/parity) and linear accuracy and mIoU."""
+    rows = {}
+    for mode in ("parity", "strict"):
+        if "cluster" in result:
+            rows[f"cluster_{mode}_acc"] = result["cluster"][mode]["accuracy"]
+            rows[f"cluster_{mode}_miou"] = result["cluster"][mode]["miou"]
+    if "linear" in result:
+        rows["linear_acc"] = result["linear"]["accuracy"]
+        rows["linear_miou"] = result["linear"]["miou"]
+    return rows
+
+
+__all__ = ["EvalConfig", "evaluate_model", "summary_rows", "CRFParams"]

@@ -1,0 +1,324 @@
+"""Feature extraction, the on-disk feature cache, global descriptors and nearest neighbours.
+
+The backbone is frozen, so its features are computed once per training image (or crop)
+and stored; every later stage (probe fitting, head training, studies) reads the cache.
+
+Cache layout: ``<cache_root>/<key>/`` where ``key`` names and hashes everything the
+features depend on (dataset kind, root and split, backbone preset and weights, patch
+size, resolution, five-crop, resampling), so caches of different settings never
+collide. Inside:
+
+* ``meta.json``: the spec, item count, shapes, ids;
+* ``features.f16``: float16 memory map (N, C, h, w);
+* ``labels.u8``: uint8 memory map (N, H, W) when the dataset has labels (255 = unlabelled);
+* ``done.npy``: which items are written. Extraction writes a batch, flushes, then
+  atomically updates ``done.npy``, so an interrupted run resumes where it stopped and
+  never recomputes finished items;
+* ``global.npy``: (N, C) L2-normalised spatial means; ``knn_<k>.npy``: (N, k) nearest
+  neighbour indices (cosine, self excluded).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .data.base import IGNORE_INDEX, SegmentationDataset, pil_to_tensor
+from .data.transforms import TrainTransform, five_crop_boxes
+from .errors import StegosegError
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """Everything cached features depend on."""
+
+    dataset: str
+    root: str
+    split: str
+    backbone: str
+    weights: str
+    patch_size: int
+    resolution: int
+    five_crop: bool
+    image_resample: str = "bilinear"
+    version: int = 1
+
+    def key(self) -> str:
+        digest = hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        crop = "5crop" if self.five_crop else "full"
+        return f"{self.dataset}-{self.split}-{self.backbone}-p{self.patch_size}-r{self.resolution}-{crop}-{digest}"
+
+
+class CropView(torch.utils.data.Dataset):
+    """Training view of a dataset: optional five-crop, then resize minor side + centre crop.
+
+    Item ``i`` is crop ``i % 5`` of image ``i // 5`` with five-crop (order: top-left,
+    top-right, bottom-left, bottom-right, centre), else image ``i``.
+    """
+
+    def __init__(self, dataset: SegmentationDataset, resolution: int, five_crop: bool, image_resample: str):
+        self.dataset, self.five_crop = dataset, five_crop
+        self.transform = TrainTransform(resolution=resolution, image_resample=image_resample)
+        self.n_crops = 5 if five_crop else 1
+
+    def __len__(self) -> int:
+        return len(self.dataset) * self.n_crops
+
+    def item_id(self, raw_id: str, index: int) -> str:
+        return f"{raw_id}#crop{index % 5}" if self.five_crop else raw_id
+
+    def __getitem__(self, index: int) -> dict:
+        raw = self.dataset.load(index // self.n_crops)
+        image, label = raw.image, raw.label
+        if self.five_crop:
+            box = five_crop_boxes(image.width, image.height)[index % 5]
+            image = image.crop(box)
+            if label is not None:
+                label = np.asarray(label)[box[1] : box[3], box[0] : box[2]]
+        image, label = self.transform(image, label)
+        out = {"image": image if torch.is_tensor(image) else pil_to_tensor(image), "index": index}
+        out["id"] = self.item_id(raw.id, index)
+        if label is not None:
+            out["label"] = torch.as_tensor(np.asarray(label), dtype=torch.int64)
+        return out
+
+
+def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+class FeatureCache:
+    """A finished or partial feature cache on disk (see the module docstring)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        meta_path = self.path / "meta.json"
+        if not meta_path.exists():
+            raise StegosegError(f"no feature cache at {self.path}: run `stegoseg prepare` first")
+        self.meta = json.loads(meta_path.read_text())
+        self.n = self.meta["n_items"]
+        c, h, w = self.meta["feature_shape"]
+        self.features = np.memmap(self.path / "features.f16", dtype=np.float16, mode="r+", shape=(self.n, c, h, w))
+        self.labels = None
+        if self.meta.get("label_shape"):
+            lh, lw = self.meta["label_shape"]
+            self.labels = np.memmap(self.path / "labels.u8", dtype=np.uint8, mode="r+", shape=(self.n, lh, lw))
+
+    def __getstate__(self):
+        # Re-open the memory maps in worker processes instead of pickling their contents.
+        return {"path": str(self.path)}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"])
+
+    @property
+    def spec(self) -> dict:
+        return self.meta["spec"]
+
+    @property
+    def ids(self) -> list:
+        return self.meta["ids"]
+
+    @property
+    def done(self) -> np.ndarray:
+        return np.load(self.path / "done.npy")
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.done.all())
+
+    @property
+    def has_labels(self) -> bool:
+        return self.labels is not None
+
+    def feature_batch(self, indices) -> torch.Tensor:
+        """Float32 features (B, C, h, w) for the given item indices."""
+        idx = np.asarray(indices)
+        return torch.from_numpy(np.ascontiguousarray(self.features[idx])).float()
+
+    def label_batch(self, indices) -> torch.Tensor:
+        idx = np.asarray(indices)
+        return torch.from_numpy(np.ascontiguousarray(self.labels[idx])).long()
+
+    def iter_batches(self, batch_size: int = 64, with_labels: bool = False):
+        """Yield (features,) or (features, labels) batches over all items in order."""
+        for start in range(0, self.n, batch_size):
+            idx = np.arange(start, min(start + batch_size, self.n))
+            if with_labels:
+                yield self.feature_batch(idx), self.label_batch(idx)
+            else:
+                yield self.feature_batch(idx)
+
+    def global_descriptors(self, batch_size: int = 256) -> np.ndarray:
+        """(N, C) L2-normalised spatial means of the dense features, computed once and stored."""
+        path = self.path / "global.npy"
+        if path.exists():
+            return np.load(path)
+        out = np.zeros((self.n, self.meta["feature_shape"][0]), dtype=np.float32)
+        for start in range(0, self.n, batch_size):
+            f = self.feature_batch(np.arange(start, min(start + batch_size, self.n)))
+            out[start : start + f.shape[0]] = F.normalize(f.mean(dim=(2, 3)), dim=1).numpy()
+        _atomic_save_npy(path, out)
+        return out
+
+    def neighbors(self, k: int = 30, backend: str = "auto", device: str = "cpu") -> np.ndarray:
+        """(N, k) indices of each item's k nearest neighbours by cosine similarity, self excluded; cached."""
+        path = self.path / f"knn_{k}.npy"
+        if path.exists():
+            return np.load(path)
+        knn = nearest_neighbors(self.global_descriptors(), k=k, backend=backend, device=device)
+        _atomic_save_npy(path, knn)
+        return knn
+
+
+def nearest_neighbors(
+    vectors: np.ndarray, k: int = 30, backend: str = "auto", device: str = "cpu", chunk: int = 8192
+) -> np.ndarray:
+    """Exact top-``k`` cosine neighbours of every row among the other rows (self excluded).
+
+    ``backend``: ``"faiss"`` (exact inner-product index, CPU), ``"torch"`` (chunked
+    matmul + topk, runs on ``device``, e.g. a GPU), or ``"auto"`` (torch on CUDA, else
+    FAISS). Rows are L2-normalised first. Query chunks bound memory.
+    """
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True).clip(min=1e-12)
+    n = x.shape[0]
+    if n < 2:
+        raise StegosegError(f"nearest neighbours need at least 2 items, the cache has {n}")
+    k_eff = min(k, n - 1)
+    if backend == "auto":
+        backend = "torch" if str(device).startswith("cuda") else "faiss"
+    if backend == "faiss":
+        import faiss
+
+        index = faiss.IndexFlatIP(x.shape[1])
+        index.add(x)
+        found = np.empty((n, k_eff + 1), dtype=np.int64)
+        for s in range(0, n, chunk):
+            _, found[s : s + chunk] = index.search(x[s : s + chunk], k_eff + 1)
+    elif backend == "torch":
+        xt = torch.from_numpy(x).to(device)
+        found = np.empty((n, k_eff + 1), dtype=np.int64)
+        for s in range(0, n, chunk):
+            sim = xt[s : s + chunk] @ xt.T
+            found[s : s + chunk] = sim.topk(k_eff + 1, dim=1).indices.cpu().numpy()
+    else:
+        raise StegosegError(f"unknown KNN backend '{backend}': use auto, faiss or torch")
+    return _drop_self(found, k_eff)
+
+
+def _drop_self(found: np.ndarray, k: int) -> np.ndarray:
+    """Remove each row's own index (or, if absent because of ties, the last entry)."""
+    n = found.shape[0]
+    rows = np.arange(n)[:, None]
+    is_self = found == rows
+    no_self = ~is_self.any(axis=1)
+    is_self[no_self, -1] = True
+    return found[~is_self].reshape(n, k)
+
+
+def extract_features(
+    backbone,
+    dataset: SegmentationDataset,
+    cache_root,
+    resolution: int = 224,
+    five_crop: bool = True,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    device: str = "cpu",
+    image_resample: str = "bilinear",
+    progress: bool = True,
+    dataset_kind: Optional[str] = None,
+) -> FeatureCache:
+    """Run the frozen backbone over the training view of ``dataset`` into a feature cache.
+
+    Returns the :class:`FeatureCache`. Items already written by an earlier (possibly
+    interrupted) run with the same spec are skipped.
+    """
+    if resolution % backbone.patch_size:
+        raise StegosegError(
+            f"--resolution {resolution} is not a multiple of the backbone's patch size {backbone.patch_size}"
+        )
+    spec = CacheSpec(
+        dataset=dataset_kind or type(dataset).__name__,
+        root=str(Path(str(dataset.root)).resolve()),
+        split=str(dataset.split),
+        backbone=backbone.name,
+        weights=getattr(backbone, "weights_sha256", None) or backbone.weights_source,
+        patch_size=backbone.patch_size,
+        resolution=resolution,
+        five_crop=five_crop,
+        image_resample=image_resample,
+    )
+    view = CropView(dataset, resolution, five_crop, image_resample)
+    n = len(view)
+    if n == 0:
+        raise StegosegError(f"dataset {spec.root} split '{spec.split}' has no images")
+    path = Path(cache_root) / spec.key()
+    h = w = resolution // backbone.patch_size
+    if not (path / "meta.json").exists():
+        path.mkdir(parents=True, exist_ok=True)
+        has_labels = dataset.has_labels
+        ids = [view.item_id(i, j) for j, i in enumerate(_raw_ids(dataset, view.n_crops))]
+        meta = {
+            "spec": asdict(spec),
+            "n_items": n,
+            "feature_shape": [backbone.embed_dim, h, w],
+            "label_shape": [resolution, resolution] if has_labels else None,
+            "ids": ids,
+            "n_classes": dataset.n_classes if has_labels else None,
+            "class_names": list(dataset.class_names) if has_labels else None,
+        }
+        np.memmap(path / "features.f16", dtype=np.float16, mode="w+", shape=(n, backbone.embed_dim, h, w)).flush()
+        if has_labels:
+            np.memmap(path / "labels.u8", dtype=np.uint8, mode="w+", shape=(n, resolution, resolution)).flush()
+        _atomic_save_npy(path / "done.npy", np.zeros(n, dtype=bool))
+        (path / "meta.json").write_text(json.dumps(meta, indent=1))
+    cache = FeatureCache(path)
+    done = cache.done
+    todo = np.flatnonzero(~done)
+    if len(todo) == 0:
+        return cache
+    backbone = backbone.to(device).eval()
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(view, todo.tolist()),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        shuffle=False,
+    )
+    bar = tqdm(total=n, initial=int(done.sum()), desc=f"features {spec.split}", disable=not progress, unit="img")
+    with torch.inference_mode():
+        for batch in loader:
+            idx = batch["index"].numpy()
+            feats = backbone(backbone.normalize(batch["image"].to(device)))
+            cache.features[idx] = feats.float().cpu().numpy().astype(np.float16)
+            if cache.labels is not None:
+                lab = batch["label"].clone()
+                lab[(lab < 0) | (lab > 255)] = IGNORE_INDEX
+                cache.labels[idx] = lab.numpy().astype(np.uint8)
+            cache.features.flush()
+            if cache.labels is not None:
+                cache.labels.flush()
+            done[idx] = True
+            _atomic_save_npy(path / "done.npy", done)
+            bar.update(len(idx))
+    bar.close()
+    return cache
+
+
+def _raw_ids(dataset: SegmentationDataset, n_crops: int) -> list:
+    """Sample ids repeated per crop, without decoding images when the dataset exposes ids."""
+    ids = getattr(dataset, "ids", None)
+    if ids is None:
+        ids = [dataset.load(i).id for i in range(len(dataset))]
+    return [i for i in ids for _ in range(n_crops)]

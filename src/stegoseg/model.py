@@ -1,0 +1,294 @@
+"""The segmentation model a user loads: backbone -> (head) -> code -> probes (-> CRF).
+
+One class serves every method: the raw-feature baseline has no head (the code is the
+backbone's features), STEGO has its :class:`~stegoseg.head.SegmentationHead`. A
+checkpoint is one self-contained file (see :meth:`SegmentationModel.save`).
+
+Python use::
+
+    model = stegoseg.load("run/checkpoint.pt")
+    labels = model.segment(pil_image)            # (H, W) int array, cluster classes
+    code = model.code(batch01)                   # (B, K, h, w)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+from .backbones import create_backbone
+from .crf import CRFParams, crf_batch
+from .data.base import pil_to_tensor
+from .errors import StegosegError
+from .head import SegmentationHead
+from .probes import ClusterProbe, LinearProbe
+
+CHECKPOINT_FORMAT = "stegoseg"
+CHECKPOINT_VERSION = 1
+
+
+def build_backbone(spec: dict, weights: Optional[str] = None):
+    """Build a backbone from a spec {name, pretrained, weights, tiny, overrides}."""
+    return create_backbone(
+        spec["name"],
+        pretrained=spec.get("pretrained", True),
+        weights=weights if weights is not None else spec.get("weights"),
+        tiny=spec.get("tiny", False),
+        **spec.get("overrides", {}),
+    )
+
+
+class SegmentationModel(nn.Module):
+    """Frozen backbone + optional trained head + cluster probe + optional linear probe."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        backbone_spec: dict,
+        head: Optional[SegmentationHead],
+        n_clusters: int,
+        n_classes: Optional[int] = None,
+        class_names: Optional[Sequence[str]] = None,
+        method: str = "stego",
+        config: Optional[dict] = None,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.backbone_spec = dict(backbone_spec)
+        self.head = head
+        self.code_dim = head.dim if head is not None else backbone.embed_dim
+        self.cluster_probe = ClusterProbe(self.code_dim, n_clusters)
+        self.linear_probe = LinearProbe(self.code_dim, n_classes) if n_classes else None
+        self.n_classes = n_classes
+        self.class_names = list(class_names) if class_names else None
+        self.method = method
+        self.config = dict(config or {})
+
+    @property
+    def n_clusters(self) -> int:
+        return self.cluster_probe.n_clusters
+
+    @property
+    def device(self) -> torch.device:
+        return self.cluster_probe.centroids.device
+
+    # ----------------------------------------------------------------- embeddings
+    def features(self, images01: torch.Tensor) -> torch.Tensor:
+        """Backbone features (B, C, ceil(H/p), ceil(W/p)) of [0, 1] images (padded to the patch size)."""
+        with torch.no_grad():
+            return self.backbone.features(images01.to(self.device), mode="pad")
+
+    def code_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features) if self.head is not None else features
+
+    def code(self, images01: torch.Tensor, flip: bool = False) -> torch.Tensor:
+        """Code (B, K, h, w); with ``flip`` averaged with the code of the mirrored image."""
+        with torch.no_grad():
+            code = self.code_from_features(self.features(images01))
+            if flip:
+                mirrored = self.code_from_features(self.features(images01.flip(-1))).flip(-1)
+                code = (code + mirrored) / 2
+        return code
+
+    # ----------------------------------------------------------------- prediction
+    def predict(
+        self,
+        images01: torch.Tensor,
+        out_size: Optional[tuple] = None,
+        flip: bool = True,
+        crf: bool = False,
+        crf_params: CRFParams = CRFParams(),
+        crf_pool=None,
+        crf_workers: int = 1,
+    ) -> dict:
+        """Hard predictions for a batch of [0, 1] images.
+
+        Returns {"cluster": (B, H, W) cluster ids, "linear": (B, H, W) class ids or None}
+        at ``out_size`` (default: the images' size). The code is upsampled bilinearly to
+        that size before the probes, as in the published protocol; with ``crf`` the
+        probes' outputs are refined by the dense CRF (which needs ``out_size`` equal to
+        the image size).
+        """
+        images01 = images01.to(self.device)
+        size = tuple(out_size) if out_size is not None else tuple(images01.shape[-2:])
+        with torch.no_grad():
+            code = self.code(images01, flip=flip)
+            # Crop padding: the features cover ceil(H/p) patches; map exactly onto the image.
+            code = _crop_to_image(code, images01.shape[-2:], self.backbone.patch_size)
+            code = F.interpolate(code, size=size, mode="bilinear", align_corners=False)
+            cluster_logits = self.cluster_probe.log_probs(code)
+            linear_logits = self.linear_probe(code) if self.linear_probe is not None else None
+        if crf:
+            if size != tuple(images01.shape[-2:]):
+                raise StegosegError("the CRF needs predictions at image size: pass out_size=None")
+            images_cpu = images01.cpu()
+            out = {"cluster": crf_batch(images_cpu, cluster_logits.cpu(), crf_params, crf_workers, crf_pool)}
+            out["linear"] = (
+                crf_batch(images_cpu, linear_logits.cpu(), crf_params, crf_workers, crf_pool)
+                if linear_logits is not None
+                else None
+            )
+            return out
+        return {
+            "cluster": cluster_logits.argmax(1).cpu(),
+            "linear": linear_logits.argmax(1).cpu() if linear_logits is not None else None,
+        }
+
+    def segment(
+        self,
+        image: Union[Image.Image, np.ndarray, str, Path],
+        crf: bool = False,
+        flip: bool = True,
+        resolution: Optional[int] = None,
+        probe: str = "cluster",
+    ) -> np.ndarray:
+        """Label map (H, W) int64 for one image at its original size.
+
+        ``resolution``: resize the minor side to this before the network (None: keep the
+        image size; large images cost memory). ``probe``: "cluster" (unsupervised) or
+        "linear" (needs a linear probe).
+        """
+        from .data.io import load_image
+
+        if isinstance(image, (str, Path)):
+            image = load_image(image)
+        elif isinstance(image, np.ndarray):
+            image = Image.fromarray(image.astype(np.uint8)).convert("RGB")
+        else:
+            image = image.convert("RGB")
+        w, h = image.size
+        net_image = image
+        if resolution:
+            scale = resolution / min(w, h)
+            net_image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
+        x = pil_to_tensor(net_image).unsqueeze(0)
+        if crf:
+            x_full = pil_to_tensor(image).unsqueeze(0)
+            pred = self._predict_resized(x, x_full, flip)
+        else:
+            pred = self.predict(x, out_size=(h, w), flip=flip)
+        if probe == "linear":
+            if pred["linear"] is None:
+                raise StegosegError("this checkpoint has no linear probe (trained without labels): use probe='cluster'")
+            return pred["linear"][0].numpy()
+        return pred["cluster"][0].numpy()
+
+    def _predict_resized(self, x_net: torch.Tensor, x_full: torch.Tensor, flip: bool) -> dict:
+        """Network at x_net's size, CRF at full size."""
+        with torch.no_grad():
+            code = self.code(x_net.to(self.device), flip=flip)
+            code = _crop_to_image(code, x_net.shape[-2:], self.backbone.patch_size)
+            code = F.interpolate(code, size=x_full.shape[-2:], mode="bilinear", align_corners=False)
+            cl = self.cluster_probe.log_probs(code).cpu()
+            li = self.linear_probe(code).cpu() if self.linear_probe is not None else None
+        return {
+            "cluster": crf_batch(x_full, cl),
+            "linear": crf_batch(x_full, li) if li is not None else None,
+        }
+
+    # ----------------------------------------------------------------- persistence
+    def state_for_checkpoint(self, include_backbone: Optional[bool] = None) -> dict:
+        """The checkpoint dict. The backbone's weights are stored when they cannot be
+        rebuilt from their source (random init or a local file), unless told otherwise."""
+        spec = dict(self.backbone_spec)
+        source = getattr(self.backbone, "weights_source", "random")
+        if include_backbone is None:
+            include_backbone = not str(source).startswith("timm:")
+        ckpt = {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "method": self.method,
+            "backbone": {
+                **spec,
+                "weights_source": source,
+                "weights_sha256": getattr(self.backbone, "weights_sha256", None),
+                "state_dict": self.backbone.state_dict() if include_backbone else None,
+            },
+            "head": None
+            if self.head is None
+            else {"in_dim": self.head.in_dim, "dim": self.head.dim, "state_dict": self.head.state_dict()},
+            "cluster_probe": self.cluster_probe.state_dict(),
+            "n_clusters": self.n_clusters,
+            "linear_probe": self.linear_probe.state_dict() if self.linear_probe is not None else None,
+            "n_classes": self.n_classes,
+            "class_names": self.class_names,
+            "config": self.config,
+        }
+        return ckpt
+
+    def save(self, path, include_backbone: Optional[bool] = None) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        torch.save(self.state_for_checkpoint(include_backbone), tmp)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict, weights: Optional[str] = None, device: str = "cpu") -> "SegmentationModel":
+        bb = ckpt["backbone"]
+        if bb.get("state_dict") is not None and weights is None:
+            spec = {**bb, "pretrained": False, "weights": None}
+            backbone = build_backbone(spec)
+            backbone.load_state_dict(bb["state_dict"])
+            backbone.weights_source = bb.get("weights_source", "checkpoint")
+            backbone.weights_sha256 = bb.get("weights_sha256")
+        else:
+            backbone = build_backbone(bb, weights=weights)
+        head = None
+        if ckpt.get("head") is not None:
+            head = SegmentationHead(ckpt["head"]["in_dim"], ckpt["head"]["dim"])
+            head.load_state_dict(ckpt["head"]["state_dict"])
+        spec = {k: bb[k] for k in ("name", "pretrained", "weights", "tiny", "overrides") if k in bb}
+        model = cls(
+            backbone,
+            spec,
+            head,
+            n_clusters=ckpt["n_clusters"],
+            n_classes=ckpt.get("n_classes") if ckpt.get("linear_probe") is not None else None,
+            class_names=ckpt.get("class_names"),
+            method=ckpt.get("method", "stego"),
+            config=ckpt.get("config"),
+        )
+        model.cluster_probe.load_state_dict(ckpt["cluster_probe"])
+        if ckpt.get("linear_probe") is not None:
+            model.linear_probe.load_state_dict(ckpt["linear_probe"])
+        return model.to(device).eval()
+
+
+def _crop_to_image(code: torch.Tensor, image_size, patch: int) -> torch.Tensor:
+    """Map a padded feature grid onto the image area: keep the H/p x W/p part covering it.
+
+    The grid from a padded image covers ceil(H/p) * p pixels; resample it so that the
+    fraction H / (ceil(H/p) p) of it is what gets upsampled to the image.
+    """
+    h, w = image_size
+    gh, gw = code.shape[-2:]
+    if gh * patch == h and gw * patch == w:
+        return code
+    # Upsample the full grid to the padded pixel size, then crop to the image.
+    full = F.interpolate(code, size=(gh * patch, gw * patch), mode="bilinear", align_corners=False)
+    return full[..., :h, :w]
+
+
+def load(path, weights: Optional[str] = None, device: str = "cpu") -> SegmentationModel:
+    """Load a stegoseg checkpoint file (needs no config files).
+
+    ``weights``: a local backbone weights file, for checkpoints that name hub weights
+    when there is no network.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise StegosegError(f"checkpoint {path} does not exist: pass the .pt file a `stegoseg train` run wrote")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unpickling problem is a bad file
+        raise StegosegError(f"cannot read checkpoint {path}: {exc.__class__.__name__}: {exc}") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise StegosegError(f"{path} is not a stegoseg checkpoint (no format tag): pass a file written by stegoseg")
+    return SegmentationModel.from_checkpoint(ckpt, weights=weights, device=device)

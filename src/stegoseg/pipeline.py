@@ -1,0 +1,476 @@
+"""Library functions behind every command: build datasets and backbones from a Config,
+prepare the feature cache, run the raw-feature baseline, evaluate a checkpoint.
+
+The command-line interface is a thin layer over these; each is usable from Python.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .backbones import create_backbone
+from .config import Config
+from .data import build_dataset
+from .errors import StegosegError
+from .evaluate import EvalConfig, evaluate_model, summary_rows
+from .features import FeatureCache, extract_features
+from .model import SegmentationModel
+from .probes import spherical_kmeans, train_linear_probe, set_centroids
+
+log = logging.getLogger("stegoseg")
+
+RANDOM_BACKBONE_WARNING = (
+    "using a RANDOMLY INITIALISED backbone ({name}): the numbers from this run are not meaningful "
+    "as segmentation quality; pass --weights FILE (or run with network access) for real results"
+)
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise StegosegError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
+    return device
+
+
+def data_root(cfg: Config, out: Optional[Path] = None) -> str:
+    """The dataset folder; for dataset=synthetic without a root, generate one under ``out``."""
+    if cfg.dataset == "synthetic":
+        from .synthetic import make_synthetic_dataset
+
+        root = Path(cfg.data_root) if cfg.data_root else Path(out or ".") / "synthetic-data"
+        if not (root / "imgs").exists():
+            make_synthetic_dataset(root)
+        return str(root)
+    if not cfg.data_root:
+        raise StegosegError("--data-root is required (the dataset folder), or use --dataset synthetic")
+    return cfg.data_root
+
+
+def build_split(cfg: Config, split: str, out: Optional[Path] = None):
+    kind = "directory" if cfg.dataset == "synthetic" else cfg.dataset
+    options = {"ignore_index": cfg.ignore_index} if kind == "directory" else {}
+    return build_dataset(kind, data_root(cfg, out), split, **options)
+
+
+def backbone_spec(cfg: Config) -> dict:
+    return {"name": cfg.backbone, "pretrained": cfg.pretrained, "weights": cfg.weights, "tiny": cfg.tiny, "overrides": {}}
+
+
+def build_backbone_from_config(cfg: Config):
+    spec = backbone_spec(cfg)
+    backbone = create_backbone(cfg.backbone, pretrained=cfg.pretrained, weights=cfg.weights, tiny=cfg.tiny)
+    if not cfg.pretrained and not cfg.weights:
+        log.warning(RANDOM_BACKBONE_WARNING.format(name=cfg.backbone))
+    return backbone, spec
+
+
+def n_classes_for(cfg: Config, dataset) -> int:
+    if cfg.n_classes is not None:
+        return cfg.n_classes
+    if dataset.has_labels and dataset.n_classes:
+        return dataset.n_classes
+    raise StegosegError(
+        f"the {cfg.train_split} split has no labels, so the number of classes is unknown: pass --n-classes N"
+    )
+
+
+def cache_root(cfg: Config, out: Path) -> Path:
+    return Path(cfg.cache_dir) if cfg.cache_dir else Path(out) / "cache"
+
+
+def prepare(cfg: Config, out, backbone=None) -> FeatureCache:
+    """Five-crop (optional), extract and cache training features, then global descriptors and KNN."""
+    out = Path(out)
+    device = resolve_device(cfg.device)
+    train = build_split(cfg, cfg.train_split, out)
+    if backbone is None:
+        backbone, _ = build_backbone_from_config(cfg)
+    kind = "directory" if cfg.dataset == "synthetic" else cfg.dataset
+    cache = extract_features(
+        backbone,
+        train,
+        cache_root(cfg, out),
+        resolution=cfg.resolution,
+        five_crop=cfg.five_crop,
+        batch_size=cfg.extract_batch_size,
+        num_workers=cfg.num_workers,
+        device=device,
+        progress=cfg.progress,
+        dataset_kind=kind,
+    )
+    t0 = time.perf_counter()
+    cache.neighbors(cfg.n_neighbors, backend=cfg.knn_backend, device=device)
+    log.info("nearest neighbours ready for %d items in %.1fs (%s)", cache.n, time.perf_counter() - t0, cache.path)
+    return cache
+
+
+def eval_config(cfg: Config) -> EvalConfig:
+    return EvalConfig(
+        resolution=cfg.eval_resolution,
+        crop=cfg.eval_crop,
+        image_resample=cfg.eval_resample,
+        flip=cfg.flip,
+        crf=cfg.crf,
+        crf_workers=cfg.crf_workers,
+        batch_size=cfg.eval_batch_size,
+        max_images=cfg.max_eval_images,
+        n_grid=cfg.n_grid,
+    )
+
+
+def fit_feature_baseline(cfg: Config, out, cache: Optional[FeatureCache] = None, backbone=None) -> SegmentationModel:
+    """The "backbone only" baseline: probes fitted straight on cached backbone features.
+
+    Cluster probe: spherical k-means (k-means++ init, Lloyd iterations streamed over the
+    cache) with n_classes + extra_clusters centroids. Linear probe: 1x1 classifier with
+    cross-entropy on the training labels, when the training split has labels.
+    """
+    out = Path(out)
+    device = resolve_device(cfg.device)
+    if backbone is None:
+        backbone, spec = build_backbone_from_config(cfg)
+    else:
+        spec = backbone_spec(cfg)
+    if cache is None:
+        cache = prepare(cfg, out, backbone)
+    train = build_split(cfg, cfg.train_split, out)
+    n_classes = n_classes_for(cfg, train)
+    n_clusters = n_classes + cfg.extra_clusters
+    bs = max(8, cfg.batch_size)
+    centroids = spherical_kmeans(
+        lambda: cache.iter_batches(bs),
+        n_clusters,
+        n_iter=cfg.kmeans_iters,
+        seed=cfg.seed,
+        device=device,
+        progress=cfg.progress,
+    )
+    model = SegmentationModel(
+        backbone,
+        spec,
+        head=None,
+        n_clusters=n_clusters,
+        n_classes=n_classes if cache.has_labels else None,
+        class_names=train.class_names if train.has_labels else None,
+        method="features",
+        config=cfg.to_dict(),
+    ).to(device)
+    set_centroids(model.cluster_probe, centroids)
+    if cache.has_labels:
+        gen = torch.Generator().manual_seed(cfg.seed)
+
+        def batches():
+            order = torch.randperm(cache.n, generator=gen).numpy()
+            for s in range(0, cache.n, bs):
+                idx = np.sort(order[s : s + bs])
+                yield cache.feature_batch(idx), cache.label_batch(idx)
+
+        train_linear_probe(
+            model.linear_probe, batches, epochs=cfg.linear_epochs, lr=cfg.probe_lr, device=device,
+            progress=cfg.progress, seed=cfg.seed,
+        )
+    return model.eval()
+
+
+def evaluate_checkpoint_model(cfg: Config, model: SegmentationModel, out, split: Optional[str] = None) -> dict:
+    """Evaluate a model on the validation split with the protocol options of ``cfg``; writes outputs to ``out``."""
+    out = Path(out)
+    val = build_split(cfg, split or cfg.val_split, out)
+    result = evaluate_model(model, val, eval_config(cfg), out_dir=out, progress=cfg.progress)
+    result["backbone"] = {
+        "name": model.backbone_spec.get("name"),
+        "weights_source": getattr(model.backbone, "weights_source", None),
+    }
+    result["method"] = model.method
+    (out / "metrics.json").write_text(json.dumps(result, indent=2, default=float))
+    return result
+
+
+def run_feature_baseline(cfg: Config, out) -> dict:
+    """Prepare, fit the probes on raw features, evaluate, and write everything under ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save(out / "config.yaml")
+    backbone, _ = build_backbone_from_config(cfg)
+    cache = prepare(cfg, out, backbone)
+    model = fit_feature_baseline(cfg, out, cache=cache, backbone=backbone)
+    model.save(out / "checkpoint.pt")
+    result = evaluate_checkpoint_model(cfg, model, out)
+    result["summary"] = summary_rows(result)
+    (out / "metrics.json").write_text(json.dumps(result, indent=2, default=float))
+    return result
+
+
+# --------------------------------------------------------------------------- STEGO
+def train_stego(cfg: Config, out, resume: bool = False) -> Optional[Path]:
+    """prepare (cache + KNN) then train the head and probes; writes ``<out>/checkpoint.pt``.
+
+    Returns the checkpoint path on the main process, None on the other DDP ranks.
+    """
+    from .features import CropView
+    from .train import fit_stego
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save(out / "config.yaml")
+    backbone, spec = build_backbone_from_config(cfg)
+    cache = prepare(cfg, out, backbone)
+    train = build_split(cfg, cfg.train_split, out)
+    n_classes = n_classes_for(cfg, train)
+    crop_view = CropView(train, cfg.resolution, cfg.five_crop, "bilinear") if cfg.live_backbone else None
+    t0 = time.perf_counter()
+    module = fit_stego(cfg, out, cache, n_classes, cache.has_labels, resume=resume, backbone=backbone, crop_view=crop_view)
+    if not module.is_global_zero:
+        return None
+    model = SegmentationModel(
+        backbone, spec, head=module.head, n_clusters=module.cluster_probe.n_clusters,
+        n_classes=n_classes if module.linear_probe is not None else None,
+        class_names=train.class_names if train.has_labels else None, method="stego", config=cfg.to_dict(),
+    )
+    model.cluster_probe.load_state_dict(module.cluster_probe.state_dict())
+    if module.linear_probe is not None:
+        model.linear_probe.load_state_dict(module.linear_probe.state_dict())
+    path = model.save(out / "checkpoint.pt")
+    plot_training_curves(out / "logs" / "metrics.csv", out / "training_curves.png")
+    log.info("trained %d steps in %.1fs; checkpoint %s", cfg.steps, time.perf_counter() - t0, path)
+    return path
+
+
+def plot_training_curves(csv_path: Path, png_path: Path) -> None:
+    """Loss terms and mean KNN / random code similarity against step, from Lightning's CSV log."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not Path(csv_path).exists():
+        return
+    rows = list(csv.DictReader(open(csv_path)))
+    if not rows:
+        return
+    keys = [k for k in rows[0] if k.startswith(("loss/", "sim/"))]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    for k in keys:
+        pts = [(int(r["step"]), float(r[k])) for r in rows if r.get(k) not in (None, "")]
+        if pts:
+            ax = axes[1] if k.startswith("sim/") else axes[0]
+            ax.plot(*zip(*pts), label=k)
+    axes[0].set_title("losses")
+    axes[1].set_title("mean code similarity (A.11: KNN ~0.3, random ~0)")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+def config_for_checkpoint(model: SegmentationModel, args=None) -> Config:
+    """The checkpoint's own config with explicit command-line values on top."""
+    from dataclasses import fields
+
+    from .config import make_config
+
+    values = {k: v for k, v in (model.config or {}).items() if k in {f.name for f in fields(Config)}}
+    if args is not None:
+        from .config import load_yaml
+
+        if getattr(args, "config", None):
+            values.update(load_yaml(args.config))
+        for f in fields(Config):
+            v = getattr(args, f.name, None)
+            if v is not None:
+                values[f.name] = v
+    return make_config(values)
+
+
+# --------------------------------------------------------------------------- segment
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def expand_inputs(inputs) -> list:
+    """Files, folders (their images, sorted) and glob patterns -> a list of image paths."""
+    import glob
+
+    paths = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise StegosegError(f"{p} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            paths.extend(found)
+        elif p.is_file():
+            paths.append(p)
+        else:
+            matches = sorted(Path(m) for m in glob.glob(str(item)) if Path(m).suffix.lower() in IMAGE_SUFFIXES)
+            if not matches:
+                raise StegosegError(f"{item}: no such file, folder, or glob match")
+            paths.extend(matches)
+    return paths
+
+
+def segment_images(
+    model: SegmentationModel,
+    inputs,
+    out_dir,
+    crf: bool = False,
+    flip: bool = True,
+    resolution: Optional[int] = 320,
+    probe: str = "cluster",
+    overwrite: bool = False,
+    progress: bool = True,
+    num_workers: int = 2,
+) -> list:
+    """Write ``<stem>.png`` (palette PNG of labels) and ``<stem>_overlay.png`` per input image.
+
+    Never overwrites an input image; refuses existing outputs unless ``overwrite``.
+    Returns the label-map paths.
+    """
+    from tqdm.auto import tqdm
+
+    from .data.io import load_image
+    from .viz import make_palette, overlay, save_label_png
+
+    paths = expand_inputs(inputs)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    inputs_resolved = {p.resolve() for p in paths}
+    stems = [p.stem for p in paths]
+    dupes = {s for s in stems if stems.count(s) > 1}
+    targets = []
+    for p in paths:
+        stem = p.stem if p.stem not in dupes else f"{p.parent.name}_{p.stem}"
+        label_path, overlay_path = out_dir / f"{stem}.png", out_dir / f"{stem}_overlay.png"
+        for t in (label_path, overlay_path):
+            if t.resolve() in inputs_resolved:
+                raise StegosegError(f"output {t} would overwrite an input image: choose another --out")
+            if t.exists() and not overwrite:
+                raise StegosegError(f"{t} exists: choose another --out or pass --overwrite")
+        targets.append((label_path, overlay_path))
+    n_colours = max(model.n_clusters, model.n_classes or 0)
+    palette = make_palette(n_colours)
+    loader = torch.utils.data.DataLoader(
+        _ImageFiles(paths), batch_size=None, num_workers=min(num_workers, len(paths)), shuffle=False
+    )
+    written = []
+    for (i, image), (label_path, overlay_path) in zip(
+        tqdm(enumerate(loader), total=len(paths), desc="segment", disable=not progress, unit="img"), targets
+    ):
+        labels = model.segment(image, crf=crf, flip=flip, resolution=resolution, probe=probe)
+        save_label_png(labels, label_path, palette)
+        from PIL import Image
+
+        Image.fromarray(overlay(np.asarray(image), labels, palette)).save(overlay_path)
+        written.append(label_path)
+    return written
+
+
+class _ImageFiles(torch.utils.data.Dataset):
+    """Decodes images in loader workers (parallel to the network)."""
+
+    def __init__(self, paths):
+        self.paths = list(paths)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from .data.io import load_image
+
+        return load_image(self.paths[i])
+
+
+# --------------------------------------------------------------------------- main job
+def write_report(out: Path, title: str, results: dict, cfg: Config, notes: list) -> Path:
+    """A short markdown report: metrics table, similarity histogram, training curves, predictions."""
+    out = Path(out)
+    lines = [f"# {title}", ""]
+    lines += [f"> {n}" for n in notes] + ([""] if notes else [])
+    lines += [
+        f"Dataset `{cfg.dataset}` ({cfg.data_root or 'generated'}), train split `{cfg.train_split}`, "
+        f"evaluated on `{cfg.val_split}`; backbone `{cfg.backbone}` "
+        f"({'random init' if not cfg.pretrained and not cfg.weights else cfg.weights or 'pretrained'}); "
+        f"{cfg.steps} steps, batch {cfg.batch_size}, K = {cfg.dim}; CRF {'on' if cfg.crf else 'off'}.",
+        "",
+        "| method | cluster acc (strict) | cluster mIoU (strict) | cluster acc (parity) | cluster mIoU (parity) | linear acc | linear mIoU |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def fmt(v):
+        return "-" if v is None else f"{v:.1f}"
+
+    for name, res in results.items():
+        s = summary_rows(res)
+        lines.append(
+            f"| {name} | {fmt(s.get('cluster_strict_acc'))} | {fmt(s.get('cluster_strict_miou'))} | "
+            f"{fmt(s.get('cluster_parity_acc'))} | {fmt(s.get('cluster_parity_miou'))} | "
+            f"{fmt(s.get('linear_acc'))} | {fmt(s.get('linear_miou'))} |"
+        )
+    lines.append("")
+    for caption, rel in (
+        ("Code similarity histogram (paper A.11: healthy runs are bimodal)", "train/similarity_histogram.png"),
+        ("Training curves", "train/training_curves.png"),
+        ("STEGO predictions (image | ground truth | cluster probe | linear probe)", "eval/predictions.png"),
+        ("Raw-feature baseline predictions", "baseline/predictions.png"),
+        ("Cluster-probe confusion (rows: ground truth, normalised)", "eval/confusion_cluster.png"),
+    ):
+        if (out / rel).exists():
+            lines += [f"## {caption}", "", f"![{caption}]({rel})", ""]
+    lines += ["Resolved config: `config.yaml`. Metrics: `summary.json`, `eval/metrics.json`.", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def run_all(cfg: Config, out, resume: bool = False, baseline: bool = True, n_segment: int = 8) -> Optional[dict]:
+    """The main job: prepare -> train -> evaluate -> segment (+ raw-feature baseline) -> report.md."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.dataset == "synthetic" and not cfg.data_root:
+        cfg = replace_config(cfg, data_root=data_root(cfg, out))
+    if cfg.cache_dir is None:
+        cfg = replace_config(cfg, cache_dir=str(out / "cache"))
+    cfg.save(out / "config.yaml")
+    notes = []
+    if not cfg.pretrained and not cfg.weights:
+        notes.append(RANDOM_BACKBONE_WARNING.format(name=cfg.backbone))
+    ckpt = train_stego(cfg, out / "train", resume=resume)
+    if ckpt is None:  # a non-zero DDP rank: the main process does the rest
+        return None
+    model = load_model_for(ckpt, cfg)
+    results = {"STEGO": evaluate_checkpoint_model(cfg, model, out / "eval")}
+    if baseline:
+        base = fit_feature_baseline(cfg, out / "baseline", backbone=model.backbone)
+        base.save(out / "baseline" / "checkpoint.pt")
+        results["raw features (k-means / linear)"] = evaluate_checkpoint_model(cfg, base, out / "baseline")
+    val = build_split(cfg, cfg.val_split, out)
+    paths = [p for p in getattr(val, "image_paths", [])][:n_segment]
+    if paths:
+        segment_images(model, paths, out / "segment", crf=cfg.crf, resolution=cfg.eval_resolution,
+                       overwrite=True, progress=cfg.progress)
+    summary = {name: summary_rows(r) for name, r in results.items()}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_report(out, "stegoseg run", results, cfg, notes)
+    return summary
+
+
+def load_model_for(checkpoint, cfg: Config) -> SegmentationModel:
+    from .model import load
+
+    return load(checkpoint, device=resolve_device(cfg.device))
+
+
+def replace_config(cfg: Config, **changes) -> Config:
+    import dataclasses
+
+    return dataclasses.replace(cfg, **changes)

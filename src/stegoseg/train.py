@@ -1,0 +1,290 @@
+"""STEGO training: a LightningModule that only wires head, loss and probes together.
+
+Training reads the feature cache (the backbone is frozen, so it never runs), unless
+``live_backbone`` is set, in which case each step runs the backbone on the same crops.
+
+Determinism and resume: every batch is a pure function of (seed, global step, rank):
+which items (an epoch-style shuffle computed from the step), which KNN partner, the
+sampled points, the derangements and the dropout masks. A run killed at step k and
+resumed from its checkpoint therefore continues exactly as the uninterrupted run.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .config import Config
+from .features import CropView, FeatureCache
+from .head import SegmentationHead
+from .loss import LossWeights, stego_loss
+from .probes import ClusterProbe, LinearProbe
+
+log = logging.getLogger("stegoseg")
+
+
+def loss_weights(cfg: Config) -> LossWeights:
+    return LossWeights(
+        w_self=cfg.w_self, w_knn=cfg.w_knn, w_rand=cfg.w_rand,
+        b_self=cfg.b_self, b_knn=cfg.b_knn, b_rand=cfg.b_rand,
+        n_random=cfg.n_random, n_samples=cfg.n_samples,
+        pointwise=cfg.pointwise, zero_clamp=cfg.zero_clamp, stabilize=cfg.stabilize,
+    )
+
+
+def _step_seed(seed: int, step: int, rank: int, salt: int = 0) -> int:
+    return (seed * 1_000_003 + step * 7_919 + rank * 104_729 + salt * 15_485_863) % (2**62)
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int, rank: int = 0, world: int = 1) -> np.ndarray:
+    """Item indices of the batch of (step, rank): consecutive slices of per-epoch permutations."""
+    start = (step * world + rank) * batch_size
+    out = []
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), n)
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        out.extend(perm[offset : offset + batch_size - len(out)].tolist())
+    return np.asarray(out, dtype=np.int64)
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item ``step`` is the whole training batch of that step (features or images, KNN partners, labels)."""
+
+    def __init__(
+        self,
+        cache: FeatureCache,
+        knn: np.ndarray,
+        batch_size: int,
+        seed: int,
+        knn_topk: int = 7,
+        start_step: int = 0,
+        steps: int = 1,
+        rank: int = 0,
+        world: int = 1,
+        crop_view: Optional[CropView] = None,
+    ):
+        self.cache, self.knn = cache, knn
+        self.batch_size, self.seed, self.topk = batch_size, seed, min(knn_topk, knn.shape[1])
+        self.start_step, self.steps, self.rank, self.world = start_step, steps, rank, world
+        self.crop_view = crop_view
+
+    def __len__(self) -> int:
+        return max(0, self.steps - self.start_step)
+
+    def indices(self, step: int) -> tuple:
+        idx = batch_indices(self.cache.n, self.batch_size, step, self.seed, self.rank, self.world)
+        rng = np.random.default_rng([self.seed, step, self.rank, 1])
+        partner = self.knn[idx, rng.integers(0, self.topk, size=len(idx))]
+        return idx, partner
+
+    def __getitem__(self, i: int) -> dict:
+        step = self.start_step + i
+        idx, partner = self.indices(step)
+        out = {"step": torch.tensor(step), "index": torch.from_numpy(idx)}
+        if self.crop_view is None:
+            out["feats"] = self.cache.feature_batch(idx)
+            out["feats_knn"] = self.cache.feature_batch(partner)
+        else:
+            out["image"] = torch.stack([self.crop_view[int(j)]["image"] for j in idx])
+            out["image_knn"] = torch.stack([self.crop_view[int(j)]["image"] for j in partner])
+        if self.cache.has_labels:
+            out["label"] = self.cache.label_batch(idx)
+        return out
+
+
+class StegoModule(L.LightningModule):
+    """Head + correspondence loss + cluster/linear probes with their own Adam optimisers."""
+
+    def __init__(self, cfg: Config, in_dim: int, n_clusters: int, n_classes: Optional[int], backbone=None):
+        super().__init__()
+        self.cfg = cfg
+        self.save_hyperparameters({"config": cfg.to_dict(), "in_dim": in_dim, "n_clusters": n_clusters, "n_classes": n_classes})
+        self.automatic_optimization = False
+        self.head = SegmentationHead(in_dim, cfg.dim)
+        self.dropout = nn.Dropout2d(cfg.feature_dropout)
+        self.cluster_probe = ClusterProbe(cfg.dim, n_clusters)
+        self.linear_probe = LinearProbe(cfg.dim, n_classes) if n_classes else None
+        self.weights = loss_weights(cfg)
+        self._backbone = [backbone]  # a list: not a registered submodule, never saved in checkpoints
+        self.sim_samples = {"knn": [], "rand": []}
+
+    def configure_optimizers(self):
+        opts = [
+            torch.optim.Adam(self.head.parameters(), lr=self.cfg.lr),
+            torch.optim.Adam(self.cluster_probe.parameters(), lr=self.cfg.probe_lr),
+        ]
+        if self.linear_probe is not None:
+            opts.append(torch.optim.Adam(self.linear_probe.parameters(), lr=self.cfg.probe_lr))
+        return opts
+
+    def features_of(self, batch: dict, key: str) -> torch.Tensor:
+        if "feats" in batch:
+            return batch[key]
+        backbone = self._backbone[0]
+        image = batch["image" if key == "feats" else "image_knn"]
+        with torch.no_grad():
+            return backbone(backbone.normalize(image)).float()
+
+    def compute_losses(self, batch: dict, step: int) -> dict:
+        """All losses of one batch, with every random draw seeded by (seed, step, rank)."""
+        torch.manual_seed(_step_seed(self.cfg.seed, step, self.global_rank, 2))
+        gen = torch.Generator().manual_seed(_step_seed(self.cfg.seed, step, self.global_rank, 3))
+        feats = self.features_of(batch, "feats").float()
+        feats_knn = self.features_of(batch, "feats_knn").float()
+        code = self.head(feats, self.dropout)
+        code_knn = self.head(feats_knn, self.dropout)
+        out = stego_loss(self.dropout(feats), self.dropout(feats_knn), code, code_knn, self.weights, generator=gen)
+        out["cluster"] = self.cluster_probe.loss(code.detach())
+        if self.linear_probe is not None and "label" in batch:
+            out["linear"] = self.linear_probe.loss(code.detach(), batch["label"])
+        return out
+
+    def training_step(self, batch: dict, batch_idx: int):
+        step = int(batch["step"])
+        if step != self.global_step:
+            raise RuntimeError(f"batch for step {step} arrived at global step {self.global_step}")
+        opts = self.optimizers()
+        opts = opts if isinstance(opts, list) else [opts]
+        out = self.compute_losses(batch, step)
+        total = out["loss"] + out["cluster"] + out.get("linear", 0.0)
+        for o in opts:
+            o.zero_grad(set_to_none=True)
+        self.manual_backward(total)
+        for o in opts:
+            o.step()
+        logs = {f"loss/{k}": out[k] for k in ("loss", "self", "knn", "rand", "cluster") if k in out}
+        if "linear" in out:
+            logs["loss/linear"] = out["linear"]
+        logs.update({"sim/knn": out["sim_knn"], "sim/rand": out["sim_rand"]})
+        self.log_dict({k: v.float() for k, v in logs.items()}, prog_bar=False, on_step=True, sync_dist=False)
+        self.log("loss", out["loss"].float(), prog_bar=True, on_step=True)
+        if step % max(1, self.cfg.log_every) == 0:
+            self._keep_similarities(out)
+        return None
+
+    def _keep_similarities(self, out: dict, per_step: int = 2000) -> None:
+        g = torch.Generator().manual_seed(0)
+        for key in ("knn", "rand"):
+            v = out[f"cd_{key}"].reshape(-1).float().cpu()
+            if v.numel():
+                self.sim_samples[key].append(v[torch.randperm(v.numel(), generator=g)[:per_step]])
+                self.sim_samples[key] = self.sim_samples[key][-50:]
+
+
+def default_precision(cfg: Config) -> str:
+    if cfg.precision != "auto":
+        return cfg.precision
+    return "bf16-mixed" if torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda") else "32-true"
+
+
+def parse_devices(text: str):
+    text = str(text)
+    if text == "auto":
+        return "auto"
+    if "," in text:
+        return [int(t) for t in text.split(",") if t.strip()]
+    return int(text)
+
+
+class _StegoData(L.LightningDataModule):
+    """Builds the step-indexed loader once the trainer knows the restored step, rank and world size."""
+
+    def __init__(self, cfg: Config, cache: FeatureCache, knn: np.ndarray, crop_view: Optional[CropView]):
+        super().__init__()
+        self.cfg, self.cache, self.knn, self.crop_view = cfg, cache, knn, crop_view
+
+    def train_dataloader(self):
+        t = self.trainer
+        ds = StepBatches(
+            self.cache, self.knn, self.cfg.batch_size, self.cfg.seed, self.cfg.knn_topk,
+            start_step=t.global_step, steps=self.cfg.steps, rank=t.global_rank, world=t.world_size,
+            crop_view=self.crop_view,
+        )
+        return torch.utils.data.DataLoader(
+            ds, batch_size=None, shuffle=False, num_workers=self.cfg.num_workers,
+            persistent_workers=False, pin_memory=torch.cuda.is_available(),
+        )
+
+
+class _SimilarityHistogram(L.Callback):
+    """Saves the A.11 histogram of code similarities (KNN vs random pairs) every ``every`` steps."""
+
+    def __init__(self, path: Path, every: int):
+        self.path, self.every = path, max(1, every)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.is_global_zero and trainer.global_step % self.every == 0:
+            save_similarity_histogram(pl_module, self.path, trainer.global_step)
+
+    def on_train_end(self, trainer, pl_module):
+        if trainer.is_global_zero:
+            save_similarity_histogram(pl_module, self.path, trainer.global_step)
+
+
+def save_similarity_histogram(module: StegoModule, path: Path, step: int) -> None:
+    from .viz import histogram_png
+
+    values = {
+        f"{name} pairs": torch.cat(v).numpy() for name, v in (("KNN", module.sim_samples["knn"]), ("random", module.sim_samples["rand"])) if v
+    }
+    if values:
+        histogram_png(values, path, title=f"code similarity S (step {step})", xlabel="cosine similarity of codes")
+
+
+def fit_stego(cfg: Config, out, cache: FeatureCache, n_classes: int, has_labels: bool, resume: bool = False,
+              backbone=None, crop_view: Optional[CropView] = None, callbacks: Optional[list] = None) -> StegoModule:
+    """Train the head and probes with Lightning; returns the trained module (on CPU).
+
+    Writes Lightning checkpoints to ``<out>/lightning/`` (every ``ckpt_every`` steps and
+    ``last.ckpt``), CSV logs to ``<out>/logs/`` and ``similarity_histogram.png``.
+    ``resume`` continues from ``<out>/lightning/last.ckpt``.
+    """
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    out = Path(out)
+    knn = cache.neighbors(cfg.n_neighbors, backend=cfg.knn_backend)
+    n_clusters = n_classes + cfg.extra_clusters
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    module = StegoModule(cfg, cache.meta["feature_shape"][0], n_clusters, n_classes if has_labels else None,
+                         backbone=backbone if cfg.live_backbone else None)
+    ckpt_dir = out / "lightning"
+    ckpt_path = None
+    if resume:
+        last = ckpt_dir / "last.ckpt"
+        if not last.exists():
+            from .errors import StegosegError
+
+            raise StegosegError(f"--resume: no {last} to continue from; run without --resume to start")
+        ckpt_path = str(last)
+    checkpoint = ModelCheckpoint(
+        dirpath=ckpt_dir, filename="step{step:06d}", every_n_train_steps=max(1, cfg.ckpt_every),
+        save_last=True, save_top_k=-1, auto_insert_metric_name=False,
+    )
+    trainer = L.Trainer(
+        max_steps=cfg.steps,
+        max_epochs=-1,
+        accelerator=cfg.accelerator,
+        devices=parse_devices(cfg.devices),
+        strategy=cfg.strategy,
+        num_nodes=cfg.num_nodes,
+        precision=default_precision(cfg),
+        callbacks=[checkpoint, _SimilarityHistogram(out / "similarity_histogram.png", cfg.ckpt_every), *(callbacks or [])],
+        logger=CSVLogger(str(out), name="logs", version=""),
+        log_every_n_steps=max(1, cfg.log_every),
+        enable_progress_bar=cfg.progress,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        deterministic=False,
+        num_sanity_val_steps=0,
+    )
+    if cfg.live_backbone and crop_view is None:
+        raise ValueError("live_backbone needs the dataset's crop view")
+    trainer.fit(module, datamodule=_StegoData(cfg, cache, knn, crop_view if cfg.live_backbone else None), ckpt_path=ckpt_path)
+    module.is_global_zero = trainer.is_global_zero
+    return module.cpu()

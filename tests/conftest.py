@@ -1,0 +1,49 @@
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory):
+    """A small generated labelled dataset (directory layout), shared by the tests of a session."""
+    from stegoseg.synthetic import make_synthetic_dataset
+
+    return make_synthetic_dataset(tmp_path_factory.mktemp("synthetic") / "data", n_train=24, n_val=8, size=(64, 80))
+
+
+def tiny_config(data_root, **overrides):
+    """A Config for fast tests: tiny random ViT-S/8, small crops, few steps."""
+    from stegoseg.config import make_config
+
+    values = dict(
+        dataset="directory",
+        data_root=str(data_root),
+        backbone="dino_vits8",
+        pretrained=False,
+        tiny=True,
+        resolution=32,
+        five_crop=True,
+        n_neighbors=8,
+        knn_topk=3,
+        extract_batch_size=16,
+        num_workers=0,
+        dim=16,
+        steps=12,
+        batch_size=8,
+        n_samples=5,
+        ckpt_every=4,
+        log_every=2,
+        eval_resolution=48,
+        eval_batch_size=4,
+        crf=False,
+        crf_workers=1,
+        kmeans_iters=10,
+        linear_epochs=2,
+        progress=False,
+        accelerator="cpu",
+        device="cpu",
+    )
+    values.update(overrides)
+    return make_config(values)

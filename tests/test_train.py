@@ -1,0 +1,132 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_config
+from stegoseg.features import CropView, extract_features
+from stegoseg.pipeline import build_backbone_from_config, build_split, evaluate_checkpoint_model, prepare, train_stego
+from stegoseg.train import StegoModule, StepBatches, batch_indices, fit_stego
+
+
+def test_batch_indices_are_a_function_of_step_and_cover_epochs():
+    a = batch_indices(10, 4, step=3, seed=0)
+    assert (a == batch_indices(10, 4, step=3, seed=0)).all()
+    # consecutive steps walk through permutations: 5 steps of 4 cover 2 full epochs of 10
+    seen = np.concatenate([batch_indices(10, 4, s, 0) for s in range(5)])
+    assert sorted(seen.tolist()) == sorted(list(range(10)) * 2)
+    # ranks get different items
+    assert set(batch_indices(10, 2, 0, 0, rank=0, world=2)).isdisjoint(batch_indices(10, 2, 0, 0, rank=1, world=2))
+
+
+def test_training_beats_chance(synthetic_root, tmp_path):
+    cfg = tiny_config(synthetic_root, steps=60, resolution=48, eval_resolution=64, w_rand=0.5, b_rand=0.3)
+    ckpt = train_stego(cfg, tmp_path / "run")
+    assert ckpt.exists()
+    from stegoseg.model import load
+
+    model = load(ckpt)
+    result = evaluate_checkpoint_model(cfg, model, tmp_path / "eval")
+    val = build_split(cfg, "val")
+    counts = np.zeros(val.n_classes)
+    for i in range(len(val)):
+        lab = val.load(i).label
+        counts += np.bincount(lab[lab != 255].ravel(), minlength=val.n_classes)
+    chance = counts.max() / counts.sum() * 100  # majority-class accuracy
+    acc = result["cluster"]["strict"]["accuracy"]
+    assert acc > chance + 15, (acc, chance)
+    for name in ("metrics.json", "predictions.png", "confusion_cluster.png"):
+        assert (tmp_path / "eval" / name).exists()
+    assert (tmp_path / "run" / "similarity_histogram.png").exists()
+    assert (tmp_path / "run" / "training_curves.png").exists()
+
+
+class _Kill(L.Callback):
+    def __init__(self, at_step):
+        self.at_step = at_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at_step:
+            raise RuntimeError("simulated crash")
+
+
+def test_resume_matches_uninterrupted_run(synthetic_root, tmp_path):
+    cfg = tiny_config(synthetic_root, steps=8, ckpt_every=3, cache_dir=str(tmp_path / "cache"))
+    backbone, _ = build_backbone_from_config(cfg)
+    cache = prepare(cfg, tmp_path, backbone)
+    n_classes = build_split(cfg, "train").n_classes
+    full = fit_stego(cfg, tmp_path / "full", cache, n_classes, True)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit_stego(cfg, tmp_path / "killed", cache, n_classes, True, callbacks=[_Kill(4)])
+    assert (tmp_path / "killed" / "lightning" / "last.ckpt").exists()
+    resumed = fit_stego(cfg, tmp_path / "killed", cache, n_classes, True, resume=True)
+    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_live_backbone_gives_the_cached_loss(synthetic_root, tmp_path):
+    cfg = tiny_config(synthetic_root, cache_dir=str(tmp_path / "cache"))
+    backbone, _ = build_backbone_from_config(cfg)
+    cache = prepare(cfg, tmp_path, backbone)
+    train = build_split(cfg, "train")
+    view = CropView(train, cfg.resolution, cfg.five_crop, "bilinear")
+    knn = cache.neighbors(cfg.n_neighbors)
+    cached = StepBatches(cache, knn, cfg.batch_size, cfg.seed, cfg.knn_topk, steps=5)[2]
+    live = StepBatches(cache, knn, cfg.batch_size, cfg.seed, cfg.knn_topk, steps=5, crop_view=view)[2]
+    module = StegoModule(cfg, backbone.embed_dim, train.n_classes, train.n_classes, backbone=backbone).eval()
+    module.dropout.p = 0.0
+    a = module.compute_losses(cached, step=2)
+    b = module.compute_losses(live, step=2)
+    for key in ("loss", "self", "knn", "rand"):
+        torch.testing.assert_close(a[key].float(), b[key].float(), rtol=2e-2, atol=2e-3, msg=key)
+
+
+def test_prepare_resumes_without_recomputing(synthetic_root, tmp_path):
+    cfg = tiny_config(synthetic_root, five_crop=False)
+    backbone, _ = build_backbone_from_config(cfg)
+    train = build_split(cfg, "train")
+    cache = extract_features(backbone, train, tmp_path, resolution=32, five_crop=False, batch_size=4, progress=False)
+    full = cache.feature_batch(np.arange(cache.n)).clone()
+    # Simulate an interruption: forget half the items and scribble over them.
+    done = cache.done
+    done[::2] = False
+    np.save(cache.path / "done.npy", done)
+    cache.features[::2] = 0
+    cache.features.flush()
+    calls = []
+    original = backbone.forward
+
+    def counting_forward(x):
+        calls.append(x.shape[0])
+        return original(x)
+
+    backbone.forward = counting_forward
+    cache2 = extract_features(backbone, train, tmp_path, resolution=32, five_crop=False, batch_size=4, progress=False)
+    assert sum(calls) == (cache.n + 1) // 2  # only the missing half was recomputed
+    torch.testing.assert_close(cache2.feature_batch(np.arange(cache.n)), full)
+    assert cache2.complete
+    # a different setting gets a different cache folder
+    cache3 = extract_features(backbone, train, tmp_path, resolution=40, five_crop=False, batch_size=4, progress=False)
+    assert cache3.path != cache.path
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(synthetic_root, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable, "-m", "stegoseg", "train", "--out", str(out),
+        "--dataset", "directory", "--data-root", str(synthetic_root),
+        "--no-pretrained", "--tiny", "--resolution", "32", "--n-neighbors", "8", "--knn-topk", "3",
+        "--dim", "16", "--steps", "4", "--batch-size", "4", "--n-samples", "5", "--num-workers", "0",
+        "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--no-progress", "--ckpt-every", "2",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "checkpoint.pt").exists()
+    assert "world_size" in proc.stderr or "GLOBAL_RANK: 1" in proc.stderr or "distributed" in proc.stderr.lower()
