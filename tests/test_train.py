@@ -129,4 +129,4 @@ def test_ddp_two_cpu_processes(synthetic_root, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "checkpoint.pt").exists()
-    assert "world_size" in proc.stderr or "GLOBAL_RANK: 1" in proc.stderr or "distributed" in proc.stderr.lower()
+    assert "Starting with 2 processes" in proc.stderr

@@ -176,7 +176,7 @@ def train_linear_probe(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
     probe.eval()
     return losses
 

@@ -97,6 +97,25 @@ class StepBatches(torch.utils.data.Dataset):
         return out
 
 
+class StepStream(torch.utils.data.IterableDataset):
+    """Streams ``StepBatches`` in step order, with no length.
+
+    Lightning treats a loader with a length as an epoch; after a mid-epoch resume it
+    would end that epoch early and restart the loader. A stream has no epochs: training
+    stops at ``max_steps``. Loader workers take interleaved steps (worker w of W yields
+    steps start + w, start + w + W, ...), which the DataLoader returns in order.
+    """
+
+    def __init__(self, batches: StepBatches):
+        self.batches = batches
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for i in range(worker, len(self.batches), n_workers):
+            yield self.batches[i]
+
+
 class StegoModule(L.LightningModule):
     """Head + correspondence loss + cluster/linear probes with their own Adam optimisers."""
 
@@ -104,7 +123,6 @@ class StegoModule(L.LightningModule):
         super().__init__()
         self.cfg = cfg
         self.save_hyperparameters({"config": cfg.to_dict(), "in_dim": in_dim, "n_clusters": n_clusters, "n_classes": n_classes})
-        self.automatic_optimization = False
         self.head = SegmentationHead(in_dim, cfg.dim)
         self.dropout = nn.Dropout2d(cfg.feature_dropout)
         self.cluster_probe = ClusterProbe(cfg.dim, n_clusters)
@@ -114,13 +132,20 @@ class StegoModule(L.LightningModule):
         self.sim_samples = {"knn": [], "rand": []}
 
     def configure_optimizers(self):
-        opts = [
-            torch.optim.Adam(self.head.parameters(), lr=self.cfg.lr),
-            torch.optim.Adam(self.cluster_probe.parameters(), lr=self.cfg.probe_lr),
+        """Adam for the head (lr 5e-4) and for each probe (lr 5e-3).
+
+        One Adam with a parameter group per part: Adam's update and state are per
+        parameter, so this is exactly three separate Adam optimisers, while Lightning
+        counts one optimiser step per training step. The probes read the detached code,
+        so their losses never reach the head.
+        """
+        groups = [
+            {"params": self.head.parameters(), "lr": self.cfg.lr},
+            {"params": self.cluster_probe.parameters(), "lr": self.cfg.probe_lr},
         ]
         if self.linear_probe is not None:
-            opts.append(torch.optim.Adam(self.linear_probe.parameters(), lr=self.cfg.probe_lr))
-        return opts
+            groups.append({"params": self.linear_probe.parameters(), "lr": self.cfg.probe_lr})
+        return torch.optim.Adam(groups)
 
     def features_of(self, batch: dict, key: str) -> torch.Tensor:
         if "feats" in batch:
@@ -148,15 +173,8 @@ class StegoModule(L.LightningModule):
         step = int(batch["step"])
         if step != self.global_step:
             raise RuntimeError(f"batch for step {step} arrived at global step {self.global_step}")
-        opts = self.optimizers()
-        opts = opts if isinstance(opts, list) else [opts]
         out = self.compute_losses(batch, step)
         total = out["loss"] + out["cluster"] + out.get("linear", 0.0)
-        for o in opts:
-            o.zero_grad(set_to_none=True)
-        self.manual_backward(total)
-        for o in opts:
-            o.step()
         logs = {f"loss/{k}": out[k] for k in ("loss", "self", "knn", "rand", "cluster") if k in out}
         if "linear" in out:
             logs["loss/linear"] = out["linear"]
@@ -165,7 +183,7 @@ class StegoModule(L.LightningModule):
         self.log("loss", out["loss"].float(), prog_bar=True, on_step=True)
         if step % max(1, self.cfg.log_every) == 0:
             self._keep_similarities(out)
-        return None
+        return total
 
     def _keep_similarities(self, out: dict, per_step: int = 2000) -> None:
         g = torch.Generator().manual_seed(0)
@@ -206,7 +224,7 @@ class _StegoData(L.LightningDataModule):
             crop_view=self.crop_view,
         )
         return torch.utils.data.DataLoader(
-            ds, batch_size=None, shuffle=False, num_workers=self.cfg.num_workers,
+            StepStream(ds), batch_size=None, num_workers=self.cfg.num_workers,
             persistent_workers=False, pin_memory=torch.cuda.is_available(),
         )
 

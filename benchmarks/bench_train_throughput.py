@@ -1,0 +1,72 @@
+"""Training steps/s reading cached features vs running the backbone every step.
+
+Same batches (same step indices), same head, same loss; both measured in this run.
+Prints the ratio cached / live and writes results/train_throughput.json.
+
+    python benchmarks/bench_train_throughput.py [--data-root DIR] [--backbone dino_vits8] [--tiny] [--steps 20]
+"""
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+
+from _common import SHARED_DATA, timed, write_result
+from stegoseg.config import make_config
+from stegoseg.features import CropView
+from stegoseg.pipeline import build_backbone_from_config, build_split, prepare
+from stegoseg.train import StegoModule, StepBatches
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data-root", default=str(SHARED_DATA / "camvid"))
+    ap.add_argument("--backbone", default="dino_vits8")
+    ap.add_argument("--tiny", action="store_true", help="tiny random backbone (quick CPU check)")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--resolution", type=int, default=224)
+    ap.add_argument("--cache-dir", default=None)
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = make_config(dict(
+        data_root=args.data_root, backbone=args.backbone, pretrained=False, tiny=args.tiny,
+        resolution=args.resolution, five_crop=False, batch_size=args.batch_size, num_workers=0,
+        cache_dir=args.cache_dir or tempfile.mkdtemp(prefix="stegoseg-bench-"), device=device, progress=False,
+    ))
+    backbone, _ = build_backbone_from_config(cfg)
+    backbone.to(device)
+    cache = prepare(cfg, Path(cfg.cache_dir), backbone)
+    train = build_split(cfg, "train")
+    knn = cache.neighbors(cfg.n_neighbors)
+    view = CropView(train, cfg.resolution, False, "bilinear")
+    module = StegoModule(cfg, backbone.embed_dim, train.n_classes, train.n_classes, backbone=backbone).to(device)
+    opt = torch.optim.Adam(module.parameters(), lr=cfg.lr)
+    sources = {
+        "cached": StepBatches(cache, knn, cfg.batch_size, cfg.seed, steps=args.steps),
+        "live": StepBatches(cache, knn, cfg.batch_size, cfg.seed, steps=args.steps, crop_view=view),
+    }
+    results = {}
+    for name, ds in sources.items():
+        def run():
+            for step in range(args.steps):
+                batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in ds[step].items()}
+                with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+                    out = module.compute_losses(batch, step)
+                    loss = out["loss"] + out["cluster"] + out.get("linear", 0.0)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        run_once = lambda: run()  # noqa: E731
+        seconds = timed(run_once, repeat=1)
+        results[name] = {"steps_per_s": args.steps / seconds, "seconds": seconds}
+    ratio = results["cached"]["steps_per_s"] / results["live"]["steps_per_s"]
+    print(f"cached / live training throughput: {ratio:.2f}x")
+    write_result("train_throughput", {
+        "backbone": args.backbone + (" (tiny)" if args.tiny else ""), "batch_size": args.batch_size,
+        "resolution": args.resolution, "steps": args.steps, "device": device, **results, "ratio_cached_over_live": ratio,
+    })
+
+
+if __name__ == "__main__":
+    main()

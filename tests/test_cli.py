@@ -1,0 +1,115 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import stegoseg
+from stegoseg.cli import main
+
+TINY = [
+    "--no-pretrained", "--tiny", "--resolution", "32", "--n-neighbors", "8", "--knn-topk", "3",
+    "--dim", "16", "--batch-size", "8", "--n-samples", "5", "--num-workers", "0", "--no-progress",
+    "--eval-resolution", "48", "--eval-batch-size", "4", "--kmeans-iters", "5", "--linear-epochs", "1",
+    "--accelerator", "cpu", "--device", "cpu", "--crf-workers", "1",
+]
+
+
+def test_help_of_every_subcommand(capsys):
+    for sub in ("run", "prepare", "train", "evaluate", "segment", "baseline", "backbones", "make-synthetic"):
+        with pytest.raises(SystemExit) as e:
+            main([sub, "--help"])
+        assert e.value.code == 0
+        assert "usage" in capsys.readouterr().out
+
+
+def test_baseline_command_end_to_end(synthetic_root, tmp_path, capsys):
+    out = tmp_path / "baseline"
+    assert main(["baseline", "--out", str(out), "--data-root", str(synthetic_root), *TINY]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for mode in ("parity", "strict"):
+        assert 0 <= metrics["cluster"][mode]["miou"] <= 100
+    assert 0 <= metrics["linear"]["accuracy"] <= 100
+    assert metrics["method"] == "features"
+    for name in ("config.yaml", "checkpoint.pt", "confusion_cluster.png", "confusion_linear.png", "predictions.png"):
+        assert (out / name).exists(), name
+    # a second run into the same folder refuses to overwrite
+    assert main(["baseline", "--out", str(out), "--data-root", str(synthetic_root), *TINY]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_main_job_then_evaluate_and_segment(synthetic_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["run", "--out", str(out), "--data-root", str(synthetic_root), "--steps", "6", "--crf", *TINY]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == {"STEGO", "raw features (k-means / linear)"}
+    report = (out / "report.md").read_text()
+    assert "RANDOMLY INITIALISED" in report and "| STEGO |" in report
+    assert (out / "train" / "checkpoint.pt").exists()
+    assert len(list((out / "segment").glob("*_overlay.png"))) == 8
+
+    # evaluate the checkpoint again with an overridden protocol
+    ev = tmp_path / "eval"
+    assert main(["evaluate", str(out / "train" / "checkpoint.pt"), "--out", str(ev), "--no-crf", "--no-flip",
+                 "--eval-crop", "none", "--no-progress"]) == 0
+    m = json.loads((ev / "metrics.json").read_text())
+    assert m["config"]["crop"] == "none" and m["config"]["flip"] is False
+
+    # segment a folder and a single greyscale image from the command line
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    Image.fromarray((np.random.default_rng(0).random((50, 70)) * 255).astype(np.uint8), "L").save(imgs / "grey.png")
+    Image.fromarray((np.random.default_rng(1).random((40, 30, 3)) * 255).astype(np.uint8)).save(imgs / "rgb.jpg")
+    seg = tmp_path / "seg"
+    assert main(["segment", str(out / "train" / "checkpoint.pt"), str(imgs), "--out", str(seg), "--quiet",
+                 "--num-workers", "0", "--device", "cpu"]) == 0
+    label = Image.open(seg / "grey.png")
+    assert label.mode == "P" and label.size == (70, 50)
+    assert Image.open(seg / "rgb_overlay.png").size == (30, 40)
+    # never overwrite outputs, never write over inputs
+    assert main(["segment", str(out / "train" / "checkpoint.pt"), str(imgs), "--out", str(seg), "--quiet"]) == 2
+    assert main(["segment", str(out / "train" / "checkpoint.pt"), str(imgs / "rgb.jpg"), "--out", str(imgs), "--quiet"]) == 0
+    assert main(["segment", str(out / "train" / "checkpoint.pt"), str(seg / "grey.png"), "--out", str(seg),
+                 "--quiet", "--overwrite"]) == 2
+    assert "overwrite an input" in capsys.readouterr().err
+
+    # Python API
+    model = stegoseg.load(out / "train" / "checkpoint.pt")
+    labels = model.segment(Image.open(imgs / "rgb.jpg"))
+    assert labels.shape == (40, 30) and labels.max() < model.n_clusters
+    assert model.code(torch.zeros(1, 3, 32, 32)).shape == (1, 16, 4, 4)
+    assert model.features(torch.zeros(1, 3, 30, 30)).shape[-2:] == (4, 4)
+
+
+def test_clear_errors_for_bad_input(tmp_path, capsys):
+    assert main(["baseline", "--out", str(tmp_path / "x"), "--data-root", str(tmp_path / "missing"), *TINY]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing" in err[0]
+    assert main(["baseline", "--out", str(tmp_path / "x"), "--backbone", "nope", "--data-root", str(tmp_path)]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "none.pt")]) == 2
+    assert "none.pt" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("not_an_option: 3\n")
+    assert main(["train", "--config", str(bad), "--out", str(tmp_path / "t")]) == 2
+    assert "not_an_option" in capsys.readouterr().err
+
+
+def test_yaml_config_and_presets(tmp_path):
+    import argparse
+
+    from stegoseg.config import add_config_arguments, resolve_config
+
+    p = argparse.ArgumentParser()
+    add_config_arguments(p)
+    y = tmp_path / "c.yaml"
+    y.write_text("steps: 123\nw_knn: 0.5\n")
+    cfg = resolve_config(p.parse_args(["--preset", "cityscapes27", "--config", str(y), "--w-knn", "0.7"]))
+    assert cfg.steps == 123 and cfg.w_knn == 0.7 and cfg.b_rand == 0.31 and cfg.pointwise is False
+    assert resolve_config(p.parse_args(["--no-five-crop", "--n-classes", "none"])).five_crop is False
