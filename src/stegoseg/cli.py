@@ -106,10 +106,15 @@ def cmd_segment(args) -> int:
     from .pipeline import resolve_device, segment_images
 
     model = load(args.checkpoint, weights=args.weights, device=resolve_device(args.device))
+    if args.bf16:
+        import torch
+
+        model.autocast_dtype = torch.bfloat16
     written = segment_images(
         model, args.inputs, args.out, crf=args.crf, flip=args.flip,
         resolution=None if args.resolution == 0 else args.resolution, probe=args.probe,
         overwrite=args.overwrite, progress=not args.quiet, num_workers=args.num_workers,
+        batch_size=args.batch_size, crf_workers=args.crf_workers,
     )
     print(f"wrote {len(written)} label maps (+ overlays) to {args.out}")
     return 0
@@ -216,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--weights", default=None, help="local backbone weights if the checkpoint names hub weights")
     p.add_argument("--num-workers", type=int, default=2, help="image-decoding workers")
+    p.add_argument("--batch-size", type=int, default=8, help="images per network batch (same-size images batch together)")
+    p.add_argument("--crf-workers", type=int, default=2, help="processes for the CRF")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast on CUDA (faster; no effect on CPU)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_segment)

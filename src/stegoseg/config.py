@@ -85,6 +85,7 @@ class Config:
     eval_batch_size: int = 8
     max_eval_images: Optional[int] = None
     n_grid: int = 6
+    bf16_inference: bool = False  # evaluate/segment with bfloat16 autocast on CUDA
     # ---- misc
     device: str = "auto"  # for prepare / evaluate / segment: auto | cpu | cuda | cuda:N
     progress: bool = True

@@ -62,9 +62,13 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFParams = CRFParam
     return np.asarray(q, dtype=np.float32).reshape(c, h, w)
 
 
-def _crf_job(args):
+def crf_job(args):
+    """(image uint8 (H, W, 3), logits (C, H, W), params) -> refined hard labels (H, W); picklable for pools."""
     image, logits, params = args
-    probs = torch.softmax(torch.from_numpy(logits).float(), dim=0).numpy()
+    # NumPy only: this runs in forked worker processes, where torch's thread pools can deadlock.
+    z = logits.astype(np.float32) - logits.max(axis=0, keepdims=True)
+    probs = np.exp(z)
+    probs /= probs.sum(axis=0, keepdims=True)
     return dense_crf(image, probs, params).argmax(0).astype(np.int64)
 
 
@@ -89,12 +93,12 @@ def crf_batch(
     logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
     jobs = [(image_to_uint8(img), lg.cpu().numpy(), params) for img, lg in zip(images, logits)]
     if pool is not None:
-        results = list(pool.map(_crf_job, jobs))
+        results = list(pool.map(crf_job, jobs))
     elif workers > 1:
         with ProcessPoolExecutor(workers) as ex:
-            results = list(ex.map(_crf_job, jobs))
+            results = list(ex.map(crf_job, jobs))
     else:
-        results = [_crf_job(j) for j in jobs]
+        results = [crf_job(j) for j in jobs]
     return torch.from_numpy(np.stack(results))
 
 
@@ -106,4 +110,4 @@ def crf_available() -> bool:
         return False
 
 
-__all__: Sequence[str] = ("CRFParams", "dense_crf", "crf_batch", "crf_available", "image_to_uint8")
+__all__: Sequence[str] = ("CRFParams", "dense_crf", "crf_batch", "crf_job", "crf_available", "image_to_uint8")

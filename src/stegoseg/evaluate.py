@@ -88,6 +88,9 @@ def evaluate_model(
         else None
     )
     grid_rows = []
+    # Grid rows spread evenly over the evaluated images (neighbouring frames look alike).
+    grid_at = set(np.linspace(0, len(indices) - 1, min(config.n_grid, len(indices))).round().astype(int).tolist())
+    seen = 0
     t0 = time.perf_counter()
     pool = ProcessPoolExecutor(config.crf_workers) if config.crf and config.crf_workers > 1 else None
     try:
@@ -109,7 +112,8 @@ def evaluate_model(
                     cluster_acc.update(cluster[i], labels[i])
                     if linear_acc is not None:
                         linear_acc.update(linear[i], labels[i])
-                if len(grid_rows) < config.n_grid:
+                seen += 1
+                if seen - 1 in grid_at:
                     grid_rows.append(
                         {
                             "image": image_to_uint8(image_list[i]),

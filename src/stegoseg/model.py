@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .backbones import create_backbone
-from .crf import CRFParams, crf_batch
+from .crf import CRFParams, crf_batch, crf_job
 from .data.base import pil_to_tensor
 from .errors import StegosegError
 from .head import SegmentationHead
@@ -68,6 +68,8 @@ class SegmentationModel(nn.Module):
         self.class_names = list(class_names) if class_names else None
         self.method = method
         self.config = dict(config or {})
+        # Inference precision: None (float32) or torch.bfloat16 (autocast on CUDA only).
+        self.autocast_dtype: Optional[torch.dtype] = None
 
     @property
     def n_clusters(self) -> int:
@@ -88,10 +90,11 @@ class SegmentationModel(nn.Module):
 
     def code(self, images01: torch.Tensor, flip: bool = False) -> torch.Tensor:
         """Code (B, K, h, w); with ``flip`` averaged with the code of the mirrored image."""
-        with torch.no_grad():
-            code = self.code_from_features(self.features(images01))
+        use_amp = self.autocast_dtype is not None and self.device.type == "cuda"
+        with torch.no_grad(), torch.autocast("cuda", dtype=self.autocast_dtype or torch.bfloat16, enabled=use_amp):
+            code = self.code_from_features(self.features(images01)).float()
             if flip:
-                mirrored = self.code_from_features(self.features(images01.flip(-1))).flip(-1)
+                mirrored = self.code_from_features(self.features(images01.flip(-1))).float().flip(-1)
                 code = (code + mirrored) / 2
         return code
 
@@ -144,52 +147,65 @@ class SegmentationModel(nn.Module):
         image: Union[Image.Image, np.ndarray, str, Path],
         crf: bool = False,
         flip: bool = True,
-        resolution: Optional[int] = None,
+        resolution: Optional[int] = 320,
         probe: str = "cluster",
     ) -> np.ndarray:
-        """Label map (H, W) int64 for one image at its original size.
+        """Label map (H, W) int64 for one image (PIL, array or path) at its original size.
 
-        ``resolution``: resize the minor side to this before the network (None: keep the
-        image size; large images cost memory). ``probe``: "cluster" (unsupervised) or
-        "linear" (needs a linear probe).
+        ``resolution``: the network sees the image with its minor side resized to this
+        (None: the original size; large images cost memory). ``probe``: "cluster"
+        (unsupervised) or "linear" (needs a linear probe).
         """
+        return self.segment_batch([image], crf=crf, flip=flip, resolution=resolution, probe=probe)[0]
+
+    def segment_batch(
+        self,
+        images: Sequence,
+        crf: bool = False,
+        flip: bool = True,
+        resolution: Optional[int] = 320,
+        probe: str = "cluster",
+        crf_pool=None,
+    ) -> list:
+        """Label maps for several images of any sizes; images whose network size agrees run as one batch."""
         from .data.io import load_image
 
-        if isinstance(image, (str, Path)):
-            image = load_image(image)
-        elif isinstance(image, np.ndarray):
-            image = Image.fromarray(image.astype(np.uint8)).convert("RGB")
-        else:
-            image = image.convert("RGB")
-        w, h = image.size
-        net_image = image
-        if resolution:
-            scale = resolution / min(w, h)
-            net_image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
-        x = pil_to_tensor(net_image).unsqueeze(0)
-        if crf:
-            x_full = pil_to_tensor(image).unsqueeze(0)
-            pred = self._predict_resized(x, x_full, flip)
-        else:
-            pred = self.predict(x, out_size=(h, w), flip=flip)
-        if probe == "linear":
-            if pred["linear"] is None:
-                raise StegosegError("this checkpoint has no linear probe (trained without labels): use probe='cluster'")
-            return pred["linear"][0].numpy()
-        return pred["cluster"][0].numpy()
-
-    def _predict_resized(self, x_net: torch.Tensor, x_full: torch.Tensor, flip: bool) -> dict:
-        """Network at x_net's size, CRF at full size."""
-        with torch.no_grad():
-            code = self.code(x_net.to(self.device), flip=flip)
-            code = _crop_to_image(code, x_net.shape[-2:], self.backbone.patch_size)
-            code = F.interpolate(code, size=x_full.shape[-2:], mode="bilinear", align_corners=False)
-            cl = self.cluster_probe.log_probs(code).cpu()
-            li = self.linear_probe(code).cpu() if self.linear_probe is not None else None
-        return {
-            "cluster": crf_batch(x_full, cl),
-            "linear": crf_batch(x_full, li) if li is not None else None,
-        }
+        if probe == "linear" and self.linear_probe is None:
+            raise StegosegError("this checkpoint has no linear probe (trained without labels): use probe='cluster'")
+        if probe not in ("cluster", "linear"):
+            raise StegosegError(f"unknown probe '{probe}': use cluster or linear")
+        pil = []
+        for image in images:
+            if isinstance(image, (str, Path)):
+                image = load_image(image)
+            elif isinstance(image, np.ndarray):
+                image = Image.fromarray(image.astype(np.uint8)).convert("RGB")
+            pil.append(image.convert("RGB"))
+        nets = [_resize_minor(im, resolution) for im in pil]
+        groups: dict = {}
+        for i, net in enumerate(nets):
+            groups.setdefault(net.size, []).append(i)
+        results: list = [None] * len(pil)
+        crf_jobs: list = []
+        for idx in groups.values():
+            x = torch.stack([pil_to_tensor(nets[i]) for i in idx]).to(self.device)
+            with torch.no_grad():
+                code = _crop_to_image(self.code(x, flip=flip), x.shape[-2:], self.backbone.patch_size)
+            for j, i in enumerate(idx):
+                w, h = pil[i].size
+                with torch.no_grad():
+                    c = F.interpolate(code[j : j + 1], size=(h, w), mode="bilinear", align_corners=False)
+                    logits = self.cluster_probe.log_probs(c) if probe == "cluster" else self.linear_probe(c)
+                if crf:
+                    crf_jobs.append((i, (np.asarray(pil[i], dtype=np.uint8), logits[0].float().cpu().numpy(), CRFParams())))
+                else:
+                    results[i] = logits.argmax(1)[0].cpu().numpy().astype(np.int64)
+        if crf_jobs:
+            order, jobs = zip(*crf_jobs)
+            refined = crf_pool.map(crf_job, jobs) if crf_pool is not None else map(crf_job, jobs)
+            for i, labels in zip(order, refined):
+                results[i] = labels
+        return results
 
     # ----------------------------------------------------------------- persistence
     def state_for_checkpoint(self, include_backbone: Optional[bool] = None) -> dict:
@@ -259,6 +275,14 @@ class SegmentationModel(nn.Module):
         if ckpt.get("linear_probe") is not None:
             model.linear_probe.load_state_dict(ckpt["linear_probe"])
         return model.to(device).eval()
+
+
+def _resize_minor(image: Image.Image, resolution: Optional[int]) -> Image.Image:
+    if not resolution:
+        return image
+    w, h = image.size
+    scale = resolution / min(w, h)
+    return image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
 
 
 def _crop_to_image(code: torch.Tensor, image_size, patch: int) -> torch.Tensor:

@@ -183,6 +183,7 @@ def evaluate_checkpoint_model(cfg: Config, model: SegmentationModel, out, split:
     """Evaluate a model on the validation split with the protocol options of ``cfg``; writes outputs to ``out``."""
     out = Path(out)
     val = build_split(cfg, split or cfg.val_split, out)
+    model.autocast_dtype = torch.bfloat16 if cfg.bf16_inference else None
     result = evaluate_model(model, val, eval_config(cfg), out_dir=out, progress=cfg.progress)
     result["backbone"] = {
         "name": model.backbone_spec.get("name"),
@@ -330,15 +331,19 @@ def segment_images(
     overwrite: bool = False,
     progress: bool = True,
     num_workers: int = 2,
+    batch_size: int = 8,
+    crf_workers: int = 2,
 ) -> list:
     """Write ``<stem>.png`` (palette PNG of labels) and ``<stem>_overlay.png`` per input image.
 
     Never overwrites an input image; refuses existing outputs unless ``overwrite``.
     Returns the label-map paths.
     """
+    from concurrent.futures import ProcessPoolExecutor
+
+    from PIL import Image
     from tqdm.auto import tqdm
 
-    from .data.io import load_image
     from .viz import make_palette, overlay, save_label_png
 
     paths = expand_inputs(inputs)
@@ -363,15 +368,32 @@ def segment_images(
         _ImageFiles(paths), batch_size=None, num_workers=min(num_workers, len(paths)), shuffle=False
     )
     written = []
-    for (i, image), (label_path, overlay_path) in zip(
-        tqdm(enumerate(loader), total=len(paths), desc="segment", disable=not progress, unit="img"), targets
-    ):
-        labels = model.segment(image, crf=crf, flip=flip, resolution=resolution, probe=probe)
-        save_label_png(labels, label_path, palette)
-        from PIL import Image
+    bar = tqdm(total=len(paths), desc="segment", disable=not progress, unit="img")
 
-        Image.fromarray(overlay(np.asarray(image), labels, palette)).save(overlay_path)
-        written.append(label_path)
+    def flush(buffer):
+        images = [im for im, _ in buffer]
+        for (image, (label_path, overlay_path)), labels in zip(
+            buffer, model.segment_batch(images, crf=crf, flip=flip, resolution=resolution, probe=probe, crf_pool=pool)
+        ):
+            save_label_png(labels, label_path, palette)
+            Image.fromarray(overlay(np.asarray(image), labels, palette)).save(overlay_path)
+            written.append(label_path)
+        bar.update(len(buffer))
+
+    pool = ProcessPoolExecutor(crf_workers) if crf and crf_workers > 1 else None
+    try:
+        buffer = []
+        for image, target in zip(loader, targets):
+            buffer.append((image, target))
+            if len(buffer) == batch_size:
+                flush(buffer)
+                buffer = []
+        if buffer:
+            flush(buffer)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.shutdown()
     return written
 
 
