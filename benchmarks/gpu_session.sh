@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# What was run on the lent GPU machine (see README "Measured numbers"). Expects the
+# CamVid copy in .device-data/camvid and wheels in .whl (faiss-cpu, pydensecrf2 sdist).
+set -euo pipefail
+STAGE=${1:-all}
+RES=${OUT:-runs/gpu}
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/faiss_cpu-*.whl
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site .whl/pydensecrf2-*.tar.gz
+export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total --format=csv
+python3 -c "import torch, timm, lightning, faiss, pydensecrf.densecrf; print('torch', torch.__version__, 'timm', timm.__version__, 'lightning', lightning.__version__)"
+CAMVID=.device-data/camvid
+COMMON="--data-root $CAMVID --backbone dino_vits8 --no-pretrained --seed 0 --crf-workers 14 --num-workers 4 --no-progress"
+if [[ $STAGE == bench || $STAGE == all ]]; then
+  (cd benchmarks && python3 bench_inference.py && python3 bench_crf.py --n 64 --workers 14 --data-root ../$CAMVID \
+     && python3 bench_train_throughput.py --data-root ../$CAMVID --steps 30 && python3 bench_knn.py)
+  cp benchmarks/results/*.json "$RES"/ 2>/dev/null || true
+fi
+if [[ $STAGE == camvid || $STAGE == all ]]; then
+  time python3 -m stegoseg run --out runs/camvid-vits8-random $COMMON --steps ${STEPS:-5000} 2>&1 | grep -v -E "Tip|LeafSpec" | tail -40
+  tar czf "$RES"/camvid-vits8-random.tar.gz --exclude=cache --exclude=lightning --exclude='*.pt' runs/camvid-vits8-random
+fi
