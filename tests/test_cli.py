@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import stegoseg
+import stegoseg.errors
 from stegoseg.cli import main
 
 TINY = [
@@ -113,3 +114,28 @@ def test_yaml_config_and_presets(tmp_path):
     cfg = resolve_config(p.parse_args(["--preset", "cityscapes27", "--config", str(y), "--w-knn", "0.7"]))
     assert cfg.steps == 123 and cfg.w_knn == 0.7 and cfg.b_rand == 0.31 and cfg.pointwise is False
     assert resolve_config(p.parse_args(["--no-five-crop", "--n-classes", "none"])).five_crop is False
+
+
+def test_label_free_run_gives_cluster_maps_only(tmp_path):
+    from stegoseg.synthetic import make_synthetic_dataset
+
+    root = make_synthetic_dataset(tmp_path / "data", n_train=12, n_val=4, size=(48, 64), with_labels=False)
+    out = tmp_path / "run"
+    # without labels the number of clusters must be given
+    assert main(["run", "--out", str(out), "--data-root", str(root), "--steps", "3", *TINY]) == 2
+    assert main(["run", "--out", str(out), "--data-root", str(root), "--steps", "3", "--n-classes", "3", *TINY]) == 0
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert "cluster" not in metrics and metrics["n_images"] == 4
+    assert (out / "eval" / "predictions.png").exists()
+    model = stegoseg.load(out / "train" / "checkpoint.pt")
+    assert model.linear_probe is None and model.n_clusters == 3
+    with pytest.raises(stegoseg.errors.StegosegError, match="linear probe"):
+        model.segment(np.zeros((20, 20, 3), np.uint8), probe="linear")
+
+
+def test_class_names_option(synthetic_root, tmp_path):
+    out = tmp_path / "b"
+    names = "a,b,c,d"
+    assert main(["baseline", "--out", str(out), "--data-root", str(synthetic_root), "--class-names", names, *TINY]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics["cluster"]["strict"]["per_class_iou"]) == ["a", "b", "c", "d"]

@@ -817,7 +817,8 @@ def _offline_error(preset: BackbonePreset, reason: str) -> StegosegError:
     return StegosegError(
         f"cannot download pretrained weights for backbone '{preset.name}' ({reason}); "
         f"download {what} on a machine with internet access and pass the file with "
-        f"create_backbone('{preset.name}', weights=PATH) or the CLI option --weights PATH"
+        f"create_backbone('{preset.name}', weights=PATH) or the CLI option --weights PATH "
+        f"(or use --no-pretrained / pretrained=False for a random backbone: numbers then are not meaningful)"
     )
 
 

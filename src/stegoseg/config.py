@@ -27,6 +27,7 @@ class Config:
     train_split: str = "train"
     val_split: str = "val"
     ignore_index: int = 255  # label value meaning "unlabelled" in a directory dataset
+    class_names: Optional[str] = None  # directory dataset: comma-separated names, or a text file with one per line
     # ---- backbone
     backbone: str = "dino_vits8"
     weights: Optional[str] = None  # local weights file (offline use)
@@ -57,7 +58,6 @@ class Config:
     pointwise: bool = True
     zero_clamp: bool = True
     stabilize: bool = False
-    potts_weight: float = 0.0  # optional CRF-kernel (Potts) loss term, STEGO A.9
     # ---- optimisation
     steps: int = 5000
     batch_size: int = 16
@@ -121,6 +121,14 @@ PRESETS = {
     ),
     # A user's own folder: the CocoStuff values (diverse natural images) as the default.
     "directory": dict(dataset="directory"),
+    # The no-download demo of the README: generated images, short schedule sized for a CPU,
+    # the Potsdam checkpoint's loss weights (on the generated images they gave cluster
+    # accuracy 97.4 where the CocoStuff values gave 62.2 after 300 steps).
+    "demo": dict(
+        dataset="synthetic", backbone="dino_vits8", resolution=112, steps=300, batch_size=8,
+        eval_resolution=160, log_every=10, ckpt_every=100,
+        w_self=0.67, w_knn=0.25, w_rand=0.63, b_self=0.08, b_knn=0.02, b_rand=0.76,
+    ),
 }
 
 _FIELD_HELP = {
@@ -128,6 +136,7 @@ _FIELD_HELP = {
     "data_root": "dataset folder (for directory: imgs/{split}/ and optional labels/{split}/)",
     "weights": "local backbone weights file (timm/safetensors, official DINO .pth, or stegoseg file)",
     "pretrained": "use pretrained weights (--no-pretrained: random init, numbers not meaningful)",
+    "class_names": "directory dataset class names: 'sky,road,...' or a file with one name per line",
     "cache_dir": "feature cache folder (default: <out>/cache); shared between runs with the same settings",
     "n_classes": "number of classes/clusters; required for label-free data",
     "devices": "Lightning devices: a count, 'auto', or a list like '0,1'",

@@ -53,9 +53,27 @@ def data_root(cfg: Config, out: Optional[Path] = None) -> str:
     return cfg.data_root
 
 
+def parse_class_names(text: Optional[str]) -> Optional[list]:
+    """``--class-names``: a file with one name per line, or a comma-separated list."""
+    if not text:
+        return None
+    p = Path(text)
+    if p.is_file():
+        names = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    else:
+        names = [t.strip() for t in text.split(",") if t.strip()]
+    if len(names) < 2:
+        raise StegosegError(f"--class-names {text!r}: give at least two names (comma-separated) or a file")
+    return names
+
+
 def build_split(cfg: Config, split: str, out: Optional[Path] = None):
     kind = "directory" if cfg.dataset == "synthetic" else cfg.dataset
-    options = {"ignore_index": cfg.ignore_index} if kind == "directory" else {}
+    options = {}
+    if kind == "directory":
+        options = {"ignore_index": cfg.ignore_index, "class_names": parse_class_names(cfg.class_names)}
+    elif cfg.class_names:
+        raise StegosegError(f"--class-names applies to directory datasets; {cfg.dataset} has its own class names")
     return build_dataset(kind, data_root(cfg, out), split, **options)
 
 
