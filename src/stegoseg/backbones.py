@@ -492,7 +492,10 @@ def create_backbone(
     elif pretrained:
         path, weights_source = _download_weights(preset)
     if path is not None:
-        state = _extract_state_dict(_read_weights_file(path), preset, path)
+        obj = _read_weights_file(path)
+        if isinstance(obj, Mapping) and obj.get("format") == "stegoseg-backbone" and obj.get("tiny"):
+            tiny = True  # a file exported by `stegoseg pretrain --tiny` records its architecture
+        state = _extract_state_dict(obj, preset, path)
         weights_sha256 = file_sha256(path)
 
     if preset.family == "vit":

@@ -120,6 +120,23 @@ def cmd_segment(args) -> int:
     return 0
 
 
+def cmd_pretrain(args) -> int:
+    from .config import resolve_config
+    from .pretrain import PretrainConfig, pretrain
+
+    cfg = resolve_config(args, cls=PretrainConfig)
+    out = Path(args.out)
+    if not args.resume:
+        _check_out(out, args.overwrite, "backbone.pt")
+    summary = pretrain(cfg, out, resume=args.resume)
+    if summary is not None:
+        last = summary["readout"][-1] if summary["readout"] else None
+        print(f"backbone weights: {summary['backbone_file']} (sha256 {summary['sha256'][:16]}...)"
+              + (f"; k-NN readout acc {last['acc']:.1f}, mIoU {last['miou']:.1f}" if last else ""))
+        print(f"use it with: --backbone {summary['arch']} --weights {summary['backbone_file']}")
+    return 0
+
+
 def cmd_run(args) -> int:
     from .config import resolve_config
     from .pipeline import run_all
@@ -227,6 +244,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser(
+        "pretrain",
+        help="DINO self-distillation of a ViT on your own images -> a backbone weights file",
+        description="Train a ViT (timm) with DINO (lightly's loss, head and multi-crop transform) on the "
+        "training split of --data-root. Writes backbone.pt (load with --weights), readout.json/png "
+        "(periodic patch k-NN readout when the val split has labels), config.yaml, lightning/ checkpoints.",
+    )
+    _out_arg(p, "runs/pretrain")
+    p.add_argument("--resume", action="store_true", help="continue from --out/lightning/last.ckpt")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run's outputs in --out")
+    from .pretrain import PretrainConfig
+
+    add_config_arguments(p, cls=PretrainConfig)
+    p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("make-synthetic", help="write a generated labelled dataset (directory layout)")
     p.add_argument("root", help="empty folder to write into")

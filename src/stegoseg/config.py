@@ -162,15 +162,16 @@ def _parse_optional(kind):
     return parse
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, only: Optional[set] = None) -> None:
-    """Add ``--preset``, ``--config`` and one option per Config field (default: not given)."""
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="the paper's settings for a dataset")
+def add_config_arguments(parser: argparse.ArgumentParser, cls=None, presets: Optional[dict] = None) -> None:
+    """Add ``--preset`` (if any), ``--config`` and one option per field of ``cls`` (default: not given)."""
+    cls = cls or Config
+    presets = PRESETS if presets is None and cls is Config else (presets or {})
+    if presets:
+        parser.add_argument("--preset", choices=sorted(presets), help="named settings (the paper's presets)")
     parser.add_argument("--config", metavar="YAML", help="YAML file of config values")
-    hints = typing.get_type_hints(Config)
+    hints = typing.get_type_hints(cls)
     group = parser.add_argument_group("config (every value of the resolved config)")
-    for f in fields(Config):
-        if only is not None and f.name not in only:
-            continue
+    for f in fields(cls):
         tp = hints[f.name]
         base = _base_type(tp)
         flag = "--" + f.name.replace("_", "-")
@@ -182,19 +183,21 @@ def add_config_arguments(parser: argparse.ArgumentParser, only: Optional[set] = 
             group.add_argument(flag, dest=f.name, type=kind, default=None, metavar=f.name.upper(), help=help_text)
 
 
-def resolve_config(args: argparse.Namespace, **overrides) -> Config:
+def resolve_config(args: argparse.Namespace, cls=None, presets: Optional[dict] = None, **overrides):
     """Defaults < preset < YAML < explicit command-line values < ``overrides``."""
+    cls = cls or Config
+    presets = PRESETS if presets is None and cls is Config else (presets or {})
     values = {}
     if getattr(args, "preset", None):
-        values.update(PRESETS[args.preset])
+        values.update(presets[args.preset])
     if getattr(args, "config", None):
         values.update(load_yaml(args.config))
-    for f in fields(Config):
+    for f in fields(cls):
         v = getattr(args, f.name, None)
         if v is not None:
             values[f.name] = v
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return make_config(values)
+    return make_config(values, cls)
 
 
 def load_yaml(path) -> dict:
@@ -210,14 +213,19 @@ def load_yaml(path) -> dict:
     return data
 
 
-def make_config(values: dict) -> Config:
-    """Build a Config, rejecting unknown keys with a one-line error."""
-    names = {f.name for f in fields(Config)}
+def make_config(values: dict, cls=None):
+    """Build a config dataclass, rejecting unknown keys with a one-line error."""
+    cls = cls or Config
+    names = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise StegosegError(f"unknown config option(s): {', '.join(unknown)} (see `stegoseg train --help`)")
-    cfg = Config(**values)
-    validate(cfg)
+        raise StegosegError(f"unknown config option(s): {', '.join(unknown)} (see the command's --help)")
+    cfg = cls(**values)
+    check = getattr(cfg, "validate", None)
+    if check is not None:
+        check()
+    elif cls is Config:
+        validate(cfg)
     return cfg
 
 

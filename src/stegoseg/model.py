@@ -310,7 +310,7 @@ def load(path, weights: Optional[str] = None, device: str = "cpu") -> Segmentati
     if not path.is_file():
         raise StegosegError(f"checkpoint {path} does not exist: pass the .pt file a `stegoseg train` run wrote")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling problem is a bad file
         raise StegosegError(f"cannot read checkpoint {path}: {exc.__class__.__name__}: {exc}") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:

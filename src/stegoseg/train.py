@@ -194,10 +194,11 @@ class StegoModule(L.LightningModule):
                 self.sim_samples[key] = self.sim_samples[key][-50:]
 
 
-def default_precision(cfg: Config) -> str:
-    if cfg.precision != "auto":
-        return cfg.precision
-    return "bf16-mixed" if torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda") else "32-true"
+def default_precision(precision: str, accelerator: str) -> str:
+    """``auto``: bf16 mixed precision on a GPU, full float32 on the CPU."""
+    if precision != "auto":
+        return precision
+    return "bf16-mixed" if torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda") else "32-true"
 
 
 def parse_devices(text: str):
@@ -291,7 +292,7 @@ def fit_stego(cfg: Config, out, cache: FeatureCache, n_classes: int, has_labels:
         devices=parse_devices(cfg.devices),
         strategy=cfg.strategy,
         num_nodes=cfg.num_nodes,
-        precision=default_precision(cfg),
+        precision=default_precision(cfg.precision, cfg.accelerator),
         callbacks=[checkpoint, _SimilarityHistogram(out / "similarity_histogram.png", cfg.ckpt_every), *(callbacks or [])],
         logger=CSVLogger(str(out), name="logs", version=""),
         log_every_n_steps=max(1, cfg.log_every),

@@ -1,0 +1,471 @@
+"""DINO self-distillation pretraining of a ViT on the user's own images.
+
+The output is a backbone weights file (``backbone.pt``, format ``stegoseg-backbone``)
+that ``create_backbone(name, weights=PATH)`` / ``--weights PATH`` loads, so every method
+of the project can run on a backbone that has seen the user's domain.
+
+Built from lightly's DINO components (``DINOProjectionHead``, ``DINOLoss`` with its
+centring and teacher-temperature warm-up, ``DINOTransform`` multi-crop augmentation,
+``update_momentum`` and ``cosine_schedule``) and a timm ViT; Lightning gives devices,
+bf16, DDP and checkpoints.
+
+Schedule (DINO defaults, counted in epochs so they scale with the dataset): AdamW with
+base lr 5e-4 x batch/256, linear warm-up over 10 of 100 epochs then cosine to 1e-6;
+weight decay cosine 0.04 -> 0.4 (not on biases and norms); teacher momentum cosine
+0.996 -> 1; teacher temperature 0.04 (warm-up from ``warmup_teacher_temp`` over 30 epochs,
+a no-op at the defaults, as in the ViT-S/16 recipe); student temperature 0.1; centre momentum 0.9; 2 global
+crops of 224 and 8 local crops of 96; last layer frozen during the first epoch;
+stochastic depth 0.1; gradient clipping 3.0 (Lightning clips the total norm; DINO clips
+per parameter).
+
+Determinism: like STEGO training, every batch (items and augmentation draws) is a pure
+function of (seed, step, rank), so an interrupted run resumed from ``last.ckpt``
+continues bit-identically.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import StegosegError
+
+log = logging.getLogger("stegoseg")
+
+BACKBONE_FILE_FORMAT = "stegoseg-backbone"
+
+
+@dataclass
+class PretrainConfig:
+    # ---- data
+    dataset: str = "directory"
+    data_root: Optional[str] = None
+    train_split: str = "train"
+    val_split: Optional[str] = "val"  # labelled split for the periodic k-NN readout (None: no readout)
+    class_names: Optional[str] = None
+    # ---- model
+    arch: str = "dino_vits16"  # ViT preset to train: dino_vits8 or dino_vits16 (any ViT preset works)
+    tiny: bool = False
+    out_dim: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    drop_path_rate: float = 0.1
+    # ---- schedule
+    epochs: int = 100
+    max_steps: Optional[int] = None  # stop early at this many steps (the schedule still spans `epochs`)
+    batch_size: int = 64
+    base_lr: float = 5e-4  # scaled by batch_size * world / 256
+    min_lr: float = 1e-6
+    warmup_epochs: int = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    momentum_teacher: float = 0.996
+    teacher_temp: float = 0.04
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 30
+    student_temp: float = 0.1
+    center_momentum: float = 0.9
+    freeze_last_layer_epochs: int = 1
+    clip_grad: float = 3.0
+    # ---- multi-crop
+    global_crop_size: int = 224
+    local_crop_size: int = 96
+    n_local_views: int = 8
+    global_crop_scale_min: float = 0.4  # global crops cover [min, 1] of the image; local [0.05, min]
+    # ---- run
+    seed: int = 0
+    accelerator: str = "auto"
+    devices: str = "1"
+    strategy: str = "auto"
+    num_nodes: int = 1
+    precision: str = "auto"
+    num_workers: int = 4
+    ckpt_every: int = 200
+    log_every: int = 10
+    readout_every: int = 200  # steps between k-NN readouts (0: only at the end)
+    readout_images: int = 64  # train and val images used by the readout
+    readout_resolution: int = 224
+    progress: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def validate(self) -> None:
+        checks = [
+            (self.epochs >= 1, "--epochs must be >= 1"),
+            (self.batch_size >= 2, "--batch-size must be >= 2"),
+            (self.n_local_views >= 0, "--n-local-views must be >= 0"),
+            (0 < self.global_crop_scale_min < 1, "--global-crop-scale-min must be in (0, 1)"),
+            (self.warmup_epochs < self.epochs or self.epochs == 1, "--warmup-epochs must be < --epochs"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise StegosegError(message)
+
+    def save(self, path) -> None:
+        import yaml
+
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def build_student(cfg: PretrainConfig):
+    """(timm ViT returning the CLS embedding, its preset) — trainable, randomly initialised."""
+    from .backbones import _build_vit, get_backbone_preset
+
+    preset = get_backbone_preset(cfg.arch)
+    if preset.family != "vit":
+        raise StegosegError(f"--arch {cfg.arch}: DINO pretraining here trains ViTs; choose a dino_vit* preset")
+    model, patch, dim = _build_vit(preset, cfg.tiny, {"drop_path_rate": cfg.drop_path_rate})
+    return model, preset
+
+
+def cosine_with_warmup(step: int, total: int, warmup: int, base: float, final: float) -> float:
+    """Linear warm-up from 0 to ``base`` over ``warmup`` steps, then cosine to ``final``."""
+    if step < warmup:
+        return base * step / max(1, warmup)
+    t = (step - warmup) / max(1, total - warmup)
+    return final + 0.5 * (base - final) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+class MultiCropBatches(torch.utils.data.IterableDataset):
+    """Streams the multi-crop batch of every step from ``start_step`` on; each a pure function of (seed, step, rank)."""
+
+    def __init__(self, dataset, transform, batch_size, seed, start_step, total_steps, rank=0, world=1):
+        self.dataset, self.transform = dataset, transform
+        self.batch_size, self.seed = batch_size, seed
+        self.start_step, self.total_steps, self.rank, self.world = start_step, total_steps, rank, world
+
+    def batch(self, step: int) -> dict:
+        from .train import batch_indices
+
+        idx = batch_indices(len(self.dataset), self.batch_size, step, self.seed, self.rank, self.world)
+        views_per_item = []
+        for j, i in enumerate(idx):
+            image = self.dataset.load(int(i)).image
+            seed = (self.seed * 1_000_003 + step * 7_919 + self.rank * 104_729 + j * 31) % (2**31)
+            views_per_item.append(_seeded_call(self.transform, image, seed))
+        views = [torch.stack([v[k] for v in views_per_item]) for k in range(len(views_per_item[0]))]
+        return {"step": torch.tensor(step), "views": views}
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for step in range(self.start_step + worker, self.total_steps, n_workers):
+            yield self.batch(step)
+
+
+def _seeded_call(transform, image, seed: int):
+    """Run a random transform under a fixed seed without disturbing the caller's RNG state."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            random.seed(seed)
+            np.random.seed(seed)
+            torch.manual_seed(seed)
+            return transform(image)
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+class DinoPretrainModule(L.LightningModule):
+    def __init__(self, cfg: PretrainConfig, n_images: int):
+        super().__init__()
+        from lightly.loss import DINOLoss
+        from lightly.models.modules import DINOProjectionHead
+        from lightly.models.utils import deactivate_requires_grad
+
+        self.cfg = cfg
+        self.save_hyperparameters({"config": cfg.to_dict(), "n_images": n_images})
+        self.student, self.preset = build_student(cfg)
+        dim = self.student.embed_dim
+        self.student_head = DINOProjectionHead(dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.out_dim,
+                                               freeze_last_layer=cfg.freeze_last_layer_epochs)
+        self.teacher = copy.deepcopy(self.student)
+        self.teacher_head = DINOProjectionHead(dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.out_dim)
+        self.teacher_head.load_state_dict(self.student_head.state_dict())
+        deactivate_requires_grad(self.teacher)
+        deactivate_requires_grad(self.teacher_head)
+        self.n_images = n_images
+        self.world = 1
+        self.criterion = DINOLoss(
+            output_dim=cfg.out_dim, warmup_teacher_temp=cfg.warmup_teacher_temp, teacher_temp=cfg.teacher_temp,
+            warmup_teacher_temp_epochs=cfg.warmup_teacher_temp_epochs, student_temp=cfg.student_temp,
+            center_momentum=cfg.center_momentum,
+        )
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, self.n_images // (self.cfg.batch_size * self.world))
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.epochs * self.steps_per_epoch
+
+    @property
+    def stop_step(self) -> int:
+        """Where training stops: the end of the schedule, or ``max_steps`` if earlier."""
+        return self.total_steps if self.cfg.max_steps is None else min(self.cfg.max_steps, self.total_steps)
+
+    def momentum(self, step: int) -> float:
+        """Teacher EMA momentum: cosine from momentum_teacher to 1 over the schedule."""
+        from lightly.utils.scheduler import cosine_schedule
+
+        return cosine_schedule(step, self.total_steps, self.cfg.momentum_teacher, 1.0)
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for module in (self.student, self.student_head):
+            for name, p in module.named_parameters():
+                if not p.requires_grad:
+                    continue
+                (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+        return torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=0.0)
+
+    def _set_schedules(self, step: int) -> None:
+        cfg = self.cfg
+        lr = cosine_with_warmup(step, self.total_steps, cfg.warmup_epochs * self.steps_per_epoch,
+                                cfg.base_lr * cfg.batch_size * self.world / 256, cfg.min_lr)
+        wd = cosine_with_warmup(step, self.total_steps, 0, cfg.weight_decay, cfg.weight_decay_end) if step else cfg.weight_decay
+        opt = self.trainer.optimizers[0]
+        opt.param_groups[0]["lr"] = lr
+        opt.param_groups[0]["weight_decay"] = wd
+        opt.param_groups[1]["lr"] = lr
+        self.log("lr", lr, on_step=True)
+
+    def training_step(self, batch, batch_idx):
+        from lightly.models.utils import update_momentum
+
+        step = int(batch["step"])
+        if step != self.global_step:
+            raise RuntimeError(f"batch for step {step} arrived at global step {self.global_step}")
+        torch.manual_seed((self.cfg.seed * 1_000_003 + step * 7_919 + self.global_rank * 104_729) % (2**62))
+        m = self.momentum(step)
+        update_momentum(self.student, self.teacher, m)
+        update_momentum(self.student_head, self.teacher_head, m)
+        self._set_schedules(step)
+        views = batch["views"]
+        with torch.no_grad():
+            teacher_out = [self.teacher_head(self.teacher(v)) for v in views[:2]]
+        student_out = [self.student_head(self.student(v)) for v in views]
+        epoch = step // self.steps_per_epoch
+        loss = self.criterion(teacher_out, student_out, epoch=epoch)
+        self.log("loss", loss, prog_bar=True, on_step=True)
+        self.log("momentum", m, on_step=True)
+        return loss
+
+    def on_after_backward(self):
+        self.student_head.cancel_last_layer_gradients(self.global_step // self.steps_per_epoch)
+
+    def export_backbone(self, path) -> Path:
+        """Write the teacher's backbone (DINO evaluates the teacher) as a stegoseg-backbone file."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().clone() for k, v in self.teacher.state_dict().items()}
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        torch.save({"format": BACKBONE_FILE_FORMAT, "name": self.preset.name, "tiny": self.cfg.tiny,
+                    "state_dict": state, "steps": int(self.global_step), "config": self.cfg.to_dict()}, tmp)
+        tmp.replace(path)
+        return path
+
+
+def teacher_as_backbone(module: DinoPretrainModule):
+    """A frozen :class:`~stegoseg.backbones.Backbone` view of (a copy of) the current teacher."""
+    from .backbones import Backbone
+
+    p = module.preset
+    model = copy.deepcopy(module.teacher).float()
+    patch = model.patch_embed.patch_size
+    return Backbone(model, name=p.name, family=p.family, patch_size=int(patch[0] if isinstance(patch, (tuple, list)) else patch),
+                    embed_dim=model.embed_dim, mean=p.mean, std=p.std, weights_source="pretraining", weights_sha256=None,
+                    tiny=module.cfg.tiny)
+
+
+def patch_knn_readout(backbone, train_ds, val_ds, n_images: int, resolution: int, k: int = 10,
+                      device="cpu", max_train_patches: int = 100_000) -> dict:
+    """Dense k-NN readout: each labelled val patch takes the similarity-weighted vote of its
+    k nearest labelled train patches (cosine); patch labels are the labels at patch centres.
+    Returns accuracy and mIoU (percent). A quick, label-using probe of feature quality."""
+    from .data.transforms import EvalTransform
+    from .metrics import ConfusionAccumulator
+
+    tf = EvalTransform(resolution=resolution, crop="center", image_resample="bilinear")
+    n_classes = train_ds.n_classes
+
+    def patches(ds):
+        feats, labels = [], []
+        picks = np.linspace(0, len(ds) - 1, min(n_images, len(ds))).round().astype(int)
+        for i in picks:
+            raw = ds.load(int(i))
+            image, label = tf(raw.image, raw.label)
+            f = backbone.features(image[None].to(device))[0]  # (C, h, w)
+            lab = F.interpolate(label[None, None].float(), size=f.shape[-2:], mode="nearest")[0, 0].long()
+            f = f.permute(1, 2, 0).reshape(-1, f.shape[0])
+            lab = lab.reshape(-1).to(f.device)
+            keep = lab != 255
+            feats.append(F.normalize(f[keep].float(), dim=1))
+            labels.append(lab[keep])
+        return torch.cat(feats), torch.cat(labels)
+
+    with torch.no_grad():
+        tf_feats, tf_labels = patches(train_ds)
+        if tf_feats.shape[0] > max_train_patches:
+            sel = torch.randperm(tf_feats.shape[0], generator=torch.Generator().manual_seed(0))[:max_train_patches]
+            tf_feats, tf_labels = tf_feats[sel.to(tf_feats.device)], tf_labels[sel.to(tf_feats.device)]
+        vf, vl = patches(val_ds)
+        acc = ConfusionAccumulator(n_classes, n_classes, hungarian=False)
+        for s in range(0, vf.shape[0], 4096):
+            sim = vf[s : s + 4096] @ tf_feats.T
+            top, idx = sim.topk(min(k, tf_feats.shape[0]), dim=1)
+            votes = torch.zeros(sim.shape[0], n_classes, device=sim.device)
+            votes.scatter_add_(1, tf_labels[idx], top.exp())
+            acc.update(votes.argmax(1).cpu(), vl[s : s + 4096].cpu())
+    m = acc.compute("strict")
+    return {"acc": m["accuracy"], "miou": m["miou"]}
+
+
+class _Readout(L.Callback):
+    def __init__(self, cfg: PretrainConfig, train_ds, val_ds, history: list):
+        self.cfg, self.train_ds, self.val_ds, self.history = cfg, train_ds, val_ds, history
+
+    def _run(self, trainer, module):
+        if not trainer.is_global_zero:
+            return
+        bb = teacher_as_backbone(module).to(module.device)
+        r = patch_knn_readout(bb, self.train_ds, self.val_ds, self.cfg.readout_images, self.cfg.readout_resolution,
+                              device=module.device)
+        r["step"] = int(trainer.global_step)
+        self.history.append(r)
+        log.info("k-NN readout at step %d: patch accuracy %.1f, mIoU %.1f", r["step"], r["acc"], r["miou"])
+        for key in ("acc", "miou"):
+            trainer.logger.log_metrics({f"readout/{key}": r[key]}, step=trainer.global_step)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        every = self.cfg.readout_every
+        if every and trainer.global_step % every == 0:
+            self._run(trainer, module)
+
+    def on_train_end(self, trainer, module):
+        if not self.history or self.history[-1]["step"] != trainer.global_step:
+            self._run(trainer, module)
+
+
+class _PretrainData(L.LightningDataModule):
+    def __init__(self, cfg: PretrainConfig, dataset, transform, module: DinoPretrainModule):
+        super().__init__()
+        self.cfg, self.dataset, self.transform, self.module = cfg, dataset, transform, module
+
+    def train_dataloader(self):
+        t = self.trainer
+        stream = MultiCropBatches(self.dataset, self.transform, self.cfg.batch_size, self.cfg.seed, t.global_step,
+                                  self.module.stop_step, rank=t.global_rank, world=t.world_size)
+        return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers,
+                                           pin_memory=torch.cuda.is_available())
+
+
+def make_transform(cfg: PretrainConfig, mean, std):
+    from lightly.transforms.dino_transform import DINOTransform
+
+    return DINOTransform(
+        global_crop_size=cfg.global_crop_size, global_crop_scale=(cfg.global_crop_scale_min, 1.0),
+        local_crop_size=cfg.local_crop_size, local_crop_scale=(0.05, cfg.global_crop_scale_min),
+        n_local_views=cfg.n_local_views, normalize={"mean": list(mean), "std": list(std)},
+    )
+
+
+def pretrain(cfg: PretrainConfig, out, resume: bool = False, callbacks: Optional[list] = None) -> Optional[dict]:
+    """Run DINO pretraining; writes ``<out>/backbone.pt``, ``config.yaml``, ``readout.json``,
+    ``readout.png``, Lightning checkpoints and CSV logs. Returns a summary on the main process."""
+    import json
+    import time
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    from .data import build_dataset
+    from .pipeline import parse_class_names
+    from .train import default_precision, parse_devices
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save(out / "config.yaml")
+    if not cfg.data_root:
+        raise StegosegError("--data-root is required (a folder of images in the directory layout)")
+    options = {"class_names": parse_class_names(cfg.class_names)} if cfg.dataset == "directory" else {}
+    train = build_dataset(cfg.dataset, cfg.data_root, cfg.train_split, **options)
+    val = None
+    if cfg.val_split and train.has_labels:
+        try:
+            val = build_dataset(cfg.dataset, cfg.data_root, cfg.val_split, **options)
+        except StegosegError as exc:
+            log.warning("no k-NN readout: %s", exc)
+        if val is not None and not val.has_labels:
+            val = None
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    module = DinoPretrainModule(cfg, len(train))
+    transform = make_transform(cfg, module.preset.mean, module.preset.std)
+    ckpt_dir = out / "lightning"
+    ckpt_path = None
+    if resume:
+        if not (ckpt_dir / "last.ckpt").exists():
+            raise StegosegError(f"--resume: no {ckpt_dir / 'last.ckpt'} to continue from")
+        ckpt_path = str(ckpt_dir / "last.ckpt")
+    history: list = []
+    cbs = [ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", every_n_train_steps=max(1, cfg.ckpt_every),
+                           save_last=True, save_top_k=-1, auto_insert_metric_name=False)]
+    if val is not None:
+        cbs.append(_Readout(cfg, train, val, history))
+    trainer = L.Trainer(
+        max_steps=-1, max_epochs=-1,
+        accelerator=cfg.accelerator, devices=parse_devices(cfg.devices), strategy=cfg.strategy,
+        num_nodes=cfg.num_nodes, precision=default_precision(cfg.precision, cfg.accelerator), callbacks=cbs + list(callbacks or []),
+        logger=CSVLogger(str(out), name="logs", version=""), log_every_n_steps=max(1, cfg.log_every),
+        enable_progress_bar=cfg.progress, enable_model_summary=False, use_distributed_sampler=False,
+        gradient_clip_val=cfg.clip_grad or None, num_sanity_val_steps=0,
+    )
+    # The schedule length depends on the world size, known once the trainer exists.
+    module.world = trainer.world_size
+    trainer.fit_loop.epoch_loop.max_steps = module.stop_step
+    t0 = time.perf_counter()
+    trainer.fit(module, datamodule=_PretrainData(cfg, train, transform, module), ckpt_path=ckpt_path)
+    if not trainer.is_global_zero:
+        return None
+    path = module.export_backbone(out / "backbone.pt")
+    from .backbones import file_sha256
+
+    summary = {"backbone_file": str(path), "sha256": file_sha256(path), "arch": module.preset.name,
+               "tiny": cfg.tiny, "steps": int(trainer.global_step), "seconds": time.perf_counter() - t0,
+               "readout": history}
+    (out / "readout.json").write_text(json.dumps(summary, indent=2))
+    if history:
+        _plot_readout(history, out / "readout.png")
+    return summary
+
+
+def _plot_readout(history: list, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    steps = [h["step"] for h in history]
+    ax.plot(steps, [h["acc"] for h in history], "o-", label="patch k-NN accuracy")
+    ax.plot(steps, [h["miou"] for h in history], "s-", label="patch k-NN mIoU")
+    ax.set_xlabel("step")
+    ax.set_ylabel("percent")
+    ax.set_title("DINO pretraining: k-NN readout of the teacher")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,86 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+import lightning as L
+
+from stegoseg.backbones import create_backbone
+from stegoseg.config import make_config
+from stegoseg.pretrain import DinoPretrainModule, PretrainConfig, cosine_with_warmup, pretrain
+
+
+def tiny_pretrain_config(root, **kw):
+    values = dict(
+        data_root=str(root), arch="dino_vits8", tiny=True, out_dim=64, hidden_dim=32, bottleneck_dim=16,
+        epochs=4, batch_size=4, global_crop_size=32, local_crop_size=16, n_local_views=2, num_workers=0,
+        ckpt_every=2, log_every=1, readout_every=0, readout_images=4, readout_resolution=48,
+        progress=False, accelerator="cpu", warmup_epochs=1, warmup_teacher_temp_epochs=1,
+    )
+    values.update(kw)
+    return make_config(values, PretrainConfig)
+
+
+def test_schedule_shape():
+    assert cosine_with_warmup(0, 100, 10, 1.0, 0.0) == 0.0
+    assert cosine_with_warmup(10, 100, 10, 1.0, 0.0) == pytest.approx(1.0)
+    assert cosine_with_warmup(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
+
+
+def test_pretrain_changes_weights_exports_a_loadable_backbone(synthetic_root, tmp_path):
+    cfg = tiny_pretrain_config(synthetic_root)
+    before = DinoPretrainModule(cfg, 24).teacher.state_dict()  # same seed -> same init as the run
+    summary = pretrain(cfg, tmp_path / "p")
+    assert summary["steps"] == 4 * (24 // 4)
+    bb = create_backbone("dino_vits8", pretrained=False, weights=tmp_path / "p" / "backbone.pt")
+    assert bb.tiny and bb.weights_sha256 == summary["sha256"]
+    feats = bb.features(torch.rand(2, 3, 40, 48))
+    assert feats.shape == (2, bb.embed_dim, 5, 6)
+    changed = [k for k, v in bb.model.state_dict().items() if not torch.equal(v, before[k])]
+    assert len(changed) > len(before) // 2
+    # the periodic readout runs at the end on the labelled val split
+    readout = json.loads((tmp_path / "p" / "readout.json").read_text())["readout"]
+    assert readout and 0 <= readout[-1]["acc"] <= 100
+    assert (tmp_path / "p" / "readout.png").exists()
+
+
+def test_teacher_is_ema_of_student(synthetic_root, tmp_path):
+    cfg = tiny_pretrain_config(synthetic_root, epochs=2)
+    snapshots = {}
+
+    class Spy(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if trainer.global_step == 3:
+                snapshots["student"] = {k: v.clone() for k, v in module.student.state_dict().items()}
+                snapshots["teacher"] = {k: v.clone() for k, v in module.teacher.state_dict().items()}
+                snapshots["m"] = module.momentum(3)
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if trainer.global_step == 4:
+                snapshots["teacher_after"] = {k: v.clone() for k, v in module.teacher.state_dict().items()}
+
+    pretrain(cfg, tmp_path / "p", callbacks=[Spy()])
+    m = snapshots["m"]
+    assert 0.996 <= m < 1
+    for k, t_after in snapshots["teacher_after"].items():
+        if t_after.is_floating_point():
+            want = m * snapshots["teacher"][k] + (1 - m) * snapshots["student"][k]
+            torch.testing.assert_close(t_after, want, rtol=1e-5, atol=1e-6, msg=k)
+
+
+class _Kill(L.Callback):
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step == 3:
+            raise RuntimeError("simulated crash")
+
+
+def test_resume_is_bit_identical(synthetic_root, tmp_path):
+    cfg = tiny_pretrain_config(synthetic_root, epochs=1, readout_every=0, val_split=None)
+    pretrain(cfg, tmp_path / "full")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        pretrain(cfg, tmp_path / "killed", callbacks=[_Kill()])
+    pretrain(cfg, tmp_path / "killed", resume=True)
+    a = torch.load(tmp_path / "full" / "backbone.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "killed" / "backbone.pt", weights_only=True)["state_dict"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
