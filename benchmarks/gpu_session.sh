@@ -20,3 +20,16 @@ if [[ $STAGE == camvid || $STAGE == all ]]; then
   time python3 -m stegoseg run --out runs/camvid-vits8-random $COMMON --steps ${STEPS:-5000} 2>&1 | grep -v -E "Tip|LeafSpec" | tail -40
   tar czf "$RES"/camvid-vits8-random.tar.gz --exclude=cache --exclude=lightning --exclude='*.pt' runs/camvid-vits8-random
 fi
+if [[ $STAGE == pretrain ]]; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/lightly-*.whl .whl/hydra_core-*.whl .whl/omegaconf-*.whl .whl/antlr4*.whl
+  P=runs/pretrain-camvid-vits16
+  time python3 -m stegoseg pretrain --data-root $CAMVID --arch dino_vits16 --epochs 100 --batch-size 64 --num-workers 14 \
+     --readout-every 100 --readout-images 64 --max-minutes ${PRETRAIN_MINUTES:-3.5} --no-progress --out $P 2>&1 | grep -v -E "Tip|LeafSpec|rank_zero|WeightNorm|weight_norm" | tail -15
+  cp $P/readout.json $P/readout.png "$RES"/
+  for B in "--weights $P/backbone.pt" "--no-pretrained"; do
+    NAME=camvid-vits16-$([[ $B == --no-pretrained ]] && echo random || echo camvid-dino)
+    time python3 -m stegoseg run --out runs/$NAME --data-root $CAMVID --backbone dino_vits16 $B --seed 0 --steps ${STEPS:-1500} \
+       --crf-workers 14 --num-workers 4 --no-progress 2>&1 | grep -E "STEGO|raw features|error"
+    tar czf "$RES"/$NAME.tar.gz --exclude=cache --exclude=lightning --exclude='*.pt' --exclude=segment runs/$NAME
+  done
+fi

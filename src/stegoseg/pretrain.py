@@ -25,6 +25,7 @@ continues bit-identically.
 from __future__ import annotations
 
 import copy
+from datetime import timedelta
 import logging
 import math
 import random
@@ -62,6 +63,7 @@ class PretrainConfig:
     # ---- schedule
     epochs: int = 100
     max_steps: Optional[int] = None  # stop early at this many steps (the schedule still spans `epochs`)
+    max_minutes: Optional[float] = None  # stop after this much training time (bounded runs); weights are still exported
     batch_size: int = 64
     base_lr: float = 5e-4  # scaled by batch_size * world / 256
     min_lr: float = 1e-6
@@ -350,6 +352,10 @@ class _Readout(L.Callback):
         for key in ("acc", "miou"):
             trainer.logger.log_metrics({f"readout/{key}": r[key]}, step=trainer.global_step)
 
+    def on_train_start(self, trainer, module):
+        if trainer.global_step == 0:
+            self._run(trainer, module)  # the randomly initialised teacher: the starting point
+
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         every = self.cfg.readout_every
         if every and trainer.global_step % every == 0:
@@ -427,6 +433,7 @@ def pretrain(cfg: PretrainConfig, out, resume: bool = False, callbacks: Optional
         cbs.append(_Readout(cfg, train, val, history))
     trainer = L.Trainer(
         max_steps=-1, max_epochs=-1,
+        max_time=None if cfg.max_minutes is None else timedelta(minutes=cfg.max_minutes),
         accelerator=cfg.accelerator, devices=parse_devices(cfg.devices), strategy=cfg.strategy,
         num_nodes=cfg.num_nodes, precision=default_precision(cfg.precision, cfg.accelerator), callbacks=cbs + list(callbacks or []),
         logger=CSVLogger(str(out), name="logs", version=""), log_every_n_steps=max(1, cfg.log_every),
