@@ -137,6 +137,31 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def cmd_datus(args) -> int:
+    from .config import resolve_config
+    from .datus import DatusParams, run_datus
+
+    cfg = resolve_config(args)
+    out = Path(args.out)
+    _check_out(out, args.overwrite, "metrics.json")
+    params = DatusParams(knn=args.graph_knn, min_similarity=args.min_similarity, resolution=args.louvain_resolution,
+                         min_patches=args.min_patches, crop_size=args.crop_size, n_clusters=args.clusters, seed=cfg.seed)
+    result = run_datus(cfg, out, params, split=args.split, denoise=args.denoise, denoise_epochs=args.denoise_epochs)
+    from .evaluate import summary_rows
+
+    result["summary"] = summary_rows(result)
+    print(f"{result['n_segments']} segments in {result['n_images']} images -> {result['n_clusters']} clusters")
+    _print_summary(result, out)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .datus import compare_runs
+
+    print(compare_runs(args.runs, args.out_md), end="")
+    return 0
+
+
 def cmd_run(args) -> int:
     from .config import resolve_config
     from .pipeline import run_all
@@ -259,6 +284,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_config_arguments(p, cls=PretrainConfig)
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser(
+        "datus",
+        help="DatUS^2: Louvain segments of patch graphs + dataset-level k-means pseudo-labels, evaluated",
+        description="Per image: kNN affinity graph over the backbone's patch embeddings, Louvain communities, "
+        "small segments merged into their most similar neighbour. Over the split: each segment's masked "
+        "bounding-box crop embedded with the backbone's global feature, spherical k-means, segments painted "
+        "with their cluster. Optional de-noising network. Writes metrics.json (parity + strict), "
+        "confusion_cluster.png, predictions.png (image | label | segments | clusters).",
+    )
+    _out_arg(p, "runs/datus")
+    p.add_argument("--split", default=None, help="split to segment and score (default: the val split)")
+    p.add_argument("--graph-knn", type=int, default=10, help="edges per patch in the affinity graph (default 10)")
+    p.add_argument("--min-similarity", type=float, default=0.0, help="drop edges below this cosine (default 0)")
+    p.add_argument("--louvain-resolution", type=float, default=1.0, help="Louvain resolution (default 1.0)")
+    p.add_argument("--min-patches", type=int, default=4, help="merge segments smaller than this (default 4)")
+    p.add_argument("--crop-size", type=int, default=224, help="segment crops are resized to this (default 224)")
+    p.add_argument("--clusters", type=int, default=None, help="k-means K (default: number of classes)")
+    p.add_argument("--denoise", choices=("light", "deeplabv3"), default=None,
+                   help="train a network on the pseudo masks: light (1x1 conv on the frozen backbone) or deeplabv3")
+    p.add_argument("--denoise-epochs", type=int, default=20)
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run's outputs in --out")
+    add_config_arguments(p)
+    p.set_defaults(func=cmd_datus)
+
+    p = sub.add_parser("compare", help="markdown table of several runs' metrics (STEGO vs DatUS^2 vs raw features)")
+    p.add_argument("runs", nargs="+", help="folders holding metrics.json (e.g. RUN/eval RUN/baseline DATUS)")
+    p.add_argument("--out-md", default=None, help="also write the table to this file")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("make-synthetic", help="write a generated labelled dataset (directory layout)")
     p.add_argument("root", help="empty folder to write into")

@@ -113,13 +113,15 @@ def spherical_kmeans(
     vectors farthest from their centroid in the last pass.
     """
     g = torch.Generator().manual_seed(seed)
-    # Reservoir-free subsample: take a random fraction of each batch until full.
+    # Uniform subsample for the initialisation: count the vectors, then keep each batch's
+    # share (one extra pass over the stream; Lloyd iterations make many more).
+    total = sum(b.shape[0] * b.shape[2] * b.shape[3] if b.dim() == 4 else b.shape[0] for b in batches())
+    fraction = min(1.0, init_sample / max(total, 1))
     pool = []
-    total = 0
     for b in batches():
         v = _flatten_vectors(b)
-        pool.append(v[torch.randperm(v.shape[0], generator=g)[: max(1, init_sample // 8)]])
-        total += pool[-1].shape[0]
+        take = min(v.shape[0], max(1, int(round(v.shape[0] * fraction))))
+        pool.append(v[torch.randperm(v.shape[0], generator=g)[:take]])
     sample = torch.cat(pool)
     sample = sample[torch.randperm(sample.shape[0], generator=g)[:init_sample]].to(device)
     if sample.shape[0] < n_clusters:
