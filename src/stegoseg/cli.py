@@ -155,6 +155,32 @@ def cmd_datus(args) -> int:
     return 0
 
 
+def cmd_study_potts(args) -> int:
+    import json
+
+    import numpy as np
+
+    from .crf import CRFParams
+    from .data.io import load_image
+    from .potts import optimise_potts, save_potts_figure
+
+    image = np.asarray(load_image(args.image))
+    params = CRFParams(pos_w=args.pos_w, pos_xy_std=args.pos_sxy, bi_w=args.bi_w, bi_xy_std=args.bi_sxy,
+                       bi_rgb_std=args.srgb)
+    out = Path(args.out)
+    _check_out(out, args.overwrite, "potts.png")
+    result = optimise_potts(image, n_codes=args.n_codes, size=args.size, steps=args.steps, lr=args.lr,
+                            shift=args.shift, n_samples=args.n_samples, params=params, seed=args.seed)
+    save_potts_figure(result, out / "potts.png")
+    summary = {"image": str(args.image), "final_loss": result["losses"][-1], "first_loss": result["losses"][0],
+               "n_segments": int(len(np.unique(result["labels"]))), "params": vars(params) if hasattr(params, "__dict__") else str(params),
+               "size": args.size, "steps": args.steps, "shift": args.shift}
+    (out / "potts.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(f"Potts loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}; "
+          f"{summary['n_segments']} segments; figure {out / 'potts.png'}")
+    return 0
+
+
 def cmd_compare(args) -> int:
     from .datus import compare_runs
 
@@ -308,6 +334,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run's outputs in --out")
     add_config_arguments(p)
     p.set_defaults(func=cmd_datus)
+
+    p = sub.add_parser(
+        "study-potts",
+        help="STEGO A.9: optimise the CRF-kernel Potts loss alone on one image; continuous + discrete solutions",
+        description="Minimises mean(-max(S,0) * (k - shift)) over a free K-channel code map of the image resized "
+        "to --size, where k is the CRF kernel (normalised to [0,1]) and S the code cosine similarity. Writes "
+        "potts.png (image | code PCA | argmax | loss) and potts.json.",
+    )
+    p.add_argument("image", help="an image file")
+    _out_arg(p, "runs/potts")
+    p.add_argument("--n-codes", type=int, default=8, help="code channels K (default 8)")
+    p.add_argument("--size", type=int, default=48, help="working resolution in pixels (default 48)")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--shift", type=float, default=0.3, help="constant b subtracted from the kernel (default 0.3)")
+    p.add_argument("--n-samples", type=int, default=24, help="points per side sampled each step (default 24)")
+    p.add_argument("--pos-w", type=float, default=3.0)
+    p.add_argument("--pos-sxy", type=float, default=1.0)
+    p.add_argument("--bi-w", type=float, default=4.0)
+    p.add_argument("--bi-sxy", type=float, default=10.0, help="bilateral position std in working pixels (default 10)")
+    p.add_argument("--srgb", type=float, default=13.0, help="bilateral colour std, 0..255 (default 13)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_study_potts)
 
     p = sub.add_parser("compare", help="markdown table of several runs' metrics (STEGO vs DatUS^2 vs raw features)")
     p.add_argument("runs", nargs="+", help="folders holding metrics.json (e.g. RUN/eval RUN/baseline DATUS)")

@@ -58,6 +58,8 @@ class Config:
     pointwise: bool = True
     zero_clamp: bool = True
     stabilize: bool = False
+    w_potts: float = 0.0  # optional CRF-kernel Potts term (STEGO A.9); 0 = off
+    b_potts: float = 0.3  # its shift, on the kernel normalised to [0, 1]
     # ---- optimisation
     steps: int = 5000
     batch_size: int = 16

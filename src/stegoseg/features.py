@@ -11,6 +11,8 @@ collide. Inside:
 * ``meta.json``: the spec, item count, shapes, ids;
 * ``features.f16``: float16 memory map (N, C, h, w);
 * ``labels.u8``: uint8 memory map (N, H, W) when the dataset has labels (255 = unlabelled);
+* ``thumbs.u8``: uint8 memory map (N, 3, R/4, R/4) of the crops, for colour-based terms
+  (the CRF-kernel Potts loss);
 * ``done.npy``: which items are written. Extraction writes a batch, flushes, then
   atomically updates ``done.npy``, so an interrupted run resumes where it stopped and
   never recomputes finished items;
@@ -49,7 +51,7 @@ class CacheSpec:
     resolution: int
     five_crop: bool
     image_resample: str = "bilinear"
-    version: int = 1
+    version: int = 2  # 2: thumbnails of the crops are stored too
 
     def key(self) -> str:
         digest = hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
@@ -113,6 +115,8 @@ class FeatureCache:
         if self.meta.get("label_shape"):
             lh, lw = self.meta["label_shape"]
             self.labels = np.memmap(self.path / "labels.u8", dtype=np.uint8, mode="r+", shape=(self.n, lh, lw))
+        t = self.meta["thumb_size"]
+        self.thumbs = np.memmap(self.path / "thumbs.u8", dtype=np.uint8, mode="r+", shape=(self.n, 3, t, t))
 
     def __getstate__(self):
         # Re-open the memory maps in worker processes instead of pickling their contents.
@@ -145,6 +149,11 @@ class FeatureCache:
         """Float32 features (B, C, h, w) for the given item indices."""
         idx = np.asarray(indices)
         return torch.from_numpy(np.ascontiguousarray(self.features[idx])).float()
+
+    def thumb_batch(self, indices) -> torch.Tensor:
+        """Float (B, 3, R/4, R/4) thumbnails of the crops, colours in 0..255."""
+        idx = np.asarray(indices)
+        return torch.from_numpy(np.ascontiguousarray(self.thumbs[idx])).float()
 
     def label_batch(self, indices) -> torch.Tensor:
         idx = np.asarray(indices)
@@ -276,10 +285,13 @@ def extract_features(
             "feature_shape": [backbone.embed_dim, h, w],
             "label_shape": [resolution, resolution] if has_labels else None,
             "ids": ids,
+            "thumb_size": thumb_size(resolution),
             "n_classes": dataset.n_classes if has_labels else None,
             "class_names": list(dataset.class_names) if has_labels else None,
         }
         np.memmap(path / "features.f16", dtype=np.float16, mode="w+", shape=(n, backbone.embed_dim, h, w)).flush()
+        t = thumb_size(resolution)
+        np.memmap(path / "thumbs.u8", dtype=np.uint8, mode="w+", shape=(n, 3, t, t)).flush()
         if has_labels:
             np.memmap(path / "labels.u8", dtype=np.uint8, mode="w+", shape=(n, resolution, resolution)).flush()
         _atomic_save_npy(path / "done.npy", np.zeros(n, dtype=bool))
@@ -302,6 +314,10 @@ def extract_features(
             idx = batch["index"].numpy()
             feats = backbone(backbone.normalize(batch["image"].to(device)))
             cache.features[idx] = feats.float().cpu().numpy().astype(np.float16)
+            t = cache.thumbs.shape[-1]
+            thumbs = F.interpolate(batch["image"], size=(t, t), mode="bilinear", align_corners=False, antialias=True)
+            cache.thumbs[idx] = (thumbs * 255).round().clamp(0, 255).byte().numpy()
+            cache.thumbs.flush()
             if cache.labels is not None:
                 lab = batch["label"].clone()
                 lab[(lab < 0) | (lab > 255)] = IGNORE_INDEX
@@ -314,6 +330,10 @@ def extract_features(
             bar.update(len(idx))
     bar.close()
     return cache
+
+
+def thumb_size(resolution: int) -> int:
+    return max(8, resolution // 4)
 
 
 def _raw_ids(dataset: SegmentationDataset, n_crops: int) -> list:

@@ -72,6 +72,7 @@ class StepBatches(torch.utils.data.Dataset):
         self.batch_size, self.seed, self.topk = batch_size, seed, min(knn_topk, knn.shape[1])
         self.start_step, self.steps, self.rank, self.world = start_step, steps, rank, world
         self.crop_view = crop_view
+        self.with_thumbs = False
 
     def __len__(self) -> int:
         return max(0, self.steps - self.start_step)
@@ -92,6 +93,8 @@ class StepBatches(torch.utils.data.Dataset):
         else:
             out["image"] = torch.stack([self.crop_view[int(j)]["image"] for j in idx])
             out["image_knn"] = torch.stack([self.crop_view[int(j)]["image"] for j in partner])
+        if self.with_thumbs:
+            out["thumb"] = self.cache.thumb_batch(idx)
         if self.cache.has_labels:
             out["label"] = self.cache.label_batch(idx)
         return out
@@ -164,6 +167,12 @@ class StegoModule(L.LightningModule):
         code = self.head(feats, self.dropout)
         code_knn = self.head(feats_knn, self.dropout)
         out = stego_loss(self.dropout(feats), self.dropout(feats_knn), code, code_knn, self.weights, generator=gen)
+        if self.cfg.w_potts > 0:
+            from .potts import potts_term
+
+            out["potts"] = potts_term(code, batch["thumb"], self.cfg.b_potts, self.cfg.n_samples,
+                                      image_size=self.cfg.resolution, generator=gen)
+            out["loss"] = out["loss"] + self.cfg.w_potts * out["potts"]
         out["cluster"] = self.cluster_probe.loss(code.detach())
         if self.linear_probe is not None and "label" in batch:
             out["linear"] = self.linear_probe.loss(code.detach(), batch["label"])
@@ -175,7 +184,7 @@ class StegoModule(L.LightningModule):
             raise RuntimeError(f"batch for step {step} arrived at global step {self.global_step}")
         out = self.compute_losses(batch, step)
         total = out["loss"] + out["cluster"] + out.get("linear", 0.0)
-        logs = {f"loss/{k}": out[k] for k in ("loss", "self", "knn", "rand", "cluster") if k in out}
+        logs = {f"loss/{k}": out[k] for k in ("loss", "self", "knn", "rand", "potts", "cluster") if k in out}
         if "linear" in out:
             logs["loss/linear"] = out["linear"]
         logs.update({"sim/knn": out["sim_knn"], "sim/rand": out["sim_rand"]})
@@ -224,6 +233,7 @@ class _StegoData(L.LightningDataModule):
             start_step=t.global_step, steps=self.cfg.steps, rank=t.global_rank, world=t.world_size,
             crop_view=self.crop_view,
         )
+        ds.with_thumbs = self.cfg.w_potts > 0
         return torch.utils.data.DataLoader(
             StepStream(ds), batch_size=None, num_workers=self.cfg.num_workers,
             persistent_workers=False, pin_memory=torch.cuda.is_available(),
