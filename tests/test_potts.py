@@ -24,7 +24,7 @@ def test_potts_alone_segments_a_two_colour_image():
     img = np.zeros((40, 40, 3), np.uint8)
     img[:, 20:] = (200, 40, 40)
     img[:, :20] = (30, 60, 200)
-    r = optimise_potts(img, n_codes=4, size=24, steps=150, shift=0.15, n_samples=12,
+    r = optimise_potts(img, n_codes=4, size=24, steps=150, shift=0.15,
                        params=CRFParams(bi_xy_std=30.0, bi_rgb_std=13.0))
     labels = r["labels"]
     left, right = labels[:, :10], labels[:, 14:]

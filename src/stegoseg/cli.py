@@ -170,7 +170,7 @@ def cmd_study_potts(args) -> int:
     out = Path(args.out)
     _check_out(out, args.overwrite, "potts.png")
     result = optimise_potts(image, n_codes=args.n_codes, size=args.size, steps=args.steps, lr=args.lr,
-                            shift=args.shift, n_samples=args.n_samples, params=params, seed=args.seed)
+                            shift=args.shift, params=params, seed=args.seed)
     save_potts_figure(result, out / "potts.png")
     summary = {"image": str(args.image), "final_loss": result["losses"][-1], "first_loss": result["losses"][0],
                "n_segments": int(len(np.unique(result["labels"]))), "params": vars(params) if hasattr(params, "__dict__") else str(params),
@@ -339,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
         "study-potts",
         help="STEGO A.9: optimise the CRF-kernel Potts loss alone on one image; continuous + discrete solutions",
         description="Minimises mean(-max(S,0) * (k - shift)) over a free K-channel code map of the image resized "
-        "to --size, where k is the CRF kernel (normalised to [0,1]) and S the code cosine similarity. Writes "
+        "to --size (every pixel pair), where k is the CRF kernel (normalised to [0,1]) and S the cosine similarity of "
+        "per-pixel label distributions softmax(logits). Writes "
         "potts.png (image | code PCA | argmax | loss) and potts.json.",
     )
     p.add_argument("image", help="an image file")
@@ -348,13 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=48, help="working resolution in pixels (default 48)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--shift", type=float, default=0.3, help="constant b subtracted from the kernel (default 0.3)")
-    p.add_argument("--n-samples", type=int, default=24, help="points per side sampled each step (default 24)")
+    p.add_argument("--shift", type=float, default=0.08, help="constant b subtracted from the kernel (default 0.08)")
     p.add_argument("--pos-w", type=float, default=3.0)
     p.add_argument("--pos-sxy", type=float, default=1.0)
     p.add_argument("--bi-w", type=float, default=4.0)
-    p.add_argument("--bi-sxy", type=float, default=10.0, help="bilateral position std in working pixels (default 10)")
-    p.add_argument("--srgb", type=float, default=13.0, help="bilateral colour std, 0..255 (default 13)")
+    p.add_argument("--bi-sxy", type=float, default=24.0, help="bilateral position std in working pixels (default 24)")
+    p.add_argument("--srgb", type=float, default=20.0, help="bilateral colour std, 0..255 (default 20)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_study_potts)

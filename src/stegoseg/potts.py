@@ -72,7 +72,7 @@ def potts_term(code: torch.Tensor, images255: torch.Tensor, shift: float, n_samp
 
 
 def optimise_potts(image: np.ndarray, n_codes: int = 8, size: int = 48, steps: int = 300, lr: float = 0.1,
-                   shift: float = 0.3, n_samples: int = 24, params: CRFParams = CRFParams(), seed: int = 0) -> dict:
+                   shift: float = 0.3, params: CRFParams = CRFParams(), seed: int = 0) -> dict:
     """Minimise the Potts loss alone over a free label distribution of one image.
 
     The code of each pixel is a distribution over K labels, q = softmax(logits), as in the
@@ -87,11 +87,16 @@ def optimise_potts(image: np.ndarray, n_codes: int = 8, size: int = 48, steps: i
     g = torch.Generator().manual_seed(seed)
     small = np.asarray(Image.fromarray(image).convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32)
     img = torch.from_numpy(small).permute(2, 0, 1)[None]
-    logits = torch.randn(1, n_codes, size, size, generator=g).requires_grad_(True)
+    # Every pixel pair of the working grid (exact objective; the kernel is fixed).
+    yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij")
+    pos = torch.stack([xx, yy], -1)[None]
+    kernel = potts_kernel(pos, img, pos, img, params)
+    logits = (0.1 * torch.randn(1, n_codes, size, size, generator=g)).requires_grad_(True)
     opt = torch.optim.Adam([logits], lr=lr)
     losses = []
     for _ in range(steps):
-        loss = potts_term(logits.softmax(1), img, shift, n_samples, params, generator=g)
+        q = logits.softmax(1)
+        loss = potts_loss(q, q, kernel, shift).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
