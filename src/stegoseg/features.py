@@ -263,7 +263,7 @@ def extract_features(
         root=str(Path(str(dataset.root)).resolve()),
         split=str(dataset.split),
         backbone=backbone.name,
-        weights=getattr(backbone, "weights_sha256", None) or backbone.weights_source,
+        weights=getattr(backbone, "weights_sha256", None) or weights_fingerprint(backbone),
         patch_size=backbone.patch_size,
         resolution=resolution,
         five_crop=five_crop,
@@ -330,6 +330,16 @@ def extract_features(
             bar.update(len(idx))
     bar.close()
     return cache
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """SHA-1 of a module's parameters and buffers: identifies weights that have no file
+    (a random initialisation), so caches of different random backbones never collide."""
+    h = hashlib.sha1()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return "params:" + h.hexdigest()
 
 
 def thumb_size(resolution: int) -> int:
