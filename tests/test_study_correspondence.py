@@ -215,10 +215,12 @@ def test_command_end_to_end(synthetic_root, tmp_path, capsys):
     assert ap2["points"] == "4x4 random" and ap2["n_images"] == 12
     assert json.loads((out2 / "class_coupling.json").read_text())["source"] == "code"
 
-    # the same cache with another random initialisation is refused, not silently mixed
-    with pytest.raises(StegosegError, match="other backbone weights"):
-        run_correspondence_study(tiny_config(synthetic_root, cache_dir=str(tmp_path / "cache-ckpt")),
-                                 tmp_path / "mixed", n_images=4)
+    # another random initialisation with the same cache folder gets its own cache (keyed by a
+    # fingerprint of the weights), never the checkpoint's features
+    before = {p.name for p in (tmp_path / "cache-ckpt").iterdir()}
+    run_correspondence_study(tiny_config(synthetic_root, cache_dir=str(tmp_path / "cache-ckpt")),
+                             tmp_path / "mixed", n_images=4)
+    assert len({p.name for p in (tmp_path / "cache-ckpt").iterdir()} - before) == 1
 
 
 def test_bad_input_is_a_one_line_error(synthetic_root, tmp_path):

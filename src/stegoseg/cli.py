@@ -364,6 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-md", default=None, help="also write the table to this file")
     p.set_defaults(func=cmd_compare)
 
+    from .studies import ablation, correspondence, dimred
+
+    for study in (correspondence, dimred, ablation):
+        study.add_cli(sub)
+
     p = sub.add_parser("make-synthetic", help="write a generated labelled dataset (directory layout)")
     p.add_argument("root", help="empty folder to write into")
     p.add_argument("--n-train", type=int, default=40)
