@@ -227,7 +227,12 @@ class SegmentationModel(nn.Module):
             },
             "head": None
             if self.head is None
-            else {"in_dim": self.head.in_dim, "dim": self.head.dim, "state_dict": self.head.state_dict()},
+            else {
+                "kind": getattr(self.head, "checkpoint_kind", "stego"),
+                "in_dim": self.head.in_dim,
+                "dim": self.head.dim,
+                "state_dict": self.head.state_dict(),
+            },
             "cluster_probe": self.cluster_probe.state_dict(),
             "n_clusters": self.n_clusters,
             "linear_probe": self.linear_probe.state_dict() if self.linear_probe is not None else None,
@@ -256,10 +261,7 @@ class SegmentationModel(nn.Module):
             backbone.weights_sha256 = bb.get("weights_sha256")
         else:
             backbone = build_backbone(bb, weights=weights)
-        head = None
-        if ckpt.get("head") is not None:
-            head = SegmentationHead(ckpt["head"]["in_dim"], ckpt["head"]["dim"])
-            head.load_state_dict(ckpt["head"]["state_dict"])
+        head = _build_head(ckpt["head"]) if ckpt.get("head") is not None else None
         spec = {k: bb[k] for k in ("name", "pretrained", "weights", "tiny", "overrides") if k in bb}
         model = cls(
             backbone,
@@ -275,6 +277,22 @@ class SegmentationModel(nn.Module):
         if ckpt.get("linear_probe") is not None:
             model.linear_probe.load_state_dict(ckpt["linear_probe"])
         return model.to(device).eval()
+
+
+def _build_head(entry: dict) -> nn.Module:
+    """A checkpoint's head: STEGO's (kind "stego", also checkpoints without a kind) or a fixed
+    linear projection (kind "projection": PCA / random projection in the dimension study)."""
+    kind = entry.get("kind", "stego")
+    if kind == "stego":
+        head = SegmentationHead(entry["in_dim"], entry["dim"])
+    elif kind == "projection":
+        from .studies.dimred import ProjectionHead
+
+        head = ProjectionHead(entry["in_dim"], entry["dim"])
+    else:
+        raise StegosegError(f"unknown head kind {kind!r} in the checkpoint: written by a newer stegoseg?")
+    head.load_state_dict(entry["state_dict"])
+    return head
 
 
 def _resize_minor(image: Image.Image, resolution: Optional[int]) -> Image.Image:
