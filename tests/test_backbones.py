@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from pathlib import Path
 
 import pytest
 import torch

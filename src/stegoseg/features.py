@@ -168,6 +168,13 @@ class FeatureCache:
             else:
                 yield self.feature_batch(idx)
 
+    def shuffled_labelled_batches(self, batch_size: int, generator: torch.Generator):
+        """Yield (features, labels) batches in an order drawn from ``generator`` (one epoch)."""
+        order = torch.randperm(self.n, generator=generator).numpy()
+        for s in range(0, self.n, batch_size):
+            idx = np.sort(order[s : s + batch_size])
+            yield self.feature_batch(idx), self.label_batch(idx)
+
     def global_descriptors(self, batch_size: int = 256) -> np.ndarray:
         """(N, C) L2-normalised spatial means of the dense features, computed once and stored."""
         path = self.path / "global.npy"

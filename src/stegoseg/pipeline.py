@@ -185,10 +185,7 @@ def fit_feature_baseline(cfg: Config, out, cache: Optional[FeatureCache] = None,
         gen = torch.Generator().manual_seed(cfg.seed)
 
         def batches():
-            order = torch.randperm(cache.n, generator=gen).numpy()
-            for s in range(0, cache.n, bs):
-                idx = np.sort(order[s : s + bs])
-                yield cache.feature_batch(idx), cache.label_batch(idx)
+            return cache.shuffled_labelled_batches(bs, gen)
 
         train_linear_probe(
             model.linear_probe, batches, epochs=cfg.linear_epochs, lr=cfg.probe_lr, device=device,

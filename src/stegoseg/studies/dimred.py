@@ -312,10 +312,7 @@ def fit_probes_with_head(cfg: Config, cache, head: nn.Module, backbone, n_classe
         gen = torch.Generator().manual_seed(cfg.seed)
 
         def batches():
-            order = torch.randperm(cache.n, generator=gen).numpy()
-            for s in range(0, cache.n, bs):
-                idx = np.sort(order[s : s + bs])
-                yield coded(cache.feature_batch(idx)), cache.label_batch(idx)
+            return ((coded(f), y) for f, y in cache.shuffled_labelled_batches(bs, gen))
 
         train_linear_probe(
             model.linear_probe, batches, epochs=cfg.linear_epochs, lr=cfg.probe_lr, device=device,
