@@ -47,3 +47,14 @@ def tiny_config(data_root, **overrides):
     )
     values.update(overrides)
     return make_config(values)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread avoids oversubscribing a shared CPU (much faster here)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -9,13 +9,7 @@ from stegoseg.errors import StegosegError
 from stegoseg.studies.ablation import VARIANTS, add_cli, parse_variants, variant_config
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids oversubscribing a shared CPU (much faster here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_variants_parse_and_change_one_thing(synthetic_root):

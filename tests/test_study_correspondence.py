@@ -199,7 +199,7 @@ def test_command_end_to_end(synthetic_root, tmp_path, capsys):
         _run(["study-correspondence", "--out", str(out), *tiny, "--cache-dir", cache])
     from stegoseg.head import SegmentationHead
     from stegoseg.model import SegmentationModel
-    from stegoseg.pipeline import build_backbone_from_config, backbone_spec
+    from stegoseg.pipeline import build_backbone_from_config
 
     cfg = tiny_config(synthetic_root, cache_dir=str(tmp_path / "cache-ckpt"), n_samples=4)
     torch.manual_seed(5)

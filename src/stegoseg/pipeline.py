@@ -472,11 +472,7 @@ def write_report(out: Path, title: str, results: dict, cfg: Config, notes: list)
 def run_all(cfg: Config, out, resume: bool = False, baseline: bool = True, n_segment: int = 8) -> Optional[dict]:
     """The main job: prepare -> train -> evaluate -> segment (+ raw-feature baseline) -> report.md."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.dataset == "synthetic" and not cfg.data_root:
-        cfg = replace_config(cfg, data_root=data_root(cfg, out))
-    if cfg.cache_dir is None:
-        cfg = replace_config(cfg, cache_dir=str(out / "cache"))
+    cfg = resolve_run_paths(cfg, out)
     cfg.save(out / "config.yaml")
     notes = []
     if not cfg.pretrained and not cfg.weights:
@@ -507,7 +503,14 @@ def load_model_for(checkpoint, cfg: Config) -> SegmentationModel:
     return load(checkpoint, device=resolve_device(cfg.device))
 
 
-def replace_config(cfg: Config, **changes) -> Config:
-    import dataclasses
+def resolve_run_paths(cfg: Config, out: Path) -> Config:
+    """Create ``out`` and pin the paths a multi-stage run shares: the generated data folder
+    (dataset=synthetic without a root) and the feature cache (default ``out/cache``)."""
+    from .config import replace
 
-    return dataclasses.replace(cfg, **changes)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.dataset == "synthetic" and not cfg.data_root:
+        cfg = replace(cfg, data_root=data_root(cfg, out))
+    if cfg.cache_dir is None:
+        cfg = replace(cfg, cache_dir=str(out / "cache"))
+    return cfg

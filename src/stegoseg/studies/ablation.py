@@ -87,7 +87,7 @@ def run_ablation(cfg: Config, out, variants=None) -> dict:
     """
     from ..evaluate import summary_rows
     from ..pipeline import (
-        RANDOM_BACKBONE_WARNING, build_backbone_from_config, data_root, evaluate_checkpoint_model, prepare,
+        RANDOM_BACKBONE_WARNING, build_backbone_from_config, evaluate_checkpoint_model, prepare, resolve_run_paths,
         resolve_device, train_stego,
     )
 
@@ -98,11 +98,7 @@ def run_ablation(cfg: Config, out, variants=None) -> dict:
             log.info("variant %s reuses the %s model: training %s too", name, needed, needed)
             names = [n for n in VARIANTS if n in names or n == needed]
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.dataset == "synthetic" and not cfg.data_root:
-        cfg = replace(cfg, data_root=data_root(cfg, out))
-    if cfg.cache_dir is None:
-        cfg = replace(cfg, cache_dir=str(out / "cache"))
+    cfg = resolve_run_paths(cfg, out)
     cfg.save(out / "config.yaml")
     random_backbone = not cfg.pretrained and not cfg.weights
     device = resolve_device(cfg.device)

@@ -459,7 +459,7 @@ def run_dimred_study(
     "explained_variance", "dims", "meta"}.
     """
     from ..pipeline import (
-        RANDOM_BACKBONE_WARNING, build_backbone_from_config, build_split, data_root, evaluate_checkpoint_model,
+        RANDOM_BACKBONE_WARNING, build_backbone_from_config, build_split, evaluate_checkpoint_model, resolve_run_paths,
         fit_feature_baseline, n_classes_for, prepare, resolve_device, train_stego,
     )
 
@@ -468,11 +468,7 @@ def run_dimred_study(
         if m not in PROJECTIONS:
             raise StegosegError(f"--methods: unknown method {m!r}; choose from {', '.join(PROJECTIONS)}")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.dataset == "synthetic" and not cfg.data_root:
-        cfg = replace(cfg, data_root=data_root(cfg, out))
-    if cfg.cache_dir is None:
-        cfg = replace(cfg, cache_dir=str(out / "cache"))
+    cfg = resolve_run_paths(cfg, out)
     earlier = _earlier_rows(out) if resume else {}
     cfg.save(out / "config.yaml")
     random_backbone = not cfg.pretrained and not cfg.weights
