@@ -40,7 +40,7 @@ def test_pretrain_changes_weights_exports_a_loadable_backbone(synthetic_root, tm
     # the periodic readout runs at the end on the labelled val split
     readout = json.loads((tmp_path / "p" / "readout.json").read_text())["readout"]
     assert readout and 0 <= readout[-1]["acc"] <= 100
-    assert (tmp_path / "p" / "readout.png").exists()
+    assert (tmp_path / "p" / "readout.png").exists() and (tmp_path / "p" / "training_curves.png").exists()
 
 
 def test_teacher_is_ema_of_student(synthetic_root, tmp_path):
@@ -83,3 +83,29 @@ def test_resume_is_bit_identical(synthetic_root, tmp_path):
     b = torch.load(tmp_path / "killed" / "backbone.pt", weights_only=True)["state_dict"]
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--arch", "resnet50_supervised"], "--arch resnet50_supervised"),
+        (["--resume"], "--resume: no"),
+        (["--epochs", "0"], "--epochs"),
+    ],
+)
+def test_bad_pretrain_options_are_one_line_errors(synthetic_root, tmp_path, capsys, extra, message):
+    from stegoseg.cli import main
+
+    argv = ["pretrain", "--out", str(tmp_path / "p"), "--data-root", str(synthetic_root), "--tiny",
+            "--accelerator", "cpu", "--no-progress", *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("stegoseg: error:") and message in err[0], err
+    assert not (tmp_path / "p").exists()  # nothing written for a run that cannot start
+
+
+def test_pretrain_without_data_root_names_the_option(tmp_path, capsys):
+    from stegoseg.cli import main
+
+    assert main(["pretrain", "--out", str(tmp_path / "p"), "--tiny", "--no-progress"]) == 2
+    assert "--data-root" in capsys.readouterr().err

@@ -215,10 +215,14 @@ def test_command_end_to_end(synthetic_root, tmp_path, capsys):
     assert ap2["points"] == "4x4 random" and ap2["n_images"] == 12
     assert json.loads((out2 / "class_coupling.json").read_text())["source"] == "code"
 
-    # another random initialisation with the same cache folder gets its own cache (keyed by a
-    # fingerprint of the weights), never the checkpoint's features
+    # the same seed draws the same random backbone and reuses the checkpoint's cache; another
+    # random initialisation (another seed) gets its own cache (keyed by a fingerprint of the
+    # weights), never the checkpoint's features
     before = {p.name for p in (tmp_path / "cache-ckpt").iterdir()}
     run_correspondence_study(tiny_config(synthetic_root, cache_dir=str(tmp_path / "cache-ckpt")),
+                             tmp_path / "same", n_images=4)
+    assert {p.name for p in (tmp_path / "cache-ckpt").iterdir()} == before
+    run_correspondence_study(tiny_config(synthetic_root, cache_dir=str(tmp_path / "cache-ckpt"), seed=1),
                              tmp_path / "mixed", n_images=4)
     assert len({p.name for p in (tmp_path / "cache-ckpt").iterdir()} - before) == 1
 

@@ -68,8 +68,10 @@ def test_projection_probes_run_and_identity_head_reproduces_the_baseline(synthet
     cache = prepare(cfg, tmp_path, backbone)
     train = build_split(cfg, "train")
     width = backbone.embed_dim
-    torch.manual_seed(cfg.seed)  # the baseline's linear probe draws its initial weights from the global seed
+    torch.rand(13)  # the baseline seeds its probes itself: the caller's RNG state must not matter
+    state = torch.get_rng_state()
     base = fit_feature_baseline(cfg, tmp_path, cache=cache, backbone=backbone)
+    assert torch.equal(torch.get_rng_state(), state)  # and leaves it untouched
     ident = fit_probes_with_head(cfg, cache, ProjectionHead.from_matrix(torch.eye(width)), backbone, train.n_classes)
     torch.testing.assert_close(ident.cluster_probe.centroids, base.cluster_probe.centroids)
     torch.testing.assert_close(ident.linear_probe.conv.weight, base.linear_probe.conv.weight)

@@ -46,6 +46,47 @@ def test_training_beats_chance(synthetic_root, tmp_path):
     assert (tmp_path / "run" / "training_curves.png").exists()
 
 
+def test_cluster_fit_kmeans_refits_the_cluster_probe_on_the_trained_code(synthetic_root, tmp_path):
+    from stegoseg.model import load
+    from stegoseg.pipeline import fit_centroids
+
+    common = dict(steps=6, cache_dir=str(tmp_path / "cache"), kmeans_iters=5)
+    torch.manual_seed(0)  # the random tiny backbone is drawn from the global RNG: the same one twice
+    online = load(train_stego(tiny_config(synthetic_root, **common), tmp_path / "online"))
+    cfg = tiny_config(synthetic_root, cluster_fit="kmeans", **common)
+    torch.manual_seed(0)
+    refit = load(train_stego(cfg, tmp_path / "kmeans"))
+    # same head and linear probe (the option only changes the centroids) ...
+    torch.testing.assert_close(refit.head.state_dict(), online.head.state_dict())
+    torch.testing.assert_close(refit.linear_probe.state_dict(), online.linear_probe.state_dict())
+    assert not torch.allclose(refit.cluster_probe.centroids, online.cluster_probe.centroids)
+    # ... which are the seeded spherical k-means of the trained code over the cached training crops
+    cache = prepare(cfg, tmp_path / "kmeans", refit.backbone)  # the run's cache (same backbone)
+    expected = fit_centroids(cfg, cache, refit.n_clusters, head=refit.head.eval())
+    torch.testing.assert_close(refit.cluster_probe.centroids, expected.to(refit.cluster_probe.centroids.dtype))
+    assert refit.config["cluster_fit"] == "kmeans"
+
+
+def test_a_random_backbone_is_drawn_from_the_seed(synthetic_root):
+    cfg = tiny_config(synthetic_root, seed=3)
+    torch.rand(5)
+    a, _ = build_backbone_from_config(cfg)
+    state = torch.get_rng_state()
+    b, _ = build_backbone_from_config(cfg)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is untouched
+    other, _ = build_backbone_from_config(tiny_config(synthetic_root, seed=4))
+    for (k, va), vb, vo in zip(a.model.state_dict().items(), b.model.state_dict().values(), other.model.state_dict().values()):
+        assert torch.equal(va, vb), k
+    assert any(not torch.equal(va, vo) for va, vo in zip(a.model.state_dict().values(), other.model.state_dict().values()))
+
+
+def test_bad_cluster_fit_is_an_error(synthetic_root):
+    from stegoseg.errors import StegosegError
+
+    with pytest.raises(StegosegError, match="--cluster-fit"):
+        tiny_config(synthetic_root, cluster_fit="spectral")
+
+
 class _Kill(L.Callback):
     def __init__(self, at_step):
         self.at_step = at_step

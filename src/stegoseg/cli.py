@@ -10,19 +10,13 @@ import logging
 import sys
 from pathlib import Path
 
-from .errors import StegosegError
+from .errors import StegosegError, refuse_overwrite
 
 log = logging.getLogger("stegoseg")
 
 
 def _out_arg(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--out", default=default, help=f"output folder (default: {default})")
-
-
-def _check_out(out: Path, overwrite: bool, marker: str) -> None:
-    """Refuse to overwrite a finished run's outputs unless asked."""
-    if (out / marker).exists() and not overwrite:
-        raise StegosegError(f"{out / marker} exists: choose another --out or pass --overwrite")
 
 
 def cmd_backbones(args) -> int:
@@ -39,7 +33,7 @@ def cmd_baseline(args) -> int:
 
     cfg = resolve_config(args)
     out = Path(args.out)
-    _check_out(out, args.overwrite, "metrics.json")
+    refuse_overwrite(out, "metrics.json", args.overwrite)
     result = run_feature_baseline(cfg, out)
     _print_summary(result, out)
     return 0
@@ -78,7 +72,7 @@ def cmd_train(args) -> int:
     cfg = resolve_config(args)
     out = Path(args.out)
     if not args.resume:
-        _check_out(out, args.overwrite, "checkpoint.pt")
+        refuse_overwrite(out, "checkpoint.pt", args.overwrite)
     path = train_stego(cfg, out, resume=args.resume)
     if path is not None:
         print(f"checkpoint: {path}")
@@ -94,7 +88,7 @@ def cmd_evaluate(args) -> int:
     cfg = config_for_checkpoint(model, args)
     model.to(resolve_device(cfg.device))
     out = Path(args.out)
-    _check_out(out, args.overwrite, "metrics.json")
+    refuse_overwrite(out, "metrics.json", args.overwrite)
     result = evaluate_checkpoint_model(cfg, model, out, split=args.split)
     result["summary"] = summary_rows(result)
     _print_summary(result, out)
@@ -127,7 +121,7 @@ def cmd_pretrain(args) -> int:
     cfg = resolve_config(args, cls=PretrainConfig)
     out = Path(args.out)
     if not args.resume:
-        _check_out(out, args.overwrite, "backbone.pt")
+        refuse_overwrite(out, "backbone.pt", args.overwrite)
     summary = pretrain(cfg, out, resume=args.resume)
     if summary is not None:
         last = summary["readout"][-1] if summary["readout"] else None
@@ -143,7 +137,7 @@ def cmd_datus(args) -> int:
 
     cfg = resolve_config(args)
     out = Path(args.out)
-    _check_out(out, args.overwrite, "metrics.json")
+    refuse_overwrite(out, "metrics.json", args.overwrite)
     params = DatusParams(knn=args.graph_knn, min_similarity=args.min_similarity, resolution=args.louvain_resolution,
                          min_patches=args.min_patches, crop_size=args.crop_size, n_clusters=args.clusters, seed=cfg.seed)
     result = run_datus(cfg, out, params, split=args.split, denoise=args.denoise, denoise_epochs=args.denoise_epochs)
@@ -168,7 +162,7 @@ def cmd_study_potts(args) -> int:
     params = CRFParams(pos_w=args.pos_w, pos_xy_std=args.pos_sxy, bi_w=args.bi_w, bi_xy_std=args.bi_sxy,
                        bi_rgb_std=args.srgb)
     out = Path(args.out)
-    _check_out(out, args.overwrite, "potts.png")
+    refuse_overwrite(out, "potts.png", args.overwrite)
     result = optimise_potts(image, n_codes=args.n_codes, size=args.size, steps=args.steps, lr=args.lr,
                             shift=args.shift, params=params, seed=args.seed)
     save_potts_figure(result, out / "potts.png")
@@ -195,7 +189,7 @@ def cmd_run(args) -> int:
     cfg = resolve_config(args)
     out = Path(args.out)
     if not args.resume:
-        _check_out(out, args.overwrite, "report.md")
+        refuse_overwrite(out, "report.md", args.overwrite)
     summary = run_all(cfg, out, resume=args.resume, baseline=args.baseline)
     if summary is not None:
         for name, rows in summary.items():

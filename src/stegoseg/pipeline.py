@@ -82,9 +82,17 @@ def backbone_spec(cfg: Config) -> dict:
 
 
 def build_backbone_from_config(cfg: Config):
+    """The configured backbone. A randomly initialised one (``--no-pretrained``, no
+    ``--weights``) is drawn from ``cfg.seed``: the same weights in every command and process
+    with that seed (so ``run``, ``train``, ``baseline`` and ``datus`` share it); the caller's
+    RNG state is left untouched."""
     spec = backbone_spec(cfg)
-    backbone = create_backbone(cfg.backbone, pretrained=cfg.pretrained, weights=cfg.weights, tiny=cfg.tiny)
-    if not cfg.pretrained and not cfg.weights:
+    random_init = not cfg.pretrained and not cfg.weights
+    with torch.random.fork_rng(devices=[]):
+        if random_init:
+            torch.manual_seed(cfg.seed)
+        backbone = create_backbone(cfg.backbone, pretrained=cfg.pretrained, weights=cfg.weights, tiny=cfg.tiny)
+    if random_init:
         log.warning(RANDOM_BACKBONE_WARNING.format(name=cfg.backbone))
     return backbone, spec
 
@@ -143,6 +151,24 @@ def eval_config(cfg: Config) -> EvalConfig:
     )
 
 
+def fit_centroids(cfg: Config, cache: FeatureCache, n_clusters: int, head=None, device="cpu") -> torch.Tensor:
+    """Spherical k-means (k-means++ init seeded by ``cfg.seed``, ``cfg.kmeans_iters`` Lloyd
+    iterations streamed over the cache) on the cached training features, or on
+    ``head(features)`` when a head is given. Returns (n_clusters, D) unit centroids."""
+    bs = max(8, cfg.batch_size)
+
+    def batches():
+        for feats in cache.iter_batches(bs):
+            if head is None:
+                yield feats
+            else:
+                with torch.no_grad():
+                    yield head(feats.to(device).float())
+
+    return spherical_kmeans(batches, n_clusters, n_iter=cfg.kmeans_iters, seed=cfg.seed, device=device,
+                            progress=cfg.progress)
+
+
 def fit_feature_baseline(cfg: Config, out, cache: Optional[FeatureCache] = None, backbone=None) -> SegmentationModel:
     """The "backbone only" baseline: probes fitted straight on cached backbone features.
 
@@ -162,24 +188,19 @@ def fit_feature_baseline(cfg: Config, out, cache: Optional[FeatureCache] = None,
     n_classes = n_classes_for(cfg, train)
     n_clusters = n_classes + cfg.extra_clusters
     bs = max(8, cfg.batch_size)
-    centroids = spherical_kmeans(
-        lambda: cache.iter_batches(bs),
-        n_clusters,
-        n_iter=cfg.kmeans_iters,
-        seed=cfg.seed,
-        device=device,
-        progress=cfg.progress,
-    )
-    model = SegmentationModel(
-        backbone,
-        spec,
-        head=None,
-        n_clusters=n_clusters,
-        n_classes=n_classes if cache.has_labels else None,
-        class_names=train.class_names if train.has_labels else None,
-        method="features",
-        config=cfg.to_dict(),
-    ).to(device)
+    centroids = fit_centroids(cfg, cache, n_clusters, device=device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)  # the probes' initial weights: seeded, caller's RNG untouched
+        model = SegmentationModel(
+            backbone,
+            spec,
+            head=None,
+            n_clusters=n_clusters,
+            n_classes=n_classes if cache.has_labels else None,
+            class_names=train.class_names if train.has_labels else None,
+            method="features",
+            config=cfg.to_dict(),
+        ).to(device)
     set_centroids(model.cluster_probe, centroids)
     if cache.has_labels:
         gen = torch.Generator().manual_seed(cfg.seed)
@@ -253,6 +274,12 @@ def train_stego(cfg: Config, out, resume: bool = False) -> Optional[Path]:
     model.cluster_probe.load_state_dict(module.cluster_probe.state_dict())
     if module.linear_probe is not None:
         model.linear_probe.load_state_dict(module.linear_probe.state_dict())
+    if cfg.cluster_fit == "kmeans":
+        device = resolve_device(cfg.device)
+        head = model.head.to(device).eval()
+        set_centroids(model.cluster_probe, fit_centroids(cfg, cache, model.n_clusters, head=head, device=device))
+        head.cpu()
+        log.info("cluster probe refitted by spherical k-means on the trained code (--cluster-fit kmeans)")
     path = model.save(out / "checkpoint.pt")
     plot_training_curves(out / "logs" / "metrics.csv", out / "training_curves.png")
     log.info("trained %d steps in %.1fs; checkpoint %s", cfg.steps, time.perf_counter() - t0, path)

@@ -403,10 +403,11 @@ def pretrain(cfg: PretrainConfig, out, resume: bool = False, callbacks: Optional
     from .train import default_precision, parse_devices
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.save(out / "config.yaml")
     if not cfg.data_root:
         raise StegosegError("--data-root is required (a folder of images in the directory layout)")
+    ckpt_dir = out / "lightning"
+    if resume and not (ckpt_dir / "last.ckpt").exists():
+        raise StegosegError(f"--resume: no {ckpt_dir / 'last.ckpt'} to continue from")
     options = {"class_names": parse_class_names(cfg.class_names)} if cfg.dataset == "directory" else {}
     train = build_dataset(cfg.dataset, cfg.data_root, cfg.train_split, **options)
     val = None
@@ -420,12 +421,9 @@ def pretrain(cfg: PretrainConfig, out, resume: bool = False, callbacks: Optional
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = DinoPretrainModule(cfg, len(train))
     transform = make_transform(cfg, module.preset.mean, module.preset.std)
-    ckpt_dir = out / "lightning"
-    ckpt_path = None
-    if resume:
-        if not (ckpt_dir / "last.ckpt").exists():
-            raise StegosegError(f"--resume: no {ckpt_dir / 'last.ckpt'} to continue from")
-        ckpt_path = str(ckpt_dir / "last.ckpt")
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save(out / "config.yaml")
+    ckpt_path = str(ckpt_dir / "last.ckpt") if resume else None
     history: list = []
     cbs = [ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", every_n_train_steps=max(1, cfg.ckpt_every),
                            save_last=True, save_top_k=-1, auto_insert_metric_name=False)]
@@ -456,7 +454,34 @@ def pretrain(cfg: PretrainConfig, out, resume: bool = False, callbacks: Optional
     (out / "readout.json").write_text(json.dumps(summary, indent=2))
     if history:
         _plot_readout(history, out / "readout.png")
+    _plot_curves(out / "logs" / "metrics.csv", out / "training_curves.png", cfg.out_dim)
     return summary
+
+
+def _plot_curves(csv_path: Path, png_path: Path, out_dim: int) -> None:
+    """DINO loss (with log(out_dim), the loss of a uniform student), learning rate and teacher momentum per step."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not csv_path.exists():
+        return
+    rows = list(csv.DictReader(open(csv_path)))
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    for ax, key in zip(axes, ("loss", "lr", "momentum")):
+        pts = [(int(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
+        if pts:
+            ax.plot(*zip(*pts), lw=0.8)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+    axes[0].axhline(math.log(out_dim), color="gray", ls="--", lw=0.8, label=f"log({out_dim}): uniform student")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
 
 
 def _plot_readout(history: list, path: Path) -> None:

@@ -168,17 +168,18 @@ def train_linear_probe(
     seed: int = 0,
 ) -> list:
     """Train ``probe`` with Adam on (features (B, D, h, w), labels (B, H, W)) batches; returns losses."""
-    torch.manual_seed(seed)
     probe.to(device).train()
     opt = torch.optim.Adam(probe.parameters(), lr=lr)
     losses = []
-    for _ in tqdm(range(epochs), desc="linear probe", disable=not progress, leave=False):
-        for feats, labels in batches():
-            loss = probe.loss(feats.to(device).float(), labels.to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
+    with torch.random.fork_rng(devices=[]):  # seeded here; the caller's RNG state is left as it was
+        torch.manual_seed(seed)
+        for _ in tqdm(range(epochs), desc="linear probe", disable=not progress, leave=False):
+            for feats, labels in batches():
+                loss = probe.loss(feats.to(device).float(), labels.to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(float(loss.detach()))
     probe.eval()
     return losses
 

@@ -33,10 +33,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
 from ..config import Config, replace
-from ..errors import StegosegError
+from ..errors import StegosegError, refuse_overwrite
 from .dimred import (
     METRIC_COLUMNS, METRIC_KEYS, SharedFeatures, argument_type, check_cache_matches, load_with_backbone, markdown_table,
 )
@@ -104,7 +102,6 @@ def run_ablation(cfg: Config, out, variants=None) -> dict:
     device = resolve_device(cfg.device)
     t_start = time.perf_counter()
 
-    torch.manual_seed(cfg.seed)  # random backbones: the same weights in every variant
     backbone, _ = build_backbone_from_config(cfg)
     cache = prepare(cfg, out, backbone)  # the shared cache and KNN
     check_cache_matches(cache, backbone, cfg, out)
@@ -121,7 +118,6 @@ def run_ablation(cfg: Config, out, variants=None) -> dict:
         if name in EVAL_ONLY:
             model, checkpoint = models[EVAL_ONLY[name]], checkpoints[EVAL_ONLY[name]]
         else:
-            torch.manual_seed(cfg.seed)  # train_stego builds the backbone: the same seeded weights
             checkpoint = train_stego(vcfg, out / name / "train")
             model = load_with_backbone(checkpoint, shared, device)
             models[name], checkpoints[name] = model, checkpoint
@@ -221,8 +217,7 @@ def cmd_ablate(args) -> int:
 
     cfg = resolve_config(args)
     out = Path(args.out)
-    if (out / "ablation.json").exists() and not args.overwrite:
-        raise StegosegError(f"{out / 'ablation.json'} exists: choose another --out or pass --overwrite")
+    refuse_overwrite(out, "ablation.json", args.overwrite)
     result = run_ablation(cfg, out, variants=args.variants)
     print((out / "ablation.md").read_text())
     print(f"outputs: {out} (ablation.md, ablation.json, ablation.png)")

@@ -60,7 +60,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import StegosegError
+from ..errors import StegosegError, refuse_overwrite
 
 log = logging.getLogger("stegoseg")
 
@@ -455,7 +455,6 @@ def run_correspondence_study(cfg, out, checkpoint=None, sources=None, n_images: 
         model = load(checkpoint, device=device)
         backbone = model.backbone
     else:
-        torch.manual_seed(cfg.seed)  # a randomly initialised backbone is then reproducible
         backbone, _ = build_backbone_from_config(cfg)
     cfg.save(out / "config.yaml")
 
@@ -884,9 +883,6 @@ def _save_quantised(fig, path, dpi: int) -> None:
 
 
 # --------------------------------------------------------------------------- command line
-def _check_out(out: Path, overwrite: bool) -> None:
-    if (out / "correspondence_ap.json").exists() and not overwrite:
-        raise StegosegError(f"{out / 'correspondence_ap.json'} exists: choose another --out or pass --overwrite")
 
 
 def cmd_study_correspondence(args) -> int:
@@ -900,7 +896,7 @@ def cmd_study_correspondence(args) -> int:
     else:
         cfg = resolve_config(args)
     out = Path(args.out)
-    _check_out(out, args.overwrite)
+    refuse_overwrite(out, "correspondence_ap.json", args.overwrite)
     summary = run_correspondence_study(
         cfg, out, checkpoint=args.checkpoint,
         sources=[s for s in args.sources.split(",") if s.strip()] if args.sources else None,

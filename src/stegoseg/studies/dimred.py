@@ -45,7 +45,7 @@ import torch
 import torch.nn as nn
 
 from ..config import Config, replace
-from ..errors import StegosegError
+from ..errors import StegosegError, refuse_overwrite
 
 log = logging.getLogger("stegoseg")
 
@@ -280,22 +280,22 @@ def fit_probes_with_head(cfg: Config, cache, head: nn.Module, backbone, n_classe
     """Cluster and linear probes fitted on ``head(features)`` of the cached training features.
 
     Same recipe as :func:`stegoseg.pipeline.fit_feature_baseline` (batch size, seed,
-    k-means iterations, linear epochs and learning rate): with an identity head it gives
-    that baseline's probes exactly (when the global torch seed is ``cfg.seed`` before
-    calling the baseline: it draws the linear probe's initial weights from it).
+    k-means iterations, linear epochs and learning rate, probes initialised from ``cfg.seed``):
+    with an identity head it gives that baseline's probes exactly.
     """
     from ..model import SegmentationModel
-    from ..pipeline import backbone_spec, resolve_device
-    from ..probes import set_centroids, spherical_kmeans, train_linear_probe
+    from ..pipeline import backbone_spec, fit_centroids, resolve_device
+    from ..probes import set_centroids, train_linear_probe
 
     device = resolve_device(cfg.device)
     n_clusters = n_classes + cfg.extra_clusters
-    torch.manual_seed(cfg.seed)  # the probes' initial weights
-    model = SegmentationModel(
-        backbone, backbone_spec(cfg), head=head, n_clusters=n_clusters,
-        n_classes=n_classes if cache.has_labels else None,
-        class_names=class_names if cache.has_labels else None, method=method, config=cfg.to_dict(),
-    ).to(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)  # the probes' initial weights (as in the baseline)
+        model = SegmentationModel(
+            backbone, backbone_spec(cfg), head=head, n_clusters=n_clusters,
+            n_classes=n_classes if cache.has_labels else None,
+            class_names=class_names if cache.has_labels else None, method=method, config=cfg.to_dict(),
+        ).to(device)
     head = model.head
     bs = max(8, cfg.batch_size)
 
@@ -303,11 +303,7 @@ def fit_probes_with_head(cfg: Config, cache, head: nn.Module, backbone, n_classe
         with torch.no_grad():
             return head(feats.to(device))
 
-    centroids = spherical_kmeans(
-        lambda: (coded(b) for b in cache.iter_batches(bs)), n_clusters, n_iter=cfg.kmeans_iters, seed=cfg.seed,
-        device=device, progress=cfg.progress,
-    )
-    set_centroids(model.cluster_probe, centroids)
+    set_centroids(model.cluster_probe, fit_centroids(cfg, cache, n_clusters, head=head, device=device))
     if cache.has_labels:
         gen = torch.Generator().manual_seed(cfg.seed)
 
@@ -475,7 +471,6 @@ def run_dimred_study(
     device = resolve_device(cfg.device)
     t_start = time.perf_counter()
 
-    torch.manual_seed(cfg.seed)  # a random backbone is then the same in every run with this seed
     backbone, _ = build_backbone_from_config(cfg)
     cache = prepare(cfg, out, backbone)
     check_cache_matches(cache, backbone, cfg, out)
@@ -530,7 +525,6 @@ def run_dimred_study(
     base_row = reuse("backbone", width)
     if base_row is None:
         t0 = time.perf_counter()
-        torch.manual_seed(cfg.seed)  # fit_feature_baseline draws the linear probe's initial weights
         base = fit_feature_baseline(cfg, out / "backbone", cache=cache, backbone=backbone)
         base_row = evaluate(base, "backbone", "backbone", width, time.perf_counter() - t0)
 
@@ -551,7 +545,6 @@ def run_dimred_study(
             stego_rows[d] = row
             return row
         t0 = time.perf_counter()
-        torch.manual_seed(cfg.seed)  # train_stego builds the backbone: the same seeded weights
         ckpt = train_stego(replace(cfg, dim=d), out / f"stego-d{d}" / "train")
         model = load_with_backbone(ckpt, shared, device)
         row = evaluate(model, f"stego-d{d}", "stego", d, time.perf_counter() - t0,
@@ -707,9 +700,6 @@ def plot_dimred(rows: Sequence[dict], path: Path, width: int, title: str = "") -
 
 
 # --------------------------------------------------------------------------- command line
-def _check_out(out: Path, overwrite: bool, marker: str) -> None:
-    if (out / marker).exists() and not overwrite:
-        raise StegosegError(f"{out / marker} exists: choose another --out or pass --overwrite")
 
 
 def argument_type(parse):
@@ -731,7 +721,7 @@ def cmd_study_dimred(args) -> int:
     cfg = resolve_config(args)
     out = Path(args.out)
     if not args.resume:
-        _check_out(out, args.overwrite, "dimred_table.json")
+        refuse_overwrite(out, "dimred_table.json", args.overwrite)
     methods = [m for m in args.methods.split(",") if m.strip()]
     result = run_dimred_study(
         cfg, out, dims=args.dims, methods=methods, with_stego=args.stego_sweep, stego_dims=args.stego_dims,
