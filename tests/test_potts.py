@@ -40,8 +40,8 @@ def test_potts_training_term(synthetic_root, tmp_path):
     backbone, _ = build_backbone_from_config(cfg)
     cache = prepare(cfg, tmp_path, backbone)
     assert cache.thumb_batch([0, 1]).shape == (2, 3, 8, 8)
-    ds = StepBatches(cache, cache.neighbors(cfg.n_neighbors), cfg.batch_size, cfg.seed, cfg.knn_topk, steps=2)
-    ds.with_thumbs = True
+    ds = StepBatches(cache, cache.neighbors(cfg.n_neighbors), cfg.batch_size, cfg.seed, cfg.knn_topk, steps=2,
+                     with_thumbs=True)
     n = build_split(cfg, "train").n_classes
     module = StegoModule(cfg, backbone.embed_dim, n, n)
     out = module.compute_losses(ds[0], step=0)

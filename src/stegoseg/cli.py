@@ -151,6 +151,7 @@ def cmd_datus(args) -> int:
 
 def cmd_study_potts(args) -> int:
     import json
+    from dataclasses import asdict
 
     import numpy as np
 
@@ -167,7 +168,7 @@ def cmd_study_potts(args) -> int:
                             shift=args.shift, params=params, seed=args.seed)
     save_potts_figure(result, out / "potts.png")
     summary = {"image": str(args.image), "final_loss": result["losses"][-1], "first_loss": result["losses"][0],
-               "n_segments": int(len(np.unique(result["labels"]))), "params": vars(params) if hasattr(params, "__dict__") else str(params),
+               "n_segments": int(len(np.unique(result["labels"]))), "params": asdict(params),
                "size": args.size, "steps": args.steps, "shift": args.shift}
     (out / "potts.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"Potts loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}; "

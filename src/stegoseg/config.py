@@ -19,8 +19,30 @@ import yaml
 from .errors import StegosegError
 
 
+class ConfigBase:
+    """What every config dataclass shares (Config, PretrainConfig): a dict, the YAML
+    ``config.yaml`` a run writes, and validation that stops at the first failed check."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def validate(self) -> None:  # overridden with the class's checks
+        pass
+
+
+def raise_first_failure(checks) -> None:
+    """``checks``: (condition, one-line message) pairs; raise the message of the first false one."""
+    for ok, message in checks:
+        if not ok:
+            raise StegosegError(message)
+
+
 @dataclass
-class Config:
+class Config(ConfigBase):
     # ---- data
     dataset: str = "directory"  # directory | cocostuff27 | cityscapes27 | potsdam3 | suim | voc2012 | synthetic
     data_root: Optional[str] = None  # dataset folder; None with dataset=synthetic generates images
@@ -93,12 +115,8 @@ class Config:
     device: str = "auto"  # for prepare / evaluate / segment: auto | cpu | cuda | cuda:N
     progress: bool = True
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def save(self, path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+    def validate(self) -> None:
+        validate(self)
 
 
 PRESETS = {
@@ -168,10 +186,15 @@ def _parse_optional(kind):
     return parse
 
 
+def _cls_and_presets(cls, presets: Optional[dict]):
+    """The config class (default :class:`Config`) and its presets (default: PRESETS for Config, none otherwise)."""
+    cls = cls or Config
+    return cls, (PRESETS if presets is None and cls is Config else (presets or {}))
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, cls=None, presets: Optional[dict] = None) -> None:
     """Add ``--preset`` (if any), ``--config`` and one option per field of ``cls`` (default: not given)."""
-    cls = cls or Config
-    presets = PRESETS if presets is None and cls is Config else (presets or {})
+    cls, presets = _cls_and_presets(cls, presets)
     if presets:
         parser.add_argument("--preset", choices=sorted(presets), help="named settings (the paper's presets)")
     parser.add_argument("--config", metavar="YAML", help="YAML file of config values")
@@ -191,8 +214,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls=None, presets: Opt
 
 def resolve_config(args: argparse.Namespace, cls=None, presets: Optional[dict] = None, **overrides):
     """Defaults < preset < YAML < explicit command-line values < ``overrides``."""
-    cls = cls or Config
-    presets = PRESETS if presets is None and cls is Config else (presets or {})
+    cls, presets = _cls_and_presets(cls, presets)
     values = {}
     if getattr(args, "preset", None):
         values.update(presets[args.preset])
@@ -227,11 +249,7 @@ def make_config(values: dict, cls=None):
     if unknown:
         raise StegosegError(f"unknown config option(s): {', '.join(unknown)} (see the command's --help)")
     cfg = cls(**values)
-    check = getattr(cfg, "validate", None)
-    if check is not None:
-        check()
-    elif cls is Config:
-        validate(cfg)
+    cfg.validate()  # every config class checks its own values
     return cfg
 
 
@@ -250,9 +268,7 @@ def validate(cfg: Config) -> None:
         (cfg.extra_clusters >= 0, "--extra-clusters must be >= 0"),
         (cfg.n_classes is None or cfg.n_classes >= 2, "--n-classes must be >= 2"),
     ]
-    for ok, message in checks:
-        if not ok:
-            raise StegosegError(message)
+    raise_first_failure(checks)
 
 
 def replace(cfg: Config, **changes) -> Config:

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .crf import image_to_uint8
 from .data.transforms import EvalTransform
 from .errors import StegosegError
 from .metrics import ConfusionAccumulator, plot_confusion, save_metrics_json
@@ -139,8 +140,7 @@ def discover(backbone, image01: torch.Tensor, params: DatusParams, device="cpu")
     p = backbone.patch_size
     if h < p or w < p:
         raise StegosegError(f"image of {w}x{h} px is smaller than one {p}x{p} patch: use a larger --eval-resolution")
-    with torch.no_grad():
-        feats = backbone.features(image01[None].to(device))[0]  # (C, gh, gw), padded grid
+    feats = backbone.features(image01[None].to(device))[0]  # (C, gh, gw), padded grid (no gradients)
     gh, gw = feats.shape[-2:]
     labels = louvain_segments(feats.permute(1, 2, 0).reshape(gh * gw, -1).cpu(), params).reshape(gh, gw)
     up = np.repeat(np.repeat(labels, p, axis=0), p, axis=1)[:h, :w]
@@ -172,8 +172,7 @@ def run_datus(cfg, out, params: Optional[DatusParams] = None, split: Optional[st
                   desc="DatUS discover", disable=not cfg.progress):
         sample = ds[i]
         seg = discover(backbone, sample["image"], params, device)
-        crops = segment_crops((sample["image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), seg,
-                              params.crop_size)
+        crops = segment_crops(image_to_uint8(sample["image"]), seg, params.crop_size)
         with torch.no_grad():
             e = backbone.global_features(backbone.normalize(torch.stack(crops).to(device))).cpu()
         segs.append(seg)
@@ -216,7 +215,7 @@ def run_datus(cfg, out, params: Optional[DatusParams] = None, split: Optional[st
         remap = np.arange(k)
     for i in sorted(grid_at):
         s = ds[i]
-        rows.append({"image": (s["image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8),
+        rows.append({"image": image_to_uint8(s["image"]),
                      "label": s["label"].numpy() if "label" in s else None,
                      "segments": segs[i] % 255, "cluster": remap[preds[i]]})
     palette = make_palette(max(int(remap.max()) + 1, int(max(r["segments"].max() for r in rows)) + 1))

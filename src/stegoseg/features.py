@@ -286,18 +286,18 @@ def extract_features(
         path.mkdir(parents=True, exist_ok=True)
         has_labels = dataset.has_labels
         ids = [view.item_id(i, j) for j, i in enumerate(_raw_ids(dataset, view.n_crops))]
+        t = thumb_size(resolution)
         meta = {
             "spec": asdict(spec),
             "n_items": n,
             "feature_shape": [backbone.embed_dim, h, w],
             "label_shape": [resolution, resolution] if has_labels else None,
             "ids": ids,
-            "thumb_size": thumb_size(resolution),
+            "thumb_size": t,
             "n_classes": dataset.n_classes if has_labels else None,
             "class_names": list(dataset.class_names) if has_labels else None,
         }
         np.memmap(path / "features.f16", dtype=np.float16, mode="w+", shape=(n, backbone.embed_dim, h, w)).flush()
-        t = thumb_size(resolution)
         np.memmap(path / "thumbs.u8", dtype=np.uint8, mode="w+", shape=(n, 3, t, t)).flush()
         if has_labels:
             np.memmap(path / "labels.u8", dtype=np.uint8, mode="w+", shape=(n, resolution, resolution)).flush()
@@ -324,12 +324,12 @@ def extract_features(
             t = cache.thumbs.shape[-1]
             thumbs = F.interpolate(batch["image"], size=(t, t), mode="bilinear", align_corners=False, antialias=True)
             cache.thumbs[idx] = (thumbs * 255).round().clamp(0, 255).byte().numpy()
-            cache.thumbs.flush()
             if cache.labels is not None:
                 lab = batch["label"].clone()
                 lab[(lab < 0) | (lab > 255)] = IGNORE_INDEX
                 cache.labels[idx] = lab.numpy().astype(np.uint8)
             cache.features.flush()
+            cache.thumbs.flush()
             if cache.labels is not None:
                 cache.labels.flush()
             done[idx] = True

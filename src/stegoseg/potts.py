@@ -68,7 +68,8 @@ def potts_term(code: torch.Tensor, images255: torch.Tensor, shift: float, n_samp
     pos = coords_to_pixels(coords, size)
     col = sample_points(images255.float(), coords)
     k = potts_kernel(pos, col, pos, col, params)
-    return potts_loss(sample_points(code, coords), sample_points(code, coords), k, shift).mean()
+    s = sample_points(code, coords)
+    return potts_loss(s, s, k, shift).mean()
 
 
 def optimise_potts(image: np.ndarray, n_codes: int = 8, size: int = 48, steps: int = 300, lr: float = 0.1,

@@ -29,7 +29,7 @@ from datetime import timedelta
 import logging
 import math
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .config import ConfigBase, raise_first_failure
 from .errors import StegosegError
 
 log = logging.getLogger("stegoseg")
@@ -46,7 +47,7 @@ BACKBONE_FILE_FORMAT = "stegoseg-backbone"
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(ConfigBase):
     # ---- data
     dataset: str = "directory"
     data_root: Optional[str] = None
@@ -98,26 +99,14 @@ class PretrainConfig:
     readout_resolution: int = 224
     progress: bool = True
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
     def validate(self) -> None:
-        checks = [
+        raise_first_failure([
             (self.epochs >= 1, "--epochs must be >= 1"),
             (self.batch_size >= 2, "--batch-size must be >= 2"),
             (self.n_local_views >= 0, "--n-local-views must be >= 0"),
             (0 < self.global_crop_scale_min < 1, "--global-crop-scale-min must be in (0, 1)"),
             (self.warmup_epochs < self.epochs or self.epochs == 1, "--warmup-epochs must be < --epochs"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise StegosegError(message)
-
-    def save(self, path) -> None:
-        import yaml
-
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        ])
 
 
 def build_student(cfg: PretrainConfig):
@@ -248,10 +237,12 @@ class DinoPretrainModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         from lightly.models.utils import update_momentum
 
+        from .train import _step_seed
+
         step = int(batch["step"])
         if step != self.global_step:
             raise RuntimeError(f"batch for step {step} arrived at global step {self.global_step}")
-        torch.manual_seed((self.cfg.seed * 1_000_003 + step * 7_919 + self.global_rank * 104_729) % (2**62))
+        torch.manual_seed(_step_seed(self.cfg.seed, step, self.global_rank))
         m = self.momentum(step)
         update_momentum(self.student, self.teacher, m)
         update_momentum(self.student_head, self.teacher_head, m)

@@ -67,12 +67,13 @@ class StepBatches(torch.utils.data.Dataset):
         rank: int = 0,
         world: int = 1,
         crop_view: Optional[CropView] = None,
+        with_thumbs: bool = False,
     ):
         self.cache, self.knn = cache, knn
         self.batch_size, self.seed, self.topk = batch_size, seed, min(knn_topk, knn.shape[1])
         self.start_step, self.steps, self.rank, self.world = start_step, steps, rank, world
         self.crop_view = crop_view
-        self.with_thumbs = False
+        self.with_thumbs = with_thumbs  # crop thumbnails in each batch (for the CRF-kernel Potts term)
 
     def __len__(self) -> int:
         return max(0, self.steps - self.start_step)
@@ -231,9 +232,8 @@ class _StegoData(L.LightningDataModule):
         ds = StepBatches(
             self.cache, self.knn, self.cfg.batch_size, self.cfg.seed, self.cfg.knn_topk,
             start_step=t.global_step, steps=self.cfg.steps, rank=t.global_rank, world=t.world_size,
-            crop_view=self.crop_view,
+            crop_view=self.crop_view, with_thumbs=self.cfg.w_potts > 0,
         )
-        ds.with_thumbs = self.cfg.w_potts > 0
         return torch.utils.data.DataLoader(
             StepStream(ds), batch_size=None, num_workers=self.cfg.num_workers,
             persistent_workers=False, pin_memory=torch.cuda.is_available(),

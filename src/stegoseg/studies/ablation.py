@@ -36,7 +36,7 @@ from typing import Sequence
 from ..config import Config, replace
 from ..errors import StegosegError, refuse_overwrite
 from .dimred import (
-    METRIC_COLUMNS, METRIC_KEYS, SharedFeatures, argument_type, check_cache_matches, load_with_backbone, markdown_table,
+    METRIC_COLUMNS, METRIC_KEYS, SharedFeatures, argument_type, load_with_backbone, markdown_table,
 )
 
 log = logging.getLogger("stegoseg")
@@ -103,8 +103,7 @@ def run_ablation(cfg: Config, out, variants=None) -> dict:
     t_start = time.perf_counter()
 
     backbone, _ = build_backbone_from_config(cfg)
-    cache = prepare(cfg, out, backbone)  # the shared cache and KNN
-    check_cache_matches(cache, backbone, cfg, out)
+    prepare(cfg, out, backbone)  # the shared cache and KNN, written once for every variant
     shared = SharedFeatures(backbone)
     full_cfg = cfg.to_dict()
     models, checkpoints, rows = {}, {}, []

@@ -60,6 +60,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..crf import CRFParams
+from ..data.base import IGNORE_INDEX
 from ..errors import StegosegError, refuse_overwrite
 
 log = logging.getLogger("stegoseg")
@@ -69,9 +71,8 @@ DEFAULT_SETTINGS = ("self", "knn")
 COSINE_EPS = 1e-6
 COSINE_BIN_RANGE = (-math.log(2 + COSINE_EPS), -math.log(COSINE_EPS))  # t = -log(1 + eps - s), s in [-1, 1]
 KERNEL_BIN_RANGE = (-16.0, 0.0)  # t = -log(1 - log k): covers log k >= -8.9e6
-CRF_SXY = 67.0  # the published CRF's bilateral kernel (see stegoseg.crf.CRFParams)
-CRF_SRGB = 3.0
-IGNORE = 255
+CRF_SXY = CRFParams.bi_xy_std  # the published CRF's bilateral kernel
+CRF_SRGB = CRFParams.bi_rgb_std
 OUTPUTS = (
     "correspondence_pr.png", "correspondence_ap.json", "correspondence_ap.md", "correspondence_hist.npz",
     "correspondence_maps.png", "class_coupling.png", "class_coupling.json", "config.yaml",
@@ -346,26 +347,6 @@ class _PatchRGB:
         return torch.stack(out)
 
 
-def _check_cache_matches(cache, view, backbone, device) -> None:
-    """Refuse a cache computed by other weights (e.g. another random initialisation)."""
-    with torch.no_grad():
-        x = view[0]["image"][None].to(device)
-        live = backbone.to(device)(backbone.normalize(x)).float().cpu()
-    cached = cache.feature_batch([0])
-    if live.shape != cached.shape:
-        raise StegosegError(
-            f"the feature cache {cache.path} has features of shape {tuple(cached.shape[1:])}, the backbone gives "
-            f"{tuple(live.shape[1:])}: pass another --cache-dir"
-        )
-    cos = F.cosine_similarity(live.flatten(1), cached.flatten(1)).item()
-    if cos < 0.99:
-        raise StegosegError(
-            f"the feature cache {cache.path} was computed with other backbone weights than this run's "
-            f"(cosine {cos:.3f}; a randomly initialised backbone differs between runs): pass the --checkpoint "
-            "trained on that cache, or another --cache-dir"
-        )
-
-
 def _choose_items(n: int, n_images: int, seed: int) -> np.ndarray:
     if n_images <= 0 or n_images >= n:
         return np.arange(n)
@@ -465,7 +446,6 @@ def run_correspondence_study(cfg, out, checkpoint=None, sources=None, n_images: 
         )
     spec = cache.spec
     view = CropView(train, spec["resolution"], spec["five_crop"], spec.get("image_resample", "bilinear"))
-    _check_cache_matches(cache, view, backbone, device)
     _, h, w = cache.meta["feature_shape"]
     patch = spec["resolution"] / w
     if not 0 <= opts.map_image < cache.n:
@@ -550,7 +530,7 @@ def run_correspondence_study(cfg, out, checkpoint=None, sources=None, n_images: 
                         scores = s.score(a[:, None], bb)  # (b, k, P, Q)
                         la = lab_src[:, None, :, None].expand_as(scores)
                         lb = lab_p[:, :, None, :].expand_as(scores)
-                    valid = (la != IGNORE) & (lb != IGNORE) & (la < n_classes) & (lb < n_classes)
+                    valid = (la != IGNORE_INDEX) & (lb != IGNORE_INDEX) & (la < n_classes) & (lb < n_classes)
                     sv, la_v, lb_v = scores[valid], la[valid], lb[valid]
                     if studied:
                         hists[(s.name, st)].add(s.to_bins(sv), la_v == lb_v)

@@ -225,31 +225,6 @@ def unwrap_backbone(backbone: nn.Module) -> nn.Module:
     return backbone.inner if isinstance(backbone, SharedFeatures) else backbone
 
 
-def check_cache_matches(cache, backbone, cfg: Config, out=None) -> None:
-    """Recompute the first cached item's features with ``backbone`` and compare.
-
-    A feature cache is keyed by the backbone's weights file; randomly initialised
-    backbones all share the key ``random``, so a cache written by a differently seeded
-    random backbone would otherwise be read silently.
-    """
-    from ..features import CropView
-    from ..pipeline import build_split, resolve_device
-
-    device = resolve_device(cfg.device)
-    view = CropView(build_split(cfg, cfg.train_split, out), cfg.resolution, cfg.five_crop, "bilinear")
-    image = view[0]["image"][None].to(device)
-    bb = unwrap_backbone(backbone).to(device)
-    with torch.no_grad():
-        fresh = bb(bb.normalize(image)).float().cpu()
-    cached = cache.feature_batch([0])
-    if fresh.shape != cached.shape or not torch.allclose(fresh, cached, rtol=2e-2, atol=2e-2):
-        raise StegosegError(
-            f"the feature cache {cache.path} was written by a different backbone than this run's "
-            f"(weights {getattr(bb, 'weights_source', '?')}); random backbones are seeded with --seed, so "
-            "use the same --seed or another --cache-dir"
-        )
-
-
 def load_with_backbone(checkpoint, backbone: nn.Module, device: str):
     """Load a checkpoint and put ``backbone`` (e.g. a :class:`SharedFeatures`) in place of its own
     backbone, after checking that the weights are the same."""
@@ -473,7 +448,6 @@ def run_dimred_study(
 
     backbone, _ = build_backbone_from_config(cfg)
     cache = prepare(cfg, out, backbone)
-    check_cache_matches(cache, backbone, cfg, out)
     train = build_split(cfg, cfg.train_split, out)
     n_classes = n_classes_for(cfg, train)
     class_names = train.class_names if train.has_labels else None
