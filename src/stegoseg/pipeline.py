@@ -177,36 +177,42 @@ def fit_feature_baseline(cfg: Config, out, cache: Optional[FeatureCache] = None,
     cross-entropy on the training labels, when the training split has labels.
     """
     out = Path(out)
-    device = resolve_device(cfg.device)
     if backbone is None:
-        backbone, spec = build_backbone_from_config(cfg)
-    else:
-        spec = backbone_spec(cfg)
+        backbone, _ = build_backbone_from_config(cfg)
     if cache is None:
         cache = prepare(cfg, out, backbone)
     train = build_split(cfg, cfg.train_split, out)
-    n_classes = n_classes_for(cfg, train)
+    return fit_probes(cfg, cache, backbone, n_classes_for(cfg, train), class_names=train.class_names)
+
+
+def fit_probes(cfg: Config, cache: FeatureCache, backbone, n_classes: int, class_names=None, head=None,
+               method: str = "features") -> SegmentationModel:
+    """Cluster and linear probes fitted on the cached training features, or on
+    ``head(features)`` when a (fixed) head is given: seeded spherical k-means
+    (:func:`fit_centroids`) with n_classes + extra_clusters centroids, and, when the cache
+    has labels, the linear probe trained for ``cfg.linear_epochs`` epochs. The probes'
+    initial weights come from ``cfg.seed`` (the caller's RNG state is untouched)."""
+    device = resolve_device(cfg.device)
     n_clusters = n_classes + cfg.extra_clusters
-    bs = max(8, cfg.batch_size)
-    centroids = fit_centroids(cfg, cache, n_clusters, device=device)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)  # the probes' initial weights: seeded, caller's RNG untouched
+        torch.manual_seed(cfg.seed)
         model = SegmentationModel(
-            backbone,
-            spec,
-            head=None,
-            n_clusters=n_clusters,
+            backbone, backbone_spec(cfg), head=head, n_clusters=n_clusters,
             n_classes=n_classes if cache.has_labels else None,
-            class_names=train.class_names if train.has_labels else None,
-            method="features",
-            config=cfg.to_dict(),
+            class_names=class_names if cache.has_labels else None, method=method, config=cfg.to_dict(),
         ).to(device)
-    set_centroids(model.cluster_probe, centroids)
+    head = model.head
+    set_centroids(model.cluster_probe, fit_centroids(cfg, cache, n_clusters, head=head, device=device))
     if cache.has_labels:
         gen = torch.Generator().manual_seed(cfg.seed)
+        bs = max(8, cfg.batch_size)
 
         def batches():
-            return cache.shuffled_labelled_batches(bs, gen)
+            for feats, labels in cache.shuffled_labelled_batches(bs, gen):
+                if head is not None:
+                    with torch.no_grad():
+                        feats = head(feats.to(device).float())
+                yield feats, labels
 
         train_linear_probe(
             model.linear_probe, batches, epochs=cfg.linear_epochs, lr=cfg.probe_lr, device=device,

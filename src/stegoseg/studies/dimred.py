@@ -252,44 +252,12 @@ def save_model(model, path) -> Path:
 # --------------------------------------------------------------------------- probes on a head
 def fit_probes_with_head(cfg: Config, cache, head: nn.Module, backbone, n_classes: int, class_names=None,
                          method: str = "projection"):
-    """Cluster and linear probes fitted on ``head(features)`` of the cached training features.
+    """Cluster and linear probes fitted on ``head(features)`` of the cached training features:
+    :func:`stegoseg.pipeline.fit_probes`, the raw-feature baseline's recipe, with a head (with an
+    identity head it gives that baseline's probes exactly)."""
+    from ..pipeline import fit_probes
 
-    Same recipe as :func:`stegoseg.pipeline.fit_feature_baseline` (batch size, seed,
-    k-means iterations, linear epochs and learning rate, probes initialised from ``cfg.seed``):
-    with an identity head it gives that baseline's probes exactly.
-    """
-    from ..model import SegmentationModel
-    from ..pipeline import backbone_spec, fit_centroids, resolve_device
-    from ..probes import set_centroids, train_linear_probe
-
-    device = resolve_device(cfg.device)
-    n_clusters = n_classes + cfg.extra_clusters
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)  # the probes' initial weights (as in the baseline)
-        model = SegmentationModel(
-            backbone, backbone_spec(cfg), head=head, n_clusters=n_clusters,
-            n_classes=n_classes if cache.has_labels else None,
-            class_names=class_names if cache.has_labels else None, method=method, config=cfg.to_dict(),
-        ).to(device)
-    head = model.head
-    bs = max(8, cfg.batch_size)
-
-    def coded(feats: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return head(feats.to(device))
-
-    set_centroids(model.cluster_probe, fit_centroids(cfg, cache, n_clusters, head=head, device=device))
-    if cache.has_labels:
-        gen = torch.Generator().manual_seed(cfg.seed)
-
-        def batches():
-            return ((coded(f), y) for f, y in cache.shuffled_labelled_batches(bs, gen))
-
-        train_linear_probe(
-            model.linear_probe, batches, epochs=cfg.linear_epochs, lr=cfg.probe_lr, device=device,
-            progress=cfg.progress, seed=cfg.seed,
-        )
-    return model.eval()
+    return fit_probes(cfg, cache, backbone, n_classes, class_names=class_names, head=head, method=method)
 
 
 # --------------------------------------------------------------------------- the study
