@@ -69,6 +69,8 @@ class Config(ConfigBase):
     extra_clusters: int = 0
     feature_dropout: float = 0.1
     n_samples: int = 11  # points per side: 11 x 11 = 121
+    shifts: str = "auto"  # auto: calibrate b_self/b_knn/b_rand from the feature cache (label-free) | fixed: use them as given
+    calibration_batches: int = 40  # batches of sampled pairs the calibration reads
     w_self: float = 0.10
     w_knn: float = 1.00
     w_rand: float = 0.15
@@ -88,6 +90,8 @@ class Config(ConfigBase):
     lr: float = 5e-4
     probe_lr: float = 5e-3
     cluster_fit: str = "online"  # online (reference) | kmeans: refit the cluster probe on the trained code
+    select: Optional[str] = None  # label-free | val-miou | last; None: label-free with --shifts auto, else last
+    selection_batches: int = 24  # batches of sampled pairs the label-free criterion reads per candidate
     seed: int = 0
     live_backbone: bool = False  # run the backbone every step instead of reading the cache
     accelerator: str = "auto"
@@ -118,38 +122,45 @@ class Config(ConfigBase):
     def validate(self) -> None:
         validate(self)
 
+    def to_dict(self) -> dict:
+        """All fields; with ``shifts: auto`` the b_* values are left out (the calibration chooses them)."""
+        values = super().to_dict()
+        if self.shifts == "auto":
+            for name in SHIFT_FIELDS:
+                values.pop(name)
+        return values
+
 
 PRESETS = {
     # Paper Table 6 (CocoStuff column), ViT-S/8 as in the ablations.
     "cocostuff27": dict(
-        dataset="cocostuff27", backbone="dino_vits8", dim=70,
+        dataset="cocostuff27", backbone="dino_vits8", dim=70, shifts="fixed",
         w_self=0.10, w_knn=1.00, w_rand=0.15, b_self=0.12, b_knn=0.20, b_rand=1.00,
     ),
     # Released CocoStuff ViT-B/8 checkpoint: K = 90.
     "cocostuff27-vitb8": dict(
-        dataset="cocostuff27", backbone="dino_vitb8", dim=90,
+        dataset="cocostuff27", backbone="dino_vitb8", dim=90, shifts="fixed",
         w_self=0.10, w_knn=1.00, w_rand=0.15, b_self=0.12, b_knn=0.20, b_rand=1.00,
     ),
     # Paper Table 6 (Cityscapes column); released ViT-B/8 checkpoint: K = 100, pointwise off.
     "cityscapes27": dict(
-        dataset="cityscapes27", backbone="dino_vitb8", dim=100, pointwise=False,
+        dataset="cityscapes27", backbone="dino_vitb8", dim=100, pointwise=False, shifts="fixed",
         w_self=1.00, w_knn=0.58, w_rand=0.91, b_self=0.46, b_knn=0.18, b_rand=0.31,
     ),
     # Released Potsdam ViT-S/8 checkpoint.
     "potsdam3": dict(
-        dataset="potsdam3", backbone="dino_vits8", dim=70, pointwise=True,
+        dataset="potsdam3", backbone="dino_vits8", dim=70, pointwise=True, shifts="fixed",
         w_self=0.67, w_knn=0.25, w_rand=0.63, b_self=0.08, b_knn=0.02, b_rand=0.76,
     ),
-    # A user's own folder: the CocoStuff values (diverse natural images) as the default.
-    "directory": dict(dataset="directory"),
+    # A user's own folder: the CocoStuff term weights, shifts calibrated without labels
+    # (--shifts auto) and the checkpoint chosen without labels (--select label-free).
+    "directory": dict(dataset="directory", shifts="auto"),
     # The no-download demo of the README: generated images, short schedule sized for a CPU,
-    # the Potsdam checkpoint's loss weights (on the generated images, with the seed-0 random
-    # ViT-S/8, they gave STEGO cluster accuracy 71.7 where the CocoStuff values gave 61.1
-    # after 300 steps).
+    # a user's-folder run otherwise (CocoStuff term weights, --shifts auto, --select
+    # label-free among the checkpoints every 50 steps).
     "demo": dict(
         dataset="synthetic", backbone="dino_vits8", resolution=112, steps=300, batch_size=8,
-        eval_resolution=160, log_every=10, ckpt_every=100,
-        w_self=0.67, w_knn=0.25, w_rand=0.63, b_self=0.08, b_knn=0.02, b_rand=0.76,
+        eval_resolution=160, log_every=10, ckpt_every=50, shifts="auto",
     ),
 }
 
@@ -163,6 +174,12 @@ _FIELD_HELP = {
     "n_classes": "number of classes/clusters; required for label-free data",
     "devices": "Lightning devices: a count, 'auto', or a list like '0,1'",
     "live_backbone": "run the backbone each training step instead of reading cached features",
+    "shifts": "auto: choose b_self, b_knn, b_rand without labels from the feature cache (each at the quantile of its "
+    "pair type's feature correspondence that a k-means partition of the features calls same-cluster; written to "
+    "calibration.json and the run's config.yaml); fixed: use --b-self/--b-knn/--b-rand as given (the paper presets)",
+    "select": "which checkpoint becomes checkpoint.pt: label-free (best agreement of the code's clusters with the "
+    "feature correspondences, training images only), val-miou (best validation cluster mIoU: needs val labels, the "
+    "reference's way), last; default: label-free with --shifts auto, else last",
     "cluster_fit": "STEGO's cluster probe: 'online' (the reference's minibatch probe trained alongside the head) "
     "or 'kmeans' (after training, seeded spherical k-means++ over the cached training code: stable between runs)",
 }
@@ -218,14 +235,26 @@ def resolve_config(args: argparse.Namespace, cls=None, presets: Optional[dict] =
     values = {}
     if getattr(args, "preset", None):
         values.update(presets[args.preset])
+    given = {}  # values the user wrote (YAML file, command line), not the preset's
     if getattr(args, "config", None):
-        values.update(load_yaml(args.config))
+        given.update(load_yaml(args.config))
     for f in fields(cls):
         v = getattr(args, f.name, None)
         if v is not None:
-            values[f.name] = v
+            given[f.name] = v
+    values.update(given)
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return make_config(values, cls)
+    cfg = make_config(values, cls)
+    if getattr(cfg, "shifts", None) == "auto":
+        mine = [k for k in SHIFT_FIELDS if k in given]
+        if mine:
+            flag = "--" + mine[0].replace("_", "-")
+            raise StegosegError(f"{flag} was given, but --shifts auto chooses the shifts itself: add --shifts fixed "
+                                f"to train with your values")
+    return cfg
+
+
+SHIFT_FIELDS = ("b_self", "b_knn", "b_rand")
 
 
 def load_yaml(path) -> dict:
@@ -265,14 +294,25 @@ def validate(cfg: Config) -> None:
         (cfg.eval_resample in ("nearest", "bilinear"), "--eval-resample must be nearest or bilinear"),
         (cfg.knn_backend in ("auto", "faiss", "torch"), "--knn-backend must be auto, faiss or torch"),
         (cfg.cluster_fit in ("online", "kmeans"), "--cluster-fit must be online or kmeans"),
+        (cfg.shifts in ("auto", "fixed"), "--shifts must be auto (label-free calibration) or fixed (use --b-self/--b-knn/--b-rand)"),
+        (cfg.select in (None, "label-free", "val-miou", "last"), "--select must be label-free, val-miou or last"),
+        (cfg.calibration_batches >= 1, "--calibration-batches must be >= 1"),
+        (cfg.selection_batches >= 1, "--selection-batches must be >= 1"),
         (cfg.extra_clusters >= 0, "--extra-clusters must be >= 0"),
         (cfg.n_classes is None or cfg.n_classes >= 2, "--n-classes must be >= 2"),
     ]
     raise_first_failure(checks)
 
 
+def selection_mode(cfg: Config) -> str:
+    """``cfg.select`` with its default resolved: label-free with ``--shifts auto``, else last."""
+    if cfg.select is not None:
+        return cfg.select
+    return "label-free" if cfg.shifts == "auto" else "last"
+
+
 def replace(cfg: Config, **changes) -> Config:
     return dataclasses.replace(cfg, **changes)
 
 
-__all__ = ["Config", "PRESETS", "add_config_arguments", "resolve_config", "make_config", "load_yaml", "replace", "field"]
+__all__ = ["Config", "PRESETS", "selection_mode", "add_config_arguments", "resolve_config", "make_config", "load_yaml", "replace", "field"]

@@ -5,6 +5,7 @@ The command-line interface is a thin layer over these; each is usable from Pytho
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -13,15 +14,19 @@ from typing import Optional
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .backbones import create_backbone
-from .config import Config
+from .calibration import calibrate_for_config
+from .config import Config, replace, selection_mode
 from .data import build_dataset
 from .errors import StegosegError
 from .evaluate import EvalConfig, evaluate_model, summary_rows
-from .features import FeatureCache, extract_features
+from .features import CropView, FeatureCache, extract_features
 from .model import SegmentationModel
 from .probes import spherical_kmeans, train_linear_probe, set_centroids
+from .selection import pick_best, score_for_config
+from .train import fit_stego
 
 log = logging.getLogger("stegoseg")
 
@@ -252,44 +257,182 @@ def run_feature_baseline(cfg: Config, out) -> dict:
 
 
 # --------------------------------------------------------------------------- STEGO
+def save_run_config(cfg: Config, path: Path, calibrated: bool = False) -> None:
+    """``config.yaml``; after a label-free calibration the shifts it chose are written as
+    fixed values (with a comment saying so), so that ``--config`` on this file repeats the run."""
+    cfg.save(path)
+    if calibrated:
+        text = Path(path).read_text()
+        Path(path).write_text(
+            "# b_self, b_knn, b_rand were chosen by --shifts auto (label-free; see calibration.json) and are\n"
+            "# written here as fixed values: `stegoseg train --config THIS_FILE` repeats the run exactly.\n" + text
+        )
+
+
+def check_selection_possible(cfg: Config, out: Path) -> None:
+    """``--select val-miou`` needs a labelled validation split: say so before any long work."""
+    if selection_mode(cfg) != "val-miou":
+        return
+    try:
+        val = build_split(cfg, cfg.val_split, out)
+    except StegosegError as exc:
+        raise StegosegError(f"--select val-miou needs the validation split: {exc}") from exc
+    if not val.has_labels:
+        raise StegosegError(f"--select val-miou needs labels for the '{cfg.val_split}' split; use --select label-free")
+
+
+def calibrate_run(cfg: Config, out: Path, cache: FeatureCache, n_clusters: int):
+    """``--shifts auto``: choose the shifts from the cache (label-free) and pin them in the config.
+
+    Returns (config with shifts fixed to the chosen values and the selection mode
+    resolved, the calibration or None)."""
+    if cfg.shifts != "auto":
+        return cfg, None
+    t0 = time.perf_counter()
+    knn = cache.neighbors(cfg.n_neighbors, backend=cfg.knn_backend)
+    calibration = calibrate_for_config(cfg, cache, knn, n_clusters)
+    calibration.save(out / "calibration.json")
+    log.info(
+        "shifts calibrated without labels in %.1fs: b_self %.3f, b_knn %.3f, b_rand %.3f (same-cluster rates "
+        "self %.2f, knn %.2f, random %.2f); see %s", time.perf_counter() - t0, calibration.b_self,
+        calibration.b_knn, calibration.b_rand, calibration.same_rate["self"], calibration.same_rate["knn"],
+        calibration.same_rate["rand"], out / "calibration.json",
+    )
+    return replace(cfg, shifts="fixed", select=selection_mode(cfg), **calibration.shifts), calibration
+
+
 def train_stego(cfg: Config, out, resume: bool = False) -> Optional[Path]:
-    """prepare (cache + KNN) then train the head and probes; writes ``<out>/checkpoint.pt``.
+    """prepare (cache + KNN), calibrate the shifts (``--shifts auto``), train the head and
+    probes, select a checkpoint (``--select``); writes ``<out>/checkpoint.pt``.
 
     Returns the checkpoint path on the main process, None on the other DDP ranks.
     """
-    from .features import CropView
-    from .train import fit_stego
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    check_selection_possible(cfg, out)
     cfg.save(out / "config.yaml")
     backbone, spec = build_backbone_from_config(cfg)
     cache = prepare(cfg, out, backbone)
     train = build_split(cfg, cfg.train_split, out)
     n_classes = n_classes_for(cfg, train)
+    n_clusters = n_classes + cfg.extra_clusters
+    cfg, calibration = calibrate_run(cfg, out, cache, n_clusters)
+    save_run_config(cfg, out / "config.yaml", calibrated=calibration is not None)
     crop_view = CropView(train, cfg.resolution, cfg.five_crop, "bilinear") if cfg.live_backbone else None
     t0 = time.perf_counter()
     module = fit_stego(cfg, out, cache, n_classes, cache.has_labels, resume=resume, backbone=backbone, crop_view=crop_view)
     if not module.is_global_zero:
         return None
-    model = SegmentationModel(
-        backbone, spec, head=module.head, n_clusters=module.cluster_probe.n_clusters,
-        n_classes=n_classes if module.linear_probe is not None else None,
-        class_names=train.class_names if train.has_labels else None, method="stego", config=cfg.to_dict(),
-    )
-    model.cluster_probe.load_state_dict(module.cluster_probe.state_dict())
-    if module.linear_probe is not None:
-        model.linear_probe.load_state_dict(module.linear_probe.state_dict())
+
+    def model_from(state: dict) -> SegmentationModel:
+        module.load_state_dict(state)
+        model = SegmentationModel(
+            backbone, spec, head=copy.deepcopy(module.head), n_clusters=module.cluster_probe.n_clusters,
+            n_classes=n_classes if module.linear_probe is not None else None,
+            class_names=train.class_names if train.has_labels else None, method="stego", config=cfg.to_dict(),
+        )
+        model.cluster_probe.load_state_dict(module.cluster_probe.state_dict())
+        if module.linear_probe is not None:
+            model.linear_probe.load_state_dict(module.linear_probe.state_dict())
+        if cfg.cluster_fit == "kmeans":
+            device = resolve_device(cfg.device)
+            head = model.head.to(device).eval()
+            set_centroids(model.cluster_probe, fit_centroids(cfg, cache, model.n_clusters, head=head, device=device))
+            head.cpu()
+        return model.eval()
+
+    model = select_checkpoint(cfg, out, module, model_from, cache, calibration, n_clusters)
     if cfg.cluster_fit == "kmeans":
-        device = resolve_device(cfg.device)
-        head = model.head.to(device).eval()
-        set_centroids(model.cluster_probe, fit_centroids(cfg, cache, model.n_clusters, head=head, device=device))
-        head.cpu()
         log.info("cluster probe refitted by spherical k-means on the trained code (--cluster-fit kmeans)")
     path = model.save(out / "checkpoint.pt")
     plot_training_curves(out / "logs" / "metrics.csv", out / "training_curves.png")
     log.info("trained %d steps in %.1fs; checkpoint %s", cfg.steps, time.perf_counter() - t0, path)
     return path
+
+
+def select_checkpoint(cfg: Config, out: Path, module, model_from, cache: FeatureCache, calibration,
+                      n_clusters: int) -> SegmentationModel:
+    """The model of the checkpoint that ``--select`` picks among the run's saved steps and its
+    last step; writes ``selection.json`` (every candidate's criterion), ``selection.png`` and
+    the chosen checkpoint's code-similarity histogram (``selected_similarity_histogram.png``)."""
+    mode = selection_mode(cfg)
+    final_state = copy.deepcopy(module.state_dict())
+    candidates = checkpoint_states(out / "lightning", final_state, cfg.steps)
+    if mode == "last" or len(candidates) == 1:
+        model = model_from(final_state)
+        write_selection(out, mode, {cfg.steps: {}}, cfg.steps, reference=None)
+        return model
+    device = resolve_device(cfg.device)
+    knn = cache.neighbors(cfg.n_neighbors, backend=cfg.knn_backend)
+    reference = calibration or calibrate_for_config(cfg, cache, knn, n_clusters)
+    rows, keep = {}, {}
+    val_cfg = replace(cfg, crf=False, progress=False)
+    for step, state in tqdm(candidates.items(), desc=f"select ({mode})", disable=not cfg.progress, unit="ckpt"):
+        module.load_state_dict(state)
+        head = module.head.to(device).eval()
+        scored = score_for_config(cfg, head, cache, knn, reference, n_clusters, device=device)
+        head.cpu()
+        rows[step] = scored.row()
+        keep[step] = scored.similarity_samples
+        if mode == "val-miou":
+            result = evaluate_checkpoint_model(val_cfg, model_from(state).to(device), out / "selection-eval" / f"step{step:06d}")
+            rows[step]["val_cluster_miou"] = result["cluster"]["strict"]["miou"]
+            rows[step]["val_cluster_acc"] = result["cluster"]["strict"]["accuracy"]
+    key = "label_free_score" if mode == "label-free" else "val_cluster_miou"
+    chosen = pick_best({step: row[key] for step, row in rows.items()})
+    write_selection(out, mode, rows, chosen, reference=reference)
+    save_similarity_samples(keep[chosen], out / "selected_similarity_histogram.png", chosen)
+    log.info("--select %s: step %d of %s (%s %.3f)", mode, chosen, sorted(rows), key, rows[chosen][key])
+    return model_from(candidates[chosen])
+
+
+def checkpoint_states(ckpt_dir: Path, final_state: dict, final_step: int) -> dict:
+    """{step: module state} for every ``step*.ckpt`` Lightning saved and for the final step."""
+    states = {}
+    for path in sorted(Path(ckpt_dir).glob("step*.ckpt")):
+        step = int(path.stem[4:])
+        if step < final_step:
+            states[step] = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    states[final_step] = final_state
+    return states
+
+
+def write_selection(out: Path, mode: str, rows: dict, chosen: int, reference) -> None:
+    """``selection.json`` and, with more than one candidate, ``selection.png`` (criterion against step)."""
+    data = {"mode": mode, "chosen_step": chosen, "candidates": {str(k): v for k, v in rows.items()},
+            "reference_shifts": reference.shifts if reference is not None else None}
+    (out / "selection.json").write_text(json.dumps(data, indent=2))
+    if len(rows) > 1:
+        plot_selection(rows, chosen, out / "selection.png")
+
+
+def plot_selection(rows: dict, chosen: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = sorted(rows)
+    keys = [k for k in ("label_free_score", "val_cluster_miou") if k in rows[steps[0]]]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        ax.plot(steps, [rows[s][key] for s in steps], "o-")
+        ax.axvline(chosen, color="tab:red", linestyle="--", label=f"chosen: step {chosen}")
+        ax.set_xlabel("step")
+        ax.set_title(key.replace("_", " "))
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def save_similarity_samples(samples: dict, path: Path, step: int) -> None:
+    from .viz import histogram_png
+
+    values = {f"{'KNN' if k == 'knn' else 'random'} pairs": v for k, v in samples.items() if len(v)}
+    if values:
+        histogram_png(values, path, title=f"code similarity S, selected checkpoint (step {step})",
+                      xlabel="cosine similarity of codes")
 
 
 def plot_training_curves(csv_path: Path, png_path: Path) -> None:
@@ -487,8 +630,11 @@ def write_report(out: Path, title: str, results: dict, cfg: Config, notes: list)
             f"{fmt(s.get('linear_acc'))} | {fmt(s.get('linear_miou'))} |"
         )
     lines.append("")
+    lines += calibration_report_lines(out / "train")
     for caption, rel in (
         ("Code similarity histogram (paper A.11: healthy runs are bimodal)", "train/similarity_histogram.png"),
+        ("Code similarity histogram of the selected checkpoint", "train/selected_similarity_histogram.png"),
+        ("Checkpoint selection criterion", "train/selection.png"),
         ("Training curves", "train/training_curves.png"),
         ("STEGO predictions (image | ground truth | cluster probe | linear probe)", "eval/predictions.png"),
         ("Raw-feature baseline predictions", "baseline/predictions.png"),
@@ -502,6 +648,51 @@ def write_report(out: Path, title: str, results: dict, cfg: Config, notes: list)
     return path
 
 
+def calibration_report_lines(train_dir: Path) -> list:
+    """Markdown: the shifts the run used (and how --shifts auto chose them), and the
+    checkpoint --select picked with every candidate's criterion."""
+    lines = []
+    cal_path, sel_path, cfg_path = train_dir / "calibration.json", train_dir / "selection.json", train_dir / "config.yaml"
+    if cal_path.exists():
+        cal = json.loads(cal_path.read_text())
+        lines += [
+            "## Loss shifts (`--shifts auto`, chosen without labels)", "",
+            "Each shift b sits at the quantile of its pair type's feature correspondence F that leaves above it "
+            "the fraction of pairs a k-means partition of the features puts in one cluster "
+            "(see docs/label_free.md).", "",
+            "| pair type | same-cluster rate | mean F | chosen shift | published CocoStuff shift |",
+            "|---|---|---|---|---|",
+        ]
+        published = {"self": 0.12, "knn": 0.20, "rand": 1.00}
+        for t, name in (("self", "within image"), ("knn", "nearest neighbour"), ("rand", "random image")):
+            lines.append(f"| {name} | {cal['same_rate'][t]:.3f} | {cal['feature_similarity'][t]['mean']:.3f} | "
+                         f"{cal['b_' + t]:.3f} | {published[t]:.2f} |")
+        lines.append("")
+    elif cfg_path.exists():
+        import yaml
+
+        c = yaml.safe_load(cfg_path.read_text())
+        if c and "b_knn" in c:
+            lines += [f"Loss shifts as given (`--shifts fixed`): b_self {c['b_self']}, b_knn {c['b_knn']}, "
+                      f"b_rand {c['b_rand']}.", ""]
+    if sel_path.exists():
+        sel = json.loads(sel_path.read_text())
+        lines += [f"## Checkpoint selection (`--select {sel['mode']}`): step {sel['chosen_step']}", ""]
+        rows = sel["candidates"]
+        if len(rows) > 1:
+            has_val = any("val_cluster_miou" in r for r in rows.values())
+            lines += ["| step | label-free score | mean S, KNN pairs | mean S, random pairs | clusters used |"
+                      + (" val cluster mIoU |" if has_val else ""),
+                      "|---|---|---|---|---|" + ("---|" if has_val else "")]
+            for step, r in rows.items():
+                mark = " **(chosen)**" if int(step) == sel["chosen_step"] else ""
+                lines.append(f"| {step}{mark} | {r['label_free_score']:.3f} | {r['mean_code_similarity']['knn']:.3f} | "
+                             f"{r['mean_code_similarity']['rand']:.3f} | {r['clusters_used']} |"
+                             + (f" {r.get('val_cluster_miou', float('nan')):.1f} |" if has_val else ""))
+            lines.append("")
+    return lines
+
+
 def run_all(cfg: Config, out, resume: bool = False, baseline: bool = True, n_segment: int = 8) -> Optional[dict]:
     """The main job: prepare -> train -> evaluate -> segment (+ raw-feature baseline) -> report.md."""
     out = Path(out)
@@ -513,6 +704,8 @@ def run_all(cfg: Config, out, resume: bool = False, baseline: bool = True, n_seg
     ckpt = train_stego(cfg, out / "train", resume=resume)
     if ckpt is None:  # a non-zero DDP rank: the main process does the rest
         return None
+    # the run's config with what training resolved (calibrated shifts, selection mode)
+    (out / "config.yaml").write_text((out / "train" / "config.yaml").read_text())
     model = load_model_for(ckpt, cfg)
     results = {"STEGO": evaluate_checkpoint_model(cfg, model, out / "eval")}
     if baseline:
@@ -539,8 +732,6 @@ def load_model_for(checkpoint, cfg: Config) -> SegmentationModel:
 def resolve_run_paths(cfg: Config, out: Path) -> Config:
     """Create ``out`` and pin the paths a multi-stage run shares: the generated data folder
     (dataset=synthetic without a root) and the feature cache (default ``out/cache``)."""
-    from .config import replace
-
     out.mkdir(parents=True, exist_ok=True)
     if cfg.dataset == "synthetic" and not cfg.data_root:
         cfg = replace(cfg, data_root=data_root(cfg, out))

@@ -38,14 +38,16 @@ def _class_texture(cls: int, h: int, w: int, rng: np.random.Generator) -> np.nda
     return tex
 
 
-def make_label_map(h: int, w: int, n_classes: int, rng: np.random.Generator) -> np.ndarray:
-    """A background class plus 2-4 random shapes of other classes."""
+def make_label_map(h: int, w: int, n_classes: int, rng: np.random.Generator, object_scale: tuple = (0.15, 0.4),
+                   n_objects: tuple = (2, 4)) -> np.ndarray:
+    """A background class plus ``n_objects`` (inclusive range) random shapes of other classes,
+    each with half-axes of ``object_scale`` (a range, as a fraction of the image side)."""
     label = np.full((h, w), rng.integers(n_classes), dtype=np.uint8)
     yy, xx = np.mgrid[0:h, 0:w]
-    for _ in range(rng.integers(2, 5)):
+    for _ in range(rng.integers(n_objects[0], n_objects[1] + 1)):
         cls = rng.integers(n_classes)
         cy, cx = rng.uniform(0, h), rng.uniform(0, w)
-        ry, rx = rng.uniform(0.15, 0.4) * h, rng.uniform(0.15, 0.4) * w
+        ry, rx = rng.uniform(*object_scale) * h, rng.uniform(*object_scale) * w
         if rng.random() < 0.5:
             mask = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
         else:
@@ -72,6 +74,8 @@ def make_synthetic_dataset(
     n_classes: int = 4,
     seed: int = 0,
     with_labels: bool = True,
+    object_scale: tuple = (0.15, 0.4),
+    n_objects: tuple = (2, 4),
 ) -> Path:
     """Write a directory dataset (imgs/{train,val}, labels/{train,val}, classes.txt) and return its root.
 
@@ -89,7 +93,7 @@ def make_synthetic_dataset(
         if with_labels:
             (root / "labels" / split).mkdir(parents=True, exist_ok=True)
         for i in range(n):
-            label = make_label_map(h, w, n_classes, rng)
+            label = make_label_map(h, w, n_classes, rng, object_scale, n_objects)
             Image.fromarray(render(label, n_classes, rng)).save(root / "imgs" / split / f"{split}_{i:04d}.png")
             if with_labels:
                 Image.fromarray(label).save(root / "labels" / split / f"{split}_{i:04d}.png")

@@ -1,0 +1,219 @@
+"""Label-free shift calibration and model selection against the published settings and a labelled oracle.
+
+For each labelled setting, with one seed, one feature cache, one schedule and one evaluation:
+
+* ``raw``: the raw-feature baseline (k-means cluster probe + linear probe on the backbone features);
+* ``published``: STEGO with the paper's CocoStuff loss settings (``--shifts fixed``), last checkpoint;
+* ``oracle``: the best (by validation cluster mIoU, i.e. WITH labels) of a hand grid of shifts:
+  b_knn x b_rand x pointwise, the other settings as published, last checkpoint;
+* ``auto``: ``--shifts auto --select label-free`` (no labels anywhere in training or selection).
+
+Every STEGO row refits its cluster probe by k-means on the trained code (``--cluster-fit kmeans``),
+as the raw baseline does, so the rows differ only in the loss settings and checkpoint choice.
+Metrics are strict (every labelled pixel counts), in percent. The backbone features of the
+validation images are computed once per setting and reused by every row (memoised by the
+image tensor's bytes: the same numbers as running the backbone each time).
+
+Writes ``benchmarks/results/label_free.json`` and ``benchmarks/results/label_free.md``.
+
+    PYTHONPATH=src python3 benchmarks/bench_label_free.py                  # all settings (CPU: see README)
+    PYTHONPATH=src python3 benchmarks/bench_label_free.py --settings demo  # one
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import SHARED_DATA, machine  # noqa: E402
+
+from stegoseg.config import make_config  # noqa: E402
+from stegoseg.evaluate import summary_rows  # noqa: E402
+from stegoseg.model import load  # noqa: E402
+from stegoseg.pipeline import (  # noqa: E402
+    build_backbone_from_config, evaluate_checkpoint_model, fit_feature_baseline, prepare, train_stego,
+)
+from stegoseg.synthetic import make_synthetic_dataset  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CAMVID = SHARED_DATA / "camvid"
+CAMVID_CLASSES = "sky,building,pole,road,pavement,tree,sign/symbol,fence,car,pedestrian,bicyclist"
+PUBLISHED = dict(w_self=0.10, w_knn=1.00, w_rand=0.15, b_self=0.12, b_knn=0.20, b_rand=1.00, pointwise=True)
+GRID = [dict(b_knn=bk, b_rand=br, pointwise=pw) for pw in (True, False) for bk in (0.2, 0.5, 0.8) for br in (0.5, 1.0)]
+
+
+def settings(runs: Path) -> dict:
+    """name -> config values (everything but the loss settings)."""
+    common = dict(seed=0, crf=False, cluster_fit="kmeans", progress=False, num_workers=0, crf_workers=1,
+                  accelerator="cpu", device="cpu")
+    return {
+        "demo": dict(common, dataset="directory", data_root=str(runs / "data-demo"), backbone="dino_vits8",
+                     pretrained=False, resolution=112, steps=300, batch_size=8, eval_resolution=160,
+                     ckpt_every=50, log_every=10),
+        "synthetic-small-objects": dict(common, dataset="directory", data_root=str(runs / "data-small-objects"),
+                                        backbone="dino_vits8", pretrained=False, resolution=112, steps=300,
+                                        batch_size=8, eval_resolution=160, ckpt_every=50, log_every=10),
+        "camvid-vits8-random": dict(common, dataset="directory", data_root=str(CAMVID), class_names=CAMVID_CLASSES,
+                                    backbone="dino_vits8", pretrained=False, resolution=224, steps=300,
+                                    batch_size=16, eval_resolution=320, max_eval_images=50, ckpt_every=50,
+                                    log_every=10),
+        "camvid-tiny-dino": dict(common, dataset="directory", data_root=str(CAMVID), class_names=CAMVID_CLASSES,
+                                 backbone="dino_vits8", tiny=True, pretrained=False,
+                                 weights=str(REPO / "runs" / "pretrain-camvid-tiny" / "backbone.pt"),
+                                 resolution=224, steps=300, batch_size=16, eval_resolution=320,
+                                 max_eval_images=50, ckpt_every=50, log_every=10),
+    }
+
+
+def make_data(runs: Path) -> None:
+    """The two generated sets: the demo's images, and one with more classes and small objects."""
+    if not (runs / "data-demo" / "imgs").exists():
+        make_synthetic_dataset(runs / "data-demo")  # the demo preset's generator settings
+    if not (runs / "data-small-objects" / "imgs").exists():
+        make_synthetic_dataset(runs / "data-small-objects", n_train=60, n_val=16, size=(128, 160), n_classes=8,
+                               seed=1, object_scale=(0.06, 0.16), n_objects=(4, 9))
+
+
+class MemoFeatures:
+    """Wraps ``backbone.features``: the same input tensor gives the stored output (exact)."""
+
+    def __init__(self):
+        self.store = {}
+
+    def wrap(self, backbone):
+        original = backbone.features
+
+        def features(x, mode="pad"):
+            key = (hashlib.sha1(x.detach().cpu().numpy().tobytes()).hexdigest(), tuple(x.shape), mode)
+            if key not in self.store:
+                self.store[key] = original(x, mode=mode)
+            return self.store[key].clone()
+
+        backbone.features = features
+        return backbone
+
+
+def metrics(result: dict) -> dict:
+    s = summary_rows(result)
+    return {"cluster_acc": s["cluster_strict_acc"], "cluster_miou": s["cluster_strict_miou"],
+            "linear_acc": s.get("linear_acc"), "linear_miou": s.get("linear_miou")}
+
+
+def run_setting(name: str, values: dict, runs: Path) -> dict:
+    out = runs / name
+    cache_dir = out / "cache"
+    memo = MemoFeatures()
+    base = make_config(dict(values, cache_dir=str(cache_dir), shifts="fixed", **PUBLISHED))
+    t0 = time.perf_counter()
+    backbone, _ = build_backbone_from_config(base)
+    prepare(base, out / "prepare", backbone)
+    timings = {"prepare_s": time.perf_counter() - t0}
+
+    def evaluate(model, folder):
+        memo.wrap(model.backbone)
+        return metrics(evaluate_checkpoint_model(base, model, folder))
+
+    def stego(cfg, folder):
+        t = time.perf_counter()
+        ckpt = train_stego(cfg, folder)
+        result = evaluate(load(ckpt), folder / "eval")
+        result["seconds"] = time.perf_counter() - t
+        print(f"  {folder.name}: {result}", flush=True)
+        return result
+
+    row = {"name": name, "config": {k: v for k, v in values.items() if k not in ("progress",)}}
+    t = time.perf_counter()
+    raw_model = fit_feature_baseline(base, out / "raw", backbone=backbone)
+    row["raw"] = evaluate(raw_model, out / "raw")
+    print(f"  raw: {row['raw']}", flush=True)
+    row["published"] = stego(replace(base, select="last"), out / "published")
+    grid = {}
+    for point in GRID:
+        key = f"b_knn={point['b_knn']},b_rand={point['b_rand']},pointwise={'on' if point['pointwise'] else 'off'}"
+        folder = out / "grid" / key.replace(",", "_").replace("=", "")
+        grid[key] = stego(replace(base, select="last", **point), folder)
+    best = max(grid, key=lambda k: grid[k]["cluster_miou"])
+    row["oracle"] = dict(grid[best], grid_point=best)
+    row["grid"] = grid
+    auto_cfg = make_config(dict(values, cache_dir=str(cache_dir), shifts="auto", select="label-free"))
+    row["auto"] = stego(auto_cfg, out / "auto")
+    calibration = json.loads((out / "auto" / "calibration.json").read_text())
+    selection = json.loads((out / "auto" / "selection.json").read_text())
+    row["auto_chosen"] = {
+        "b_self": calibration["b_self"], "b_knn": calibration["b_knn"], "b_rand": calibration["b_rand"],
+        "same_rate": calibration["same_rate"], "selected_step": selection["chosen_step"],
+        "label_free_score": {k: v["label_free_score"] for k, v in selection["candidates"].items()},
+    }
+    timings["total_s"] = time.perf_counter() - t0
+    row["timings"] = timings
+    return row
+
+
+def gap_closed(row: dict) -> float:
+    gap = row["oracle"]["cluster_miou"] - row["published"]["cluster_miou"]
+    return (row["auto"]["cluster_miou"] - row["published"]["cluster_miou"]) / gap if gap > 0 else float("nan")
+
+
+def table(rows: list) -> str:
+    lines = ["| setting | row | cluster acc | cluster mIoU | linear acc | linear mIoU |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        for key, label in (("raw", "raw features (k-means)"), ("published", "STEGO, published CocoStuff settings"),
+                           ("oracle", f"STEGO, oracle grid point ({r['oracle']['grid_point']}), WITH labels"),
+                           ("auto", "STEGO, `--shifts auto --select label-free` (no labels)")):
+            m = r[key]
+            lines.append(f"| {r['name']} | {label} | {m['cluster_acc']:.1f} | {m['cluster_miou']:.1f} | "
+                         f"{m['linear_acc']:.1f} | {m['linear_miou']:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", default=str(REPO / "runs" / "bench-label-free"), help="work folder (caches, runs)")
+    parser.add_argument("--settings", default=None, help="comma-separated subset of the settings")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "label_free.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    runs = Path(args.runs)
+    runs.mkdir(parents=True, exist_ok=True)
+    make_data(runs)
+    all_settings = settings(runs)
+    names = args.settings.split(",") if args.settings else list(all_settings)
+    out = Path(args.out)
+    previous = json.loads(out.read_text())["settings"] if out.exists() and args.settings else []
+    rows = [r for r in previous if r["name"] not in names]
+    t0 = time.perf_counter()
+    for name in names:
+        print(f"[{name}]", flush=True)
+        rows.append(run_setting(name, all_settings[name], runs))
+    order = list(all_settings)
+    rows.sort(key=lambda r: order.index(r["name"]))
+    closed = [gap_closed(r) for r in rows]
+    bars = {
+        "auto_beats_published_cluster_miou_everywhere": all(r["auto"]["cluster_miou"] > r["published"]["cluster_miou"] for r in rows),
+        "mean_gap_closed": sum(closed) / len(closed),
+        "demo_auto_cluster_acc": next((r["auto"]["cluster_acc"] for r in rows if r["name"] == "demo"), None),
+    }
+    result = {"benchmark": "label_free", "machine": machine(), "seconds_this_invocation": time.perf_counter() - t0,
+              "settings": rows, "gap_closed": dict(zip([r["name"] for r in rows], closed)), "bars": bars}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=float))
+    md = table(rows) + "\n\n" + "\n".join(
+        f"- {r['name']}: auto closes {100 * c:.0f}% of the published -> oracle cluster-mIoU gap; chosen shifts "
+        f"b_self {r['auto_chosen']['b_self']:.3f}, b_knn {r['auto_chosen']['b_knn']:.3f}, "
+        f"b_rand {r['auto_chosen']['b_rand']:.3f}; selected step {r['auto_chosen']['selected_step']}"
+        for r, c in zip(rows, closed)) + "\n"
+    out.with_suffix(".md").write_text(md)
+    print(md)
+    print(json.dumps(bars, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
