@@ -11,8 +11,9 @@ For each labelled setting, with one seed, one feature cache, one schedule and on
 Every STEGO row refits its cluster probe by k-means on the trained code (``--cluster-fit kmeans``),
 as the raw baseline does, so the rows differ only in the loss settings and checkpoint choice.
 Metrics are strict (every labelled pixel counts), in percent. The backbone features of the
-validation images are computed once per setting and reused by every row (memoised by the
-image tensor's bytes: the same numbers as running the backbone each time).
+validation images are computed once per setting and reused by every row
+(:class:`~stegoseg.studies.dimred.SharedFeatures`, memoised by the exact input tensor: the
+same numbers as running the backbone each time).
 
 Writes ``benchmarks/results/label_free.json`` and ``benchmarks/results/label_free.md``.
 
@@ -22,7 +23,6 @@ Writes ``benchmarks/results/label_free.json`` and ``benchmarks/results/label_fre
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -36,17 +36,19 @@ from _common import SHARED_DATA, machine  # noqa: E402
 
 from stegoseg.config import make_config  # noqa: E402
 from stegoseg.evaluate import summary_rows  # noqa: E402
-from stegoseg.model import load  # noqa: E402
 from stegoseg.pipeline import (  # noqa: E402
     build_backbone_from_config, evaluate_checkpoint_model, fit_feature_baseline, prepare, train_stego,
 )
+from stegoseg.studies.dimred import SharedFeatures, load_with_backbone  # noqa: E402
 from stegoseg.synthetic import make_synthetic_dataset  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CAMVID = SHARED_DATA / "camvid"
 CAMVID_CLASSES = "sky,building,pole,road,pavement,tree,sign/symbol,fence,car,pedestrian,bicyclist"
 PUBLISHED = dict(w_self=0.10, w_knn=1.00, w_rand=0.15, b_self=0.12, b_knn=0.20, b_rand=1.00, pointwise=True)
-GRID = [dict(b_knn=bk, b_rand=br, pointwise=pw) for pw in (True, False) for bk in (0.2, 0.5, 0.8) for br in (0.5, 1.0)]
+# 8 grid points: b_knn x b_rand with spatial centring (the published default), and two without it
+GRID = [dict(b_knn=bk, b_rand=br, pointwise=True) for bk in (0.2, 0.5, 0.8) for br in (0.5, 1.0)] + [
+    dict(b_knn=0.5, b_rand=0.5, pointwise=False), dict(b_knn=0.8, b_rand=1.0, pointwise=False)]
 
 
 def settings(runs: Path) -> dict:
@@ -61,9 +63,9 @@ def settings(runs: Path) -> dict:
                                         backbone="dino_vits8", pretrained=False, resolution=112, steps=300,
                                         batch_size=8, eval_resolution=160, ckpt_every=50, log_every=10),
         "camvid-vits8-random": dict(common, dataset="directory", data_root=str(CAMVID), class_names=CAMVID_CLASSES,
-                                    backbone="dino_vits8", pretrained=False, resolution=224, steps=300,
+                                    backbone="dino_vits8", pretrained=False, resolution=224, steps=200,
                                     batch_size=16, eval_resolution=320, max_eval_images=50, ckpt_every=50,
-                                    log_every=10),
+                                    log_every=10, kmeans_iters=15),
         "camvid-tiny-dino": dict(common, dataset="directory", data_root=str(CAMVID), class_names=CAMVID_CLASSES,
                                  backbone="dino_vits8", tiny=True, pretrained=False,
                                  weights=str(REPO / "runs" / "pretrain-camvid-tiny" / "backbone.pt"),
@@ -81,25 +83,6 @@ def make_data(runs: Path) -> None:
                                seed=1, object_scale=(0.06, 0.16), n_objects=(4, 9))
 
 
-class MemoFeatures:
-    """Wraps ``backbone.features``: the same input tensor gives the stored output (exact)."""
-
-    def __init__(self):
-        self.store = {}
-
-    def wrap(self, backbone):
-        original = backbone.features
-
-        def features(x, mode="pad"):
-            key = (hashlib.sha1(x.detach().cpu().numpy().tobytes()).hexdigest(), tuple(x.shape), mode)
-            if key not in self.store:
-                self.store[key] = original(x, mode=mode)
-            return self.store[key].clone()
-
-        backbone.features = features
-        return backbone
-
-
 def metrics(result: dict) -> dict:
     s = summary_rows(result)
     return {"cluster_acc": s["cluster_strict_acc"], "cluster_miou": s["cluster_strict_miou"],
@@ -109,28 +92,26 @@ def metrics(result: dict) -> dict:
 def run_setting(name: str, values: dict, runs: Path) -> dict:
     out = runs / name
     cache_dir = out / "cache"
-    memo = MemoFeatures()
     base = make_config(dict(values, cache_dir=str(cache_dir), shifts="fixed", **PUBLISHED))
     t0 = time.perf_counter()
     backbone, _ = build_backbone_from_config(base)
     prepare(base, out / "prepare", backbone)
     timings = {"prepare_s": time.perf_counter() - t0}
+    shared = SharedFeatures(backbone)  # validation features computed once for every row (exact)
 
     def evaluate(model, folder):
-        memo.wrap(model.backbone)
         return metrics(evaluate_checkpoint_model(base, model, folder))
 
     def stego(cfg, folder):
         t = time.perf_counter()
         ckpt = train_stego(cfg, folder)
-        result = evaluate(load(ckpt), folder / "eval")
+        result = evaluate(load_with_backbone(ckpt, shared, "cpu"), folder / "eval")
         result["seconds"] = time.perf_counter() - t
         print(f"  {folder.name}: {result}", flush=True)
         return result
 
     row = {"name": name, "config": {k: v for k, v in values.items() if k not in ("progress",)}}
-    t = time.perf_counter()
-    raw_model = fit_feature_baseline(base, out / "raw", backbone=backbone)
+    raw_model = fit_feature_baseline(base, out / "raw", backbone=shared)
     row["raw"] = evaluate(raw_model, out / "raw")
     print(f"  raw: {row['raw']}", flush=True)
     row["published"] = stego(replace(base, select="last"), out / "published")

@@ -44,7 +44,10 @@ def tiny_config(data_root, **overrides):
         progress=False,
         accelerator="cpu",
         device="cpu",
-        shifts="fixed",  # the given b values (tests of the reference behaviour); calibration tests pass shifts="auto"
+        # the reference's behaviour: the given b values and the online cluster probe (the label-free
+        # tests pass shifts="auto"; cluster_fit="kmeans" where they test the refit)
+        shifts="fixed",
+        cluster_fit="online",
     )
     values.update(overrides)
     return make_config(values)

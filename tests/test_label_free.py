@@ -6,8 +6,7 @@ import torch.nn as nn
 import yaml
 
 from conftest import tiny_config
-from stegoseg.calibration import calibrate_shifts, nearest_centroid, sample_pairs
-from stegoseg.errors import StegosegError
+from stegoseg.calibration import calibrate_shifts, sample_pairs
 from stegoseg.loss import feature_correspondence
 from stegoseg.selection import label_free_score
 

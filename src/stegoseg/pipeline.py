@@ -170,8 +170,20 @@ def fit_centroids(cfg: Config, cache: FeatureCache, n_clusters: int, head=None, 
                 with torch.no_grad():
                     yield head(feats.to(device).float())
 
+    if head is not None:
+        c, h, w = cache.meta["feature_shape"]
+        if cache.n * head.dim * h * w * 4 <= CODE_IN_MEMORY_BYTES:
+            # The code of the whole cache fits in memory: run the head once instead of once per
+            # Lloyd iteration (the same batches, so the same centroids).
+            code = list(batches())
+            return spherical_kmeans(lambda: iter(code), n_clusters, n_iter=cfg.kmeans_iters, seed=cfg.seed,
+                                    device=device, progress=cfg.progress)
     return spherical_kmeans(batches, n_clusters, n_iter=cfg.kmeans_iters, seed=cfg.seed, device=device,
                             progress=cfg.progress)
+
+
+# fit_centroids keeps the code of the whole cache in memory up to this size
+CODE_IN_MEMORY_BYTES = 2 * 1024**3
 
 
 def fit_feature_baseline(cfg: Config, out, cache: Optional[FeatureCache] = None, backbone=None) -> SegmentationModel:
