@@ -24,21 +24,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import SHARED_DATA, machine  # noqa: E402
 
+from stegoseg.calibration import calibrate_for_config  # noqa: E402
 from stegoseg.config import make_config  # noqa: E402
 from stegoseg.evaluate import summary_rows  # noqa: E402
+from stegoseg.features import FeatureCache  # noqa: E402
+from stegoseg.model import load  # noqa: E402
 from stegoseg.pipeline import (  # noqa: E402
     build_backbone_from_config, evaluate_checkpoint_model, fit_feature_baseline, prepare, train_stego,
 )
+from stegoseg.selection import score_for_config  # noqa: E402
 from stegoseg.studies.dimred import SharedFeatures, load_with_backbone  # noqa: E402
 from stegoseg.synthetic import make_synthetic_dataset  # noqa: E402
 
@@ -89,7 +95,9 @@ def metrics(result: dict) -> dict:
             "linear_acc": s.get("linear_acc"), "linear_miou": s.get("linear_miou")}
 
 
-def run_setting(name: str, values: dict, runs: Path) -> dict:
+def run_setting(name: str, values: dict, runs: Path, previous: dict = None) -> dict:
+    """All rows of a setting; with ``previous`` (that setting's row from an earlier invocation)
+    only the auto row is run again and the others are kept."""
     out = runs / name
     cache_dir = out / "cache"
     base = make_config(dict(values, cache_dir=str(cache_dir), shifts="fixed", **PUBLISHED))
@@ -110,31 +118,57 @@ def run_setting(name: str, values: dict, runs: Path) -> dict:
         print(f"  {folder.name}: {result}", flush=True)
         return result
 
-    row = {"name": name, "config": {k: v for k, v in values.items() if k not in ("progress",)}}
-    raw_model = fit_feature_baseline(base, out / "raw", backbone=shared)
-    row["raw"] = evaluate(raw_model, out / "raw")
-    print(f"  raw: {row['raw']}", flush=True)
-    row["published"] = stego(replace(base, select="last"), out / "published")
-    grid = {}
-    for point in GRID:
-        key = f"b_knn={point['b_knn']},b_rand={point['b_rand']},pointwise={'on' if point['pointwise'] else 'off'}"
-        folder = out / "grid" / key.replace(",", "_").replace("=", "")
-        grid[key] = stego(replace(base, select="last", **point), folder)
-    best = max(grid, key=lambda k: grid[k]["cluster_miou"])
-    row["oracle"] = dict(grid[best], grid_point=best)
-    row["grid"] = grid
+    if previous is not None:
+        row = {k: v for k, v in previous.items() if k not in ("auto", "auto_chosen", "timings")}
+    else:
+        row = {"name": name, "config": {k: v for k, v in values.items() if k not in ("progress",)}}
+        raw_model = fit_feature_baseline(base, out / "raw", backbone=shared)
+        row["raw"] = evaluate(raw_model, out / "raw")
+        print(f"  raw: {row['raw']}", flush=True)
+        row["published"] = stego(replace(base, select="last"), out / "published")
+        grid = {}
+        for point in GRID:
+            key = f"b_knn={point['b_knn']},b_rand={point['b_rand']},pointwise={'on' if point['pointwise'] else 'off'}"
+            folder = out / "grid" / key.replace(",", "_").replace("=", "")
+            grid[key] = stego(replace(base, select="last", **point), folder)
+        best = max(grid, key=lambda k: grid[k]["cluster_miou"])
+        row["oracle"] = dict(grid[best], grid_point=best)
+        row["grid"] = grid
     auto_cfg = make_config(dict(values, cache_dir=str(cache_dir), shifts="auto", select="label-free"))
+    if (out / "auto").exists():
+        shutil.rmtree(out / "auto")  # this script's own work folder: a fresh auto run
     row["auto"] = stego(auto_cfg, out / "auto")
     calibration = json.loads((out / "auto" / "calibration.json").read_text())
     selection = json.loads((out / "auto" / "selection.json").read_text())
     row["auto_chosen"] = {
         "b_self": calibration["b_self"], "b_knn": calibration["b_knn"], "b_rand": calibration["b_rand"],
-        "same_rate": calibration["same_rate"], "selected_step": selection["chosen_step"],
+        "pointwise": calibration["pointwise"], "same_rate": calibration["same_rate"],
+        "selected": selection["chosen"], "selected_step": selection["chosen_step"],
         "label_free_score": {k: v["label_free_score"] for k, v in selection["candidates"].items()},
     }
+    row["criterion_vs_miou"] = criterion_vs_miou(base, out, cache_dir)
     timings["total_s"] = time.perf_counter() - t0
     row["timings"] = timings
     return row
+
+
+def criterion_vs_miou(base, out: Path, cache_dir: Path) -> dict:
+    """The label-free criterion (reference: the uncentred calibration, as ``--select`` uses it) of
+    every STEGO row's final checkpoint next to its validation cluster mIoU, and their Spearman
+    rank correlation: does the criterion order runs as the labels do?"""
+    cache = FeatureCache(next(p for p in cache_dir.iterdir() if (p / "meta.json").exists()))
+    knn = cache.neighbors(base.n_neighbors)
+    n_clusters = load(out / "published" / "checkpoint.pt").n_clusters
+    reference = calibrate_for_config(replace(base, pointwise=False), cache, knn, n_clusters)
+    points = []
+    for folder in [out / "published", *sorted((out / "grid").iterdir()), out / "auto"]:
+        model = load(folder / "checkpoint.pt")
+        score = score_for_config(base, model.head, cache, knn, reference, n_clusters).score
+        miou = json.loads((folder / "eval" / "metrics.json").read_text())["cluster"]["strict"]["miou"]
+        points.append({"run": folder.name, "label_free_score": score, "val_cluster_miou": miou})
+    rho = spearmanr([p["label_free_score"] for p in points], [p["val_cluster_miou"] for p in points]).statistic
+    print(f"  criterion vs val cluster mIoU over {len(points)} runs: Spearman {rho:.3f}", flush=True)
+    return {"spearman": float(rho), "points": points}
 
 
 def gap_closed(row: dict) -> float:
@@ -159,6 +193,8 @@ def main() -> int:
     parser.add_argument("--runs", default=str(REPO / "runs" / "bench-label-free"), help="work folder (caches, runs)")
     parser.add_argument("--settings", default=None, help="comma-separated subset of the settings")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "label_free.json"))
+    parser.add_argument("--only-auto", action="store_true",
+                        help="run only the auto row again, keeping the other rows of --out (after a change to --shifts auto)")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     runs = Path(args.runs)
@@ -170,9 +206,12 @@ def main() -> int:
     previous = json.loads(out.read_text())["settings"] if out.exists() and args.settings else []
     rows = [r for r in previous if r["name"] not in names]
     t0 = time.perf_counter()
+    kept = {r["name"]: r for r in previous}
     for name in names:
         print(f"[{name}]", flush=True)
-        rows.append(run_setting(name, all_settings[name], runs))
+        if args.only_auto and name not in kept:
+            parser.error(f"--only-auto: {out} has no rows for {name}; run it without --only-auto first")
+        rows.append(run_setting(name, all_settings[name], runs, previous=kept[name] if args.only_auto else None))
     order = list(all_settings)
     rows.sort(key=lambda r: order.index(r["name"]))
     closed = [gap_closed(r) for r in rows]
@@ -188,7 +227,9 @@ def main() -> int:
     md = table(rows) + "\n\n" + "\n".join(
         f"- {r['name']}: auto closes {100 * c:.0f}% of the published -> oracle cluster-mIoU gap; chosen shifts "
         f"b_self {r['auto_chosen']['b_self']:.3f}, b_knn {r['auto_chosen']['b_knn']:.3f}, "
-        f"b_rand {r['auto_chosen']['b_rand']:.3f}; selected step {r['auto_chosen']['selected_step']}"
+        f"b_rand {r['auto_chosen']['b_rand']:.3f}, spatial centring {'on' if r['auto_chosen']['pointwise'] else 'off'}; "
+        f"selected checkpoint {r['auto_chosen']['selected']}; label-free criterion vs val cluster mIoU over the "
+        f"setting's {len(r['criterion_vs_miou']['points'])} STEGO runs: Spearman {r['criterion_vs_miou']['spearman']:.2f}"
         for r, c in zip(rows, closed)) + "\n"
     out.with_suffix(".md").write_text(md)
     print(md)

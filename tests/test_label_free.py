@@ -133,7 +133,8 @@ def test_selection_ranks_a_collapsed_training_run_below_a_healthy_one(synthetic_
     from stegoseg.selection import score_for_config
 
     common = dict(steps=40, cache_dir=str(tmp_path / "cache"), select="last", resolution=48)
-    healthy = load(train_stego(tiny_config(synthetic_root, shifts="auto", **common), tmp_path / "healthy"))
+    healthy = load(train_stego(tiny_config(synthetic_root, shifts="auto", auto_centring="on", **common),
+                               tmp_path / "healthy"))
     # b below every feature correspondence: every pair is attracted, the code collapses
     collapsed = load(train_stego(tiny_config(synthetic_root, b_self=-1.0, b_knn=-1.0, b_rand=-1.0, w_rand=1.0,
                                              lr=5e-3, **common), tmp_path / "collapsed"))
@@ -164,11 +165,17 @@ def test_shifts_auto_writes_the_chosen_values_and_a_rerun_with_them_repeats_the_
     assert written["b_rand"] != cfg.b_rand  # not the published default
     assert (tmp_path / "auto" / "config.yaml").read_text().startswith("# b_self, b_knn, b_rand were chosen")
     selection = json.loads((tmp_path / "auto" / "selection.json").read_text())
-    assert selection["mode"] == "label-free" and set(selection["candidates"]) == {"4", "8"}
+    # two calibrated runs (spatial centring on and off), checkpoints at steps 4 and 8 of each
+    assert selection["mode"] == "label-free"
+    assert set(selection["candidates"]) == {"centring-on/4", "centring-on/8", "centring-off/4", "centring-off/8"}
+    scores = {k: v["label_free_score"] for k, v in selection["candidates"].items()}
+    assert selection["chosen"] == max(scores, key=scores.get)
+    assert written["pointwise"] == (selection["chosen_run"] == "centring-on")
     assert (tmp_path / "auto" / "selected_similarity_histogram.png").exists()
-    # the written config, as a user would pass it with --config, repeats the run exactly
+    # the written config, as a user would pass it with --config, repeats the chosen run exactly
     again = load(train_stego(make_config(written), tmp_path / "again"))
     assert not (tmp_path / "again" / "calibration.json").exists()  # nothing recalibrated
+    assert json.loads((tmp_path / "again" / "selection.json").read_text())["chosen_step"] == selection["chosen_step"]
     for a, b in zip(first.head.state_dict().values(), again.head.state_dict().values()):
         assert torch.equal(a, b)
     assert torch.equal(first.cluster_probe.centroids, again.cluster_probe.centroids)
@@ -182,8 +189,10 @@ def test_val_miou_selection_picks_the_checkpoint_with_the_best_validation_miou(s
     cfg = tiny_config(synthetic_root, shifts="auto", select="val-miou", steps=8, cache_dir=str(tmp_path / "cache"))
     train_stego(cfg, tmp_path / "run")
     selection = json.loads((tmp_path / "run" / "selection.json").read_text())
-    mious = {int(k): v["val_cluster_miou"] for k, v in selection["candidates"].items()}
-    assert selection["chosen_step"] == max(mious, key=lambda k: (mious[k], -k))
+    mious = {k: v["val_cluster_miou"] for k, v in selection["candidates"].items()}
+    assert len(mious) == 4 and selection["chosen"] == max(mious, key=mious.get)
+    # the label-free criterion is recorded next to it, for comparison
+    assert all("label_free_score" in v for v in selection["candidates"].values())
 
 
 def test_explicit_shift_with_auto_and_val_miou_without_labels_are_errors(tmp_path, capsys):
@@ -194,6 +203,8 @@ def test_explicit_shift_with_auto_and_val_miou_without_labels_are_errors(tmp_pat
     err = capsys.readouterr().err
     assert "--b-knn was given, but --shifts auto chooses the shifts itself: add --shifts fixed" in err
     assert not (tmp_path / "x").exists()
+    assert main(["train", "--preset", "demo", "--select", "last", "--out", str(tmp_path / "x")]) == 2
+    assert "pass --auto-centring on (or off), or --select label-free" in capsys.readouterr().err
     root = make_synthetic_dataset(tmp_path / "unlabelled", n_train=6, n_val=2, size=(32, 32), with_labels=False)
     assert main(["train", "--data-root", str(root), "--n-classes", "3", "--select", "val-miou", "--tiny",
                  "--no-pretrained", "--out", str(tmp_path / "y")]) == 2

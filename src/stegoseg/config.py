@@ -71,6 +71,7 @@ class Config(ConfigBase):
     n_samples: int = 11  # points per side: 11 x 11 = 121
     shifts: str = "auto"  # auto: calibrate b_self/b_knn/b_rand from the feature cache (label-free) | fixed: use them as given
     calibration_batches: int = 40  # batches of sampled pairs the calibration reads
+    auto_centring: str = "both"  # with --shifts auto: train with spatial centring of F (on), without (off), or both and --select picks
     w_self: float = 0.10
     w_knn: float = 1.00
     w_rand: float = 0.15
@@ -178,6 +179,8 @@ _FIELD_HELP = {
     "shifts": "auto: choose b_self, b_knn, b_rand without labels from the feature cache (each at the quantile of its "
     "pair type's feature correspondence that a k-means partition of the features calls same-cluster; written to "
     "calibration.json and the run's config.yaml); fixed: use --b-self/--b-knn/--b-rand as given (the paper presets)",
+    "auto_centring": "with --shifts auto: calibrate and train with the spatial centring of F (on), without it (off), "
+    "or both (default) and let --select choose among the checkpoints of the two runs",
     "select": "which checkpoint becomes checkpoint.pt: label-free (best agreement of the code's clusters with the "
     "feature correspondences, training images only), val-miou (best validation cluster mIoU: needs val labels, the "
     "reference's way), last; default: label-free with --shifts auto, else last",
@@ -298,6 +301,10 @@ def validate(cfg: Config) -> None:
         (cfg.cluster_fit in ("online", "kmeans"), "--cluster-fit must be online or kmeans"),
         (cfg.shifts in ("auto", "fixed"), "--shifts must be auto (label-free calibration) or fixed (use --b-self/--b-knn/--b-rand)"),
         (cfg.select in (None, "label-free", "val-miou", "last"), "--select must be label-free, val-miou or last"),
+        (cfg.auto_centring in ("both", "on", "off"), "--auto-centring must be both, on or off"),
+        (not (cfg.shifts == "auto" and cfg.auto_centring == "both" and cfg.select == "last"),
+         "--select last takes one run's last step, but --shifts auto with --auto-centring both trains two: "
+         "pass --auto-centring on (or off), or --select label-free"),
         (cfg.calibration_batches >= 1, "--calibration-batches must be >= 1"),
         (cfg.selection_batches >= 1, "--selection-batches must be >= 1"),
         (cfg.extra_clusters >= 0, "--extra-clusters must be >= 0"),

@@ -293,29 +293,41 @@ def check_selection_possible(cfg: Config, out: Path) -> None:
         raise StegosegError(f"--select val-miou needs labels for the '{cfg.val_split}' split; use --select label-free")
 
 
-def calibrate_run(cfg: Config, out: Path, cache: FeatureCache, n_clusters: int):
-    """``--shifts auto``: choose the shifts from the cache (label-free) and pin them in the config.
+def auto_variants(cfg: Config, out: Path, cache: FeatureCache, knn: np.ndarray, n_clusters: int) -> list:
+    """The training runs of one ``train``: [(name, config, calibration or None)].
 
-    Returns (config with shifts fixed to the chosen values and the selection mode
-    resolved, the calibration or None)."""
+    ``--shifts fixed``: the config as given (name ""). ``--shifts auto``: for each spatial-centring
+    setting of ``--auto-centring`` (both by default), the shifts calibrated for it without labels
+    (``calibrate_for_config``), pinned in the config (``shifts: fixed``); ``--select`` then picks
+    among the checkpoints of all of them. Writes ``calibration.json`` per variant.
+    """
     if cfg.shifts != "auto":
-        return cfg, None
-    t0 = time.perf_counter()
-    knn = cache.neighbors(cfg.n_neighbors, backend=cfg.knn_backend)
-    calibration = calibrate_for_config(cfg, cache, knn, n_clusters)
-    calibration.save(out / "calibration.json")
-    log.info(
-        "shifts calibrated without labels in %.1fs: b_self %.3f, b_knn %.3f, b_rand %.3f (same-cluster rates "
-        "self %.2f, knn %.2f, random %.2f); see %s", time.perf_counter() - t0, calibration.b_self,
-        calibration.b_knn, calibration.b_rand, calibration.same_rate["self"], calibration.same_rate["knn"],
-        calibration.same_rate["rand"], out / "calibration.json",
-    )
-    return replace(cfg, shifts="fixed", select=selection_mode(cfg), **calibration.shifts), calibration
+        return [("", cfg, None)]
+    settings = {"both": (True, False), "on": (True,), "off": (False,)}[cfg.auto_centring]
+    variants = []
+    for pointwise in settings:
+        name = "" if len(settings) == 1 else f"centring-{'on' if pointwise else 'off'}"
+        folder = out / "candidates" / name if name else out
+        t0 = time.perf_counter()
+        vcfg = replace(cfg, pointwise=pointwise, auto_centring="on" if pointwise else "off")
+        calibration = calibrate_for_config(vcfg, cache, knn, n_clusters)
+        calibration.save(folder / "calibration.json")
+        log.info(
+            "shifts calibrated without labels (spatial centring %s) in %.1fs: b_self %.3f, b_knn %.3f, b_rand %.3f "
+            "(same-cluster rates self %.2f, knn %.2f, random %.2f)", "on" if pointwise else "off",
+            time.perf_counter() - t0, calibration.b_self, calibration.b_knn, calibration.b_rand,
+            calibration.same_rate["self"], calibration.same_rate["knn"], calibration.same_rate["rand"],
+        )
+        vcfg = replace(vcfg, shifts="fixed", select=selection_mode(cfg), **calibration.shifts)
+        variants.append((name, vcfg, calibration))
+    return variants
 
 
 def train_stego(cfg: Config, out, resume: bool = False) -> Optional[Path]:
     """prepare (cache + KNN), calibrate the shifts (``--shifts auto``), train the head and
-    probes, select a checkpoint (``--select``); writes ``<out>/checkpoint.pt``.
+    probes (one run per calibration candidate), select a checkpoint (``--select``); writes
+    ``<out>/checkpoint.pt`` and ``<out>/config.yaml`` (the chosen run's settings, so that
+    ``--config`` on it repeats that run).
 
     Returns the checkpoint path on the main process, None on the other DDP ranks.
     """
@@ -328,74 +340,100 @@ def train_stego(cfg: Config, out, resume: bool = False) -> Optional[Path]:
     train = build_split(cfg, cfg.train_split, out)
     n_classes = n_classes_for(cfg, train)
     n_clusters = n_classes + cfg.extra_clusters
-    cfg, calibration = calibrate_run(cfg, out, cache, n_clusters)
-    save_run_config(cfg, out / "config.yaml", calibrated=calibration is not None)
+    knn = cache.neighbors(cfg.n_neighbors, backend=cfg.knn_backend)
+    variants = auto_variants(cfg, out, cache, knn, n_clusters)
     crop_view = CropView(train, cfg.resolution, cfg.five_crop, "bilinear") if cfg.live_backbone else None
     t0 = time.perf_counter()
-    module = fit_stego(cfg, out, cache, n_classes, cache.has_labels, resume=resume, backbone=backbone, crop_view=crop_view)
-    if not module.is_global_zero:
+    runs = []
+    for name, vcfg, calibration in variants:
+        folder = out / "candidates" / name if name else out
+        if name:
+            log.info("training candidate %s", name)
+        module = fit_stego(vcfg, folder, cache, n_classes, cache.has_labels, resume=resume, backbone=backbone,
+                           crop_view=crop_view)
+        runs.append({"name": name, "cfg": vcfg, "calibration": calibration, "folder": folder, "module": module,
+                     "final": copy.deepcopy(module.state_dict())})
+    if not runs[0]["module"].is_global_zero:
         return None
 
-    def model_from(state: dict) -> SegmentationModel:
+    def model_from(run: dict, state: dict) -> SegmentationModel:
+        module, vcfg = run["module"], run["cfg"]
         module.load_state_dict(state)
         model = SegmentationModel(
             backbone, spec, head=copy.deepcopy(module.head), n_clusters=module.cluster_probe.n_clusters,
             n_classes=n_classes if module.linear_probe is not None else None,
-            class_names=train.class_names if train.has_labels else None, method="stego", config=cfg.to_dict(),
+            class_names=train.class_names if train.has_labels else None, method="stego", config=vcfg.to_dict(),
         )
         model.cluster_probe.load_state_dict(module.cluster_probe.state_dict())
         if module.linear_probe is not None:
             model.linear_probe.load_state_dict(module.linear_probe.state_dict())
-        if cfg.cluster_fit == "kmeans":
-            device = resolve_device(cfg.device)
+        if vcfg.cluster_fit == "kmeans":
+            device = resolve_device(vcfg.device)
             head = model.head.to(device).eval()
-            set_centroids(model.cluster_probe, fit_centroids(cfg, cache, model.n_clusters, head=head, device=device))
+            set_centroids(model.cluster_probe, fit_centroids(vcfg, cache, model.n_clusters, head=head, device=device))
             head.cpu()
         return model.eval()
 
-    model = select_checkpoint(cfg, out, module, model_from, cache, calibration, n_clusters)
-    if cfg.cluster_fit == "kmeans":
+    run, model = select_checkpoint(cfg, out, runs, model_from, cache, knn, n_clusters)
+    save_run_config(run["cfg"], out / "config.yaml", calibrated=run["calibration"] is not None)
+    if run["name"]:  # the chosen candidate's calibration, curves and histogram at the top of the run folder
+        for fname in ("calibration.json", "similarity_histogram.png"):
+            if (run["folder"] / fname).exists():
+                (out / fname).write_bytes((run["folder"] / fname).read_bytes())
+    if run["cfg"].cluster_fit == "kmeans":
         log.info("cluster probe refitted by spherical k-means on the trained code (--cluster-fit kmeans)")
     path = model.save(out / "checkpoint.pt")
-    plot_training_curves(out / "logs" / "metrics.csv", out / "training_curves.png")
-    log.info("trained %d steps in %.1fs; checkpoint %s", cfg.steps, time.perf_counter() - t0, path)
+    plot_training_curves(run["folder"] / "logs" / "metrics.csv", out / "training_curves.png")
+    log.info("trained %d steps x %d run(s) in %.1fs; checkpoint %s", cfg.steps, len(runs), time.perf_counter() - t0, path)
     return path
 
 
-def select_checkpoint(cfg: Config, out: Path, module, model_from, cache: FeatureCache, calibration,
-                      n_clusters: int) -> SegmentationModel:
-    """The model of the checkpoint that ``--select`` picks among the run's saved steps and its
-    last step; writes ``selection.json`` (every candidate's criterion), ``selection.png`` and
-    the chosen checkpoint's code-similarity histogram (``selected_similarity_histogram.png``)."""
+def select_checkpoint(cfg: Config, out: Path, runs: list, model_from, cache: FeatureCache, knn: np.ndarray,
+                      n_clusters: int) -> tuple:
+    """(run, model) of the checkpoint that ``--select`` picks among the saved steps and last
+    step of every run; writes ``selection.json`` (every candidate's criterion),
+    ``selection.png`` and the chosen checkpoint's code-similarity histogram
+    (``selected_similarity_histogram.png``).
+
+    The label-free criterion's reference shifts come from a calibration of the uncentred
+    feature correspondences (the same for every candidate: see docs/label_free.md)."""
     mode = selection_mode(cfg)
-    final_state = copy.deepcopy(module.state_dict())
-    candidates = checkpoint_states(out / "lightning", final_state, cfg.steps)
-    if mode == "last" or len(candidates) == 1:
-        model = model_from(final_state)
-        write_selection(out, mode, {cfg.steps: {}}, cfg.steps, reference=None)
-        return model
+    candidates = {}  # key -> (run, step, state)
+    for run in runs:
+        for step, state in checkpoint_states(run["folder"] / "lightning", run["final"], cfg.steps).items():
+            key = f"{run['name']}/{step}" if run["name"] else str(step)
+            candidates[key] = (run, step, state)
+    if mode == "last":
+        run = runs[0]
+        write_selection(out, mode, {str(cfg.steps): {"run": run["name"], "step": cfg.steps}}, str(cfg.steps), None)
+        return run, model_from(run, run["final"])
     device = resolve_device(cfg.device)
-    knn = cache.neighbors(cfg.n_neighbors, backend=cfg.knn_backend)
-    reference = calibration or calibrate_for_config(cfg, cache, knn, n_clusters)
+    reference = next((r["calibration"] for r in runs if r["calibration"] is not None and not r["cfg"].pointwise), None)
+    if reference is None:
+        reference = calibrate_for_config(replace(cfg, pointwise=False), cache, knn, n_clusters)
     rows, keep = {}, {}
     val_cfg = replace(cfg, crf=False, progress=False)
-    for step, state in tqdm(candidates.items(), desc=f"select ({mode})", disable=not cfg.progress, unit="ckpt"):
+    for key, (run, step, state) in tqdm(candidates.items(), desc=f"select ({mode})", disable=not cfg.progress,
+                                        unit="ckpt"):
+        module = run["module"]
         module.load_state_dict(state)
         head = module.head.to(device).eval()
         scored = score_for_config(cfg, head, cache, knn, reference, n_clusters, device=device)
         head.cpu()
-        rows[step] = scored.row()
-        keep[step] = scored.similarity_samples
+        rows[key] = {"run": run["name"], "step": step, **scored.row()}
+        keep[key] = scored.similarity_samples
         if mode == "val-miou":
-            result = evaluate_checkpoint_model(val_cfg, model_from(state).to(device), out / "selection-eval" / f"step{step:06d}")
-            rows[step]["val_cluster_miou"] = result["cluster"]["strict"]["miou"]
-            rows[step]["val_cluster_acc"] = result["cluster"]["strict"]["accuracy"]
-    key = "label_free_score" if mode == "label-free" else "val_cluster_miou"
-    chosen = pick_best({step: row[key] for step, row in rows.items()})
-    write_selection(out, mode, rows, chosen, reference=reference)
+            result = evaluate_checkpoint_model(val_cfg, model_from(run, state).to(device),
+                                               out / "selection-eval" / key.replace("/", "-"))
+            rows[key]["val_cluster_miou"] = result["cluster"]["strict"]["miou"]
+            rows[key]["val_cluster_acc"] = result["cluster"]["strict"]["accuracy"]
+    metric = "label_free_score" if mode == "label-free" else "val_cluster_miou"
+    chosen = pick_best({key: row[metric] for key, row in rows.items()})
+    write_selection(out, mode, rows, chosen, reference)
     save_similarity_samples(keep[chosen], out / "selected_similarity_histogram.png", chosen)
-    log.info("--select %s: step %d of %s (%s %.3f)", mode, chosen, sorted(rows), key, rows[chosen][key])
-    return model_from(candidates[chosen])
+    log.info("--select %s: %s of %d candidates (%s %.3f)", mode, chosen, len(rows), metric, rows[chosen][metric])
+    run, _, state = candidates[chosen]
+    return run, model_from(run, state)
 
 
 def checkpoint_states(ckpt_dir: Path, final_state: dict, final_step: int) -> dict:
@@ -409,41 +447,43 @@ def checkpoint_states(ckpt_dir: Path, final_state: dict, final_step: int) -> dic
     return states
 
 
-def write_selection(out: Path, mode: str, rows: dict, chosen: int, reference) -> None:
+def write_selection(out: Path, mode: str, rows: dict, chosen: str, reference) -> None:
     """``selection.json`` and, with more than one candidate, ``selection.png`` (criterion against step)."""
-    data = {"mode": mode, "chosen_step": chosen, "candidates": {str(k): v for k, v in rows.items()},
-            "reference_shifts": reference.shifts if reference is not None else None}
+    data = {"mode": mode, "chosen": chosen, "chosen_step": rows[chosen]["step"], "chosen_run": rows[chosen]["run"],
+            "candidates": rows, "reference_shifts": reference.shifts if reference is not None else None}
     (out / "selection.json").write_text(json.dumps(data, indent=2))
     if len(rows) > 1:
         plot_selection(rows, chosen, out / "selection.png")
 
 
-def plot_selection(rows: dict, chosen: int, path: Path) -> None:
+def plot_selection(rows: dict, chosen: str, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = sorted(rows)
-    keys = [k for k in ("label_free_score", "val_cluster_miou") if k in rows[steps[0]]]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.2), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        ax.plot(steps, [rows[s][key] for s in steps], "o-")
-        ax.axvline(chosen, color="tab:red", linestyle="--", label=f"chosen: step {chosen}")
+    first = next(iter(rows.values()))
+    metrics = [k for k in ("label_free_score", "val_cluster_miou") if k in first]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.2), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for run in dict.fromkeys(r["run"] for r in rows.values()):
+            pts = sorted((r["step"], r[metric]) for r in rows.values() if r["run"] == run)
+            ax.plot(*zip(*pts), "o-", label=run or "run")
+        ax.plot([rows[chosen]["step"]], [rows[chosen][metric]], "r*", markersize=14, label=f"chosen: {chosen}")
         ax.set_xlabel("step")
-        ax.set_title(key.replace("_", " "))
+        ax.set_title(metric.replace("_", " "))
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def save_similarity_samples(samples: dict, path: Path, step: int) -> None:
+def save_similarity_samples(samples: dict, path: Path, chosen) -> None:
     from .viz import histogram_png
 
     values = {f"{'KNN' if k == 'knn' else 'random'} pairs": v for k, v in samples.items() if len(v)}
     if values:
-        histogram_png(values, path, title=f"code similarity S, selected checkpoint (step {step})",
+        histogram_png(values, path, title=f"code similarity S, selected checkpoint ({chosen})",
                       xlabel="cosine similarity of codes")
 
 
@@ -668,7 +708,8 @@ def calibration_report_lines(train_dir: Path) -> list:
     if cal_path.exists():
         cal = json.loads(cal_path.read_text())
         lines += [
-            "## Loss shifts (`--shifts auto`, chosen without labels)", "",
+            f"## Loss shifts (`--shifts auto`, chosen without labels; spatial centring "
+            f"{'on' if cal['pointwise'] else 'off'} in the selected run)", "",
             "Each shift b sits at the quantile of its pair type's feature correspondence F that leaves above it "
             "the fraction of pairs a k-means partition of the features puts in one cluster "
             "(see docs/label_free.md).", "",
@@ -689,16 +730,16 @@ def calibration_report_lines(train_dir: Path) -> list:
                       f"b_rand {c['b_rand']}.", ""]
     if sel_path.exists():
         sel = json.loads(sel_path.read_text())
-        lines += [f"## Checkpoint selection (`--select {sel['mode']}`): step {sel['chosen_step']}", ""]
+        lines += [f"## Checkpoint selection (`--select {sel['mode']}`): {sel['chosen']}", ""]
         rows = sel["candidates"]
         if len(rows) > 1:
             has_val = any("val_cluster_miou" in r for r in rows.values())
-            lines += ["| step | label-free score | mean S, KNN pairs | mean S, random pairs | clusters used |"
+            lines += ["| candidate (run/step) | label-free score | mean S, KNN pairs | mean S, random pairs | clusters used |"
                       + (" val cluster mIoU |" if has_val else ""),
                       "|---|---|---|---|---|" + ("---|" if has_val else "")]
-            for step, r in rows.items():
-                mark = " **(chosen)**" if int(step) == sel["chosen_step"] else ""
-                lines.append(f"| {step}{mark} | {r['label_free_score']:.3f} | {r['mean_code_similarity']['knn']:.3f} | "
+            for key, r in rows.items():
+                mark = " **(chosen)**" if key == sel["chosen"] else ""
+                lines.append(f"| {key}{mark} | {r['label_free_score']:.3f} | {r['mean_code_similarity']['knn']:.3f} | "
                              f"{r['mean_code_similarity']['rand']:.3f} | {r['clusters_used']} |"
                              + (f" {r.get('val_cluster_miou', float('nan')):.1f} |" if has_val else ""))
             lines.append("")

@@ -10,7 +10,9 @@ with a random image; the selection's own seeded stream, training images only), l
 ``same`` say whether the two points land in one cluster of a k-means partition of the
 code (K = the run's number of clusters), and let ``F - b_t`` be the feature
 correspondence against the *reference* shifts of a label-free calibration (the same
-for every candidate, so that scores are comparable). Per pair type:
+for every candidate, so that scores are comparable; the training pipeline uses the
+calibration of the uncentred correspondences, the plain cosine similarities, for every
+candidate whatever its own centring). Per pair type:
 
     agreement_t = mean(same * (F - b_t)) / mean(max(F - b_t, 0))
 
