@@ -10,7 +10,8 @@ export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv
 python3 -c "import torch, timm, lightning, faiss, pydensecrf.densecrf; print('torch', torch.__version__, 'timm', timm.__version__, 'lightning', lightning.__version__)"
 CAMVID=.device-data/camvid
-COMMON="--data-root $CAMVID --backbone dino_vits8 --no-pretrained --seed 0 --crf-workers 14 --num-workers 4 --no-progress"
+# the README's CamVid table: the reference's loss settings and probe (CocoStuff shifts, online probe, last step)
+COMMON="--data-root $CAMVID --backbone dino_vits8 --no-pretrained --seed 0 --crf-workers 14 --num-workers 4 --no-progress --shifts fixed --select last --cluster-fit online"
 if [[ $STAGE == bench || $STAGE == all ]]; then
   (cd benchmarks && python3 bench_inference.py && python3 bench_crf.py --n 64 --workers 14 --data-root ../$CAMVID \
      && python3 bench_train_throughput.py --data-root ../$CAMVID --steps 30 && python3 bench_knn.py)

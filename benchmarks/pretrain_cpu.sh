@@ -22,8 +22,11 @@ if [[ ! -f $P/backbone.pt ]]; then
     --max-minutes "$MINUTES" --readout-every 300 --num-workers 2 --no-progress --out "$P"
 fi
 
+# The README's table used the reference's loss settings and probe: CocoStuff shifts, online cluster
+# probe, last checkpoint (since issue #10 the defaults are --shifts auto --select label-free
+# --cluster-fit kmeans; pinned here so that the script reproduces its table).
 COMMON=(--data-root "$CAMVID" --class-names "$CLASSES" --backbone dino_vits8 --tiny --seed 0 --steps "$STEPS"
-        --num-workers 2 --crf-workers 2 --no-progress)
+        --num-workers 2 --crf-workers 2 --no-progress --shifts fixed --select last --cluster-fit online)
 # The same architecture twice: the DINO-pretrained weights file, and a random initialisation
 # (--no-pretrained: torch's default generator state at process start draws it, the same in every run).
 for NAME in camvid-tiny-random camvid-tiny-dino; do
@@ -40,7 +43,7 @@ for NAME in camvid-tiny-random camvid-tiny-dino; do
   if [[ $NAME == camvid-tiny-dino ]]; then B=(--weights "$P/backbone.pt"); else B=(--no-pretrained); fi
   K=$RUNS/$NAME-kmeans
   if [[ ! -f $K/eval/metrics.json ]]; then
-    stegoseg train --out "$K/train" --cache-dir "$RUNS/$NAME/cache" --cluster-fit kmeans "${COMMON[@]}" "${B[@]}"
+    stegoseg train --out "$K/train" --cache-dir "$RUNS/$NAME/cache" "${COMMON[@]}" "${B[@]}" --cluster-fit kmeans
     stegoseg evaluate "$K/train/checkpoint.pt" --out "$K/eval" --no-progress
   fi
 done
