@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import SHARED_DATA, machine  # noqa: E402
 
 from stegoseg.calibration import calibrate_for_config  # noqa: E402
-from stegoseg.config import make_config  # noqa: E402
+from stegoseg.config import PRESETS, make_config  # noqa: E402
 from stegoseg.evaluate import summary_rows  # noqa: E402
 from stegoseg.features import FeatureCache  # noqa: E402
 from stegoseg.model import load  # noqa: E402
@@ -50,7 +50,8 @@ from stegoseg.synthetic import make_synthetic_dataset  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 CAMVID = SHARED_DATA / "camvid"
 CAMVID_CLASSES = "sky,building,pole,road,pavement,tree,sign/symbol,fence,car,pedestrian,bicyclist"
-PUBLISHED = dict(w_self=0.10, w_knn=1.00, w_rand=0.15, b_self=0.12, b_knn=0.20, b_rand=1.00, pointwise=True)
+PUBLISHED = {k: PRESETS["cocostuff27"][k] for k in ("w_self", "w_knn", "w_rand", "b_self", "b_knn", "b_rand")} | {
+    "pointwise": True}
 # 8 grid points: b_knn x b_rand with spatial centring (the published default), and two without it
 GRID = [dict(b_knn=bk, b_rand=br, pointwise=True) for bk in (0.2, 0.5, 0.8) for br in (0.5, 1.0)] + [
     dict(b_knn=0.5, b_rand=0.5, pointwise=False), dict(b_knn=0.8, b_rand=1.0, pointwise=False)]

@@ -61,8 +61,14 @@ class PairSample:
     index: np.ndarray
     feats: torch.Tensor
     partner: dict
-    coords: tuple = ()  # (points of the items, points of the KNN / random partners), grid_sample coordinates
-    partner_index: dict = field(default_factory=dict)  # item indices of the KNN and random partners
+    coords: tuple  # (points of the items, points of the KNN / random partners), grid_sample coordinates
+    knn_index: np.ndarray  # item indices of the KNN partners
+    perm: torch.Tensor  # the random pairing: item i is paired with item perm[i] of the batch
+
+    @property
+    def partner_index(self) -> dict:
+        """Item indices of the KNN and random partners."""
+        return {"knn": self.knn_index, "rand": self.index[self.perm.numpy()]}
 
 
 def sample_pairs(cache, knn: np.ndarray, n_batches: int, batch_size: int, n_samples: int, knn_topk: int,
@@ -89,7 +95,7 @@ def sample_pairs(cache, knn: np.ndarray, n_batches: int, batch_size: int, n_samp
             "self": points,
             "knn": sample_points(feats_knn, c2),
             "rand": sample_points(feats[perm], c2),
-        }, coords=(c1, c2), partner_index={"knn": partner, "rand": idx[perm.numpy()]})
+        }, coords=(c1, c2), knn_index=partner, perm=perm)
 
 
 def nearest_centroid(points: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
@@ -178,7 +184,7 @@ def calibrate_shifts(cache, knn: np.ndarray, n_clusters: int, *, pointwise: bool
     )
 
 
-def calibrate_for_config(cfg, cache, knn: np.ndarray, n_clusters: int, device="cpu") -> ShiftCalibration:
+def calibrate_for_config(cfg, cache, knn: np.ndarray, n_clusters: int) -> ShiftCalibration:
     """:func:`calibrate_shifts` with a run's settings (points, centring, KNN top-k, seed, k-means)."""
     return calibrate_shifts(
         cache, knn, n_clusters, pointwise=cfg.pointwise, n_samples=cfg.n_samples, knn_topk=cfg.knn_topk,

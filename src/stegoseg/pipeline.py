@@ -18,14 +18,14 @@ from tqdm.auto import tqdm
 
 from .backbones import create_backbone
 from .calibration import calibrate_for_config
-from .config import Config, replace, selection_mode
+from .config import PRESETS, Config, replace, selection_mode
 from .data import build_dataset
 from .errors import StegosegError
 from .evaluate import EvalConfig, evaluate_model, summary_rows
 from .features import CropView, FeatureCache, extract_features
 from .model import SegmentationModel
 from .probes import spherical_kmeans, train_linear_probe, set_centroids
-from .selection import pick_best, score_for_config
+from .selection import score_for_config
 from .train import fit_stego
 
 log = logging.getLogger("stegoseg")
@@ -171,7 +171,7 @@ def fit_centroids(cfg: Config, cache: FeatureCache, n_clusters: int, head=None, 
                     yield head(feats.to(device).float())
 
     if head is not None:
-        c, h, w = cache.meta["feature_shape"]
+        _, h, w = cache.meta["feature_shape"]
         if cache.n * head.dim * h * w * 4 <= CODE_IN_MEMORY_BYTES:
             # The code of the whole cache fits in memory: run the head once instead of once per
             # Lloyd iteration (the same batches, so the same centroids).
@@ -398,15 +398,15 @@ def select_checkpoint(cfg: Config, out: Path, runs: list, model_from, cache: Fea
     The label-free criterion's reference shifts come from a calibration of the uncentred
     feature correspondences (the same for every candidate: see docs/label_free.md)."""
     mode = selection_mode(cfg)
+    if mode == "last":
+        run = runs[0]
+        write_selection(out, mode, {str(cfg.steps): {"run": run["name"], "step": cfg.steps}}, str(cfg.steps), None)
+        return run, model_from(run, run["final"])
     candidates = {}  # key -> (run, step, state)
     for run in runs:
         for step, state in checkpoint_states(run["folder"] / "lightning", run["final"], cfg.steps).items():
             key = f"{run['name']}/{step}" if run["name"] else str(step)
             candidates[key] = (run, step, state)
-    if mode == "last":
-        run = runs[0]
-        write_selection(out, mode, {str(cfg.steps): {"run": run["name"], "step": cfg.steps}}, str(cfg.steps), None)
-        return run, model_from(run, run["final"])
     device = resolve_device(cfg.device)
     reference = next((r["calibration"] for r in runs if r["calibration"] is not None and not r["cfg"].pointwise), None)
     if reference is None:
@@ -428,7 +428,7 @@ def select_checkpoint(cfg: Config, out: Path, runs: list, model_from, cache: Fea
             rows[key]["val_cluster_miou"] = result["cluster"]["strict"]["miou"]
             rows[key]["val_cluster_acc"] = result["cluster"]["strict"]["accuracy"]
     metric = "label_free_score" if mode == "label-free" else "val_cluster_miou"
-    chosen = pick_best({key: row[metric] for key, row in rows.items()})
+    chosen = max(rows, key=lambda key: rows[key][metric])  # ties: the earliest candidate
     write_selection(out, mode, rows, chosen, reference)
     save_similarity_samples(keep[chosen], out / "selected_similarity_histogram.png", chosen)
     log.info("--select %s: %s of %d candidates (%s %.3f)", mode, chosen, len(rows), metric, rows[chosen][metric])
@@ -716,10 +716,10 @@ def calibration_report_lines(train_dir: Path) -> list:
             "| pair type | same-cluster rate | mean F | chosen shift | published CocoStuff shift |",
             "|---|---|---|---|---|",
         ]
-        published = {"self": 0.12, "knn": 0.20, "rand": 1.00}
+        published = PRESETS["cocostuff27"]
         for t, name in (("self", "within image"), ("knn", "nearest neighbour"), ("rand", "random image")):
             lines.append(f"| {name} | {cal['same_rate'][t]:.3f} | {cal['feature_similarity'][t]['mean']:.3f} | "
-                         f"{cal['b_' + t]:.3f} | {published[t]:.2f} |")
+                         f"{cal['b_' + t]:.3f} | {published['b_' + t]:.2f} |")
         lines.append("")
     elif cfg_path.exists():
         import yaml

@@ -26,7 +26,6 @@ the head.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import numpy as np
 import torch
@@ -71,9 +70,11 @@ def label_free_score(head, cache, knn: np.ndarray, reference: ShiftCalibration, 
         c1, c2 = batch.coords
         code = _code(head, cache.feature_batch(batch.index), device)
         points = sample_points(code, c1)
-        partner = {"self": points}
-        for t in ("knn", "rand"):
-            partner[t] = sample_points(_code(head, cache.feature_batch(batch.partner_index[t]), device), c2)
+        partner = {
+            "self": points,
+            "knn": sample_points(_code(head, cache.feature_batch(batch.knn_index), device), c2),
+            "rand": sample_points(code[batch.perm], c2),  # random partners are items of the same batch
+        }
         batches.append((batch, points, partner))
     # k-means over every sampled code point (items and partners), seeded
     pool = [p for _, points, partner in batches for p in (points, partner["knn"], partner["rand"])]
@@ -117,13 +118,4 @@ def score_for_config(cfg, head, cache, knn: np.ndarray, reference: ShiftCalibrat
                             kmeans_iters=cfg.kmeans_iters, device=device)
 
 
-def pick_best(scores: dict) -> Optional[object]:
-    """The key with the highest score (ties: the earliest key in order)."""
-    best_key, best_value = None, -np.inf
-    for key, value in scores.items():
-        if value > best_value:
-            best_key, best_value = key, value
-    return best_key
-
-
-__all__ = ["SelectionScore", "label_free_score", "score_for_config", "pick_best"]
+__all__ = ["SelectionScore", "label_free_score", "score_for_config"]
