@@ -74,7 +74,7 @@ def test_main_job_then_evaluate_and_segment(synthetic_root, tmp_path, capsys):
     assert main(["segment", str(out / "train" / "checkpoint.pt"), str(imgs / "rgb.jpg"), "--out", str(imgs), "--quiet"]) == 0
     assert main(["segment", str(out / "train" / "checkpoint.pt"), str(seg / "grey.png"), "--out", str(seg),
                  "--quiet", "--overwrite"]) == 2
-    assert "overwrite an input" in capsys.readouterr().err
+    assert "is an input image" in capsys.readouterr().err
 
     # Python API
     model = stegoseg.load(out / "train" / "checkpoint.pt")

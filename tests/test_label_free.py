@@ -139,7 +139,7 @@ def test_selection_ranks_a_collapsed_training_run_below_a_healthy_one(synthetic_
     collapsed = load(train_stego(tiny_config(synthetic_root, b_self=-1.0, b_knn=-1.0, b_rand=-1.0, w_rand=1.0,
                                              lr=5e-3, **common), tmp_path / "collapsed"))
     cfg = tiny_config(synthetic_root, **common)
-    cache = FeatureCache(next((tmp_path / "cache").iterdir()))
+    cache = FeatureCache(next(p for p in (tmp_path / "cache").iterdir() if (p / "meta.json").exists()))
     knn = cache.neighbors(cfg.n_neighbors)
     ref = calibrate_for_config(cfg, cache, knn, 4)
     s_healthy = score_for_config(cfg, healthy.head, cache, knn, ref, 4)

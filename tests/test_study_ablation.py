@@ -52,7 +52,7 @@ def test_ablate_command_writes_the_table(synthetic_root, tmp_path, capsys):
     for name in ("full", "no-zero-clamp"):
         saved = yaml.safe_load((out / name / "train" / "config.yaml").read_text())
         assert saved["zero_clamp"] is (name == "full") and saved["cache_dir"] == str(out / "cache")
-    assert len([p for p in (out / "cache").iterdir() if p.is_dir()]) == 1  # one shared feature cache
+    assert len([p for p in (out / "cache").iterdir() if (p / "meta.json").exists()]) == 1  # one shared feature cache
     # the two trained models differ; the CRF changes the evaluation of the same model
     full = torch.load(out / "full" / "train" / "checkpoint.pt", weights_only=True)["head"]["state_dict"]
     ablated = torch.load(out / "no-zero-clamp" / "train" / "checkpoint.pt", weights_only=True)["head"]["state_dict"]

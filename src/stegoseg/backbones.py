@@ -14,7 +14,8 @@ gradient) and always in eval mode. Its :meth:`Backbone.forward` maps a normalise
   the final layer norm; the CLS token and any register tokens are dropped. The timm
   model is created with ``dynamic_img_size=True`` so the absolute position embedding is
   resampled (bicubic) to the token grid of every input, i.e. any multiple of the patch
-  size works.
+  size works. ``pos_embed="dino"`` (DINO v1 presets only) resamples it the way the
+  original DINO code does instead (see :func:`dino_resample_pos_embed`).
 * ResNets (supervised torchvision ResNet-50, MoCo v2 ResNet-50): the last stage
   (``layer4``) feature map, output stride 32.
 
@@ -60,9 +61,11 @@ __all__ = [
     "Backbone",
     "BackbonePreset",
     "BACKBONE_PRESETS",
+    "POS_EMBED_MODES",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "create_backbone",
+    "dino_resample_pos_embed",
     "file_sha256",
     "get_backbone_preset",
     "global_descriptor",
@@ -80,6 +83,12 @@ NETWORK_PROBE_TIMEOUT_ENV = "STEGOSEG_NETWORK_TIMEOUT_S"
 _DEFAULT_NETWORK_PROBE_TIMEOUT_S = 5.0
 
 _HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+#: How a ViT's absolute position embedding is resampled to the token grid of an input:
+#: ``"timm"`` (timm's antialiased bicubic resize to the grid size) or ``"dino"`` (the
+#: original DINO code's bicubic resize by a scale factor, see
+#: :func:`dino_resample_pos_embed`; DINO v1 presets only).
+POS_EMBED_MODES: tuple[str, ...] = ("timm", "dino")
 
 
 # --------------------------------------------------------------------------------------
@@ -276,6 +285,8 @@ class Backbone(nn.Module):
             of the local weights file.
         weights_sha256: SHA-256 of the weights file (local or downloaded), else None.
         tiny: whether this is the test-sized architecture.
+        pos_embed_mode: how a ViT's position embedding is resampled to the input's token
+            grid, one of :data:`POS_EMBED_MODES` (always ``"timm"`` for ResNets).
         model: the wrapped timm ``VisionTransformer`` / torchvision ``ResNet``.
 
     The module is frozen: all parameters have ``requires_grad=False`` and ``train()``
@@ -296,10 +307,13 @@ class Backbone(nn.Module):
         weights_source: str = "random",
         weights_sha256: str | None = None,
         tiny: bool = False,
+        pos_embed_mode: str = "timm",
     ) -> None:
         super().__init__()
         if family not in ("vit", "resnet"):
             raise ValueError(f"unknown backbone family {family!r}")
+        if pos_embed_mode not in POS_EMBED_MODES:
+            raise ValueError(f"unknown pos_embed_mode {pos_embed_mode!r}")
         self.model = model
         self.name = name
         self.family = family
@@ -310,6 +324,7 @@ class Backbone(nn.Module):
         self.weights_source = weights_source
         self.weights_sha256 = weights_sha256
         self.tiny = tiny
+        self.pos_embed_mode = pos_embed_mode
         # Not persistent: they are derived from mean/std and must not enter state dicts.
         self.register_buffer("_mean_t", torch.tensor(self.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_std_t", torch.tensor(self.std).view(1, 3, 1, 1), persistent=False)
@@ -429,7 +444,8 @@ class Backbone(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"name={self.name!r}, patch_size={self.patch_size}, embed_dim={self.embed_dim}, "
-            f"weights_source={self.weights_source!r}, tiny={self.tiny}"
+            f"weights_source={self.weights_source!r}, tiny={self.tiny}, "
+            f"pos_embed_mode={self.pos_embed_mode!r}"
         )
 
 
@@ -451,6 +467,8 @@ def create_backbone(
     pretrained: bool = True,
     weights: str | os.PathLike[str] | None = None,
     tiny: bool = False,
+    *,
+    pos_embed: str = "timm",
     **overrides: Any,
 ) -> Backbone:
     """Build a frozen :class:`Backbone` from a preset name (or alias).
@@ -467,15 +485,23 @@ def create_backbone(
             2 blocks, width 32, 2 heads; ResNet: one Bottleneck per stage, stride 32).
             Cannot be combined with a download; combine it with ``weights`` to load a
             file saved from a tiny backbone.
+        pos_embed: how the ViT's absolute position embedding is resampled to the token
+            grid of each input (CLI ``--pos-embed``): ``"timm"`` (default, timm's
+            antialiased bicubic resize) or ``"dino"`` (the original DINO code's
+            interpolation, which the published STEGO numbers used; identical to
+            ``"timm"`` at the stored grid, see :func:`dino_resample_pos_embed`). Only the
+            DINO v1 ViT presets support ``"dino"``.
         **overrides: passed to ``timm.create_model`` (ViTs) or the torchvision
             ``ResNet`` constructor (ResNets).
 
     Raises:
-        StegosegError: unknown name, unreadable / non-matching weights file, or the
-            download is impossible (offline): the message names the file to fetch and
+        StegosegError: unknown name or ``pos_embed`` value, ``pos_embed="dino"`` for a
+            backbone other than a DINO v1 ViT, unreadable / non-matching weights file, or
+            the download is impossible (offline): the message names the file to fetch and
             says to pass it as ``weights=PATH`` (CLI ``--weights PATH``).
     """
     preset = get_backbone_preset(name)
+    pos_embed = _check_pos_embed_option(pos_embed, preset)
     if tiny and pretrained and weights is None:
         raise StegosegError(
             f"tiny=True builds an untrained test-sized '{preset.name}'; pass pretrained=False "
@@ -499,7 +525,7 @@ def create_backbone(
         weights_sha256 = file_sha256(path)
 
     if preset.family == "vit":
-        model, patch_size, embed_dim = _build_vit(preset, tiny, overrides)
+        model, patch_size, embed_dim = _build_vit(preset, tiny, overrides, pos_embed=pos_embed)
     else:
         model, patch_size, embed_dim = _build_resnet(preset, tiny, overrides)
     if state is not None:
@@ -510,10 +536,13 @@ def create_backbone(
         model, name=preset.name, family=preset.family, patch_size=patch_size,
         embed_dim=embed_dim, mean=preset.mean, std=preset.std,
         weights_source=weights_source, weights_sha256=weights_sha256, tiny=tiny,
+        pos_embed_mode=pos_embed,
     )
 
 
-def _build_vit(preset: BackbonePreset, tiny: bool, overrides: dict[str, Any]) -> tuple[nn.Module, int, int]:
+def _build_vit(
+    preset: BackbonePreset, tiny: bool, overrides: dict[str, Any], *, pos_embed: str = "timm"
+) -> tuple[nn.Module, int, int]:
     import timm
 
     kwargs: dict[str, Any] = {"num_classes": 0, "dynamic_img_size": True}
@@ -524,6 +553,8 @@ def _build_vit(preset: BackbonePreset, tiny: bool, overrides: dict[str, Any]) ->
         model = timm.create_model(preset.arch, pretrained=False, **kwargs)
     except TypeError as exc:
         raise StegosegError(f"invalid option for backbone '{preset.name}': {exc}") from exc
+    if pos_embed == "dino":
+        _use_dino_pos_embed(model, preset)
     patch = model.patch_embed.patch_size
     patch_size = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
     return model, patch_size, int(model.embed_dim)
@@ -551,6 +582,132 @@ def _build_resnet(preset: BackbonePreset, tiny: bool, overrides: dict[str, Any])
     dilated = overrides.get("replace_stride_with_dilation") or (False, False, False)
     stride = 32 // (2 ** sum(bool(d) for d in dilated))
     return model, stride, embed_dim
+
+
+# --------------------------------------------------------------------------------------
+# Position embedding: DINO's interpolation
+# --------------------------------------------------------------------------------------
+
+
+def dino_resample_pos_embed(
+    pos_embed: torch.Tensor, grid_h: int, grid_w: int, num_prefix_tokens: int = 1
+) -> torch.Tensor:
+    """Resample a ViT position embedding to a ``grid_h x grid_w`` token grid as DINO does.
+
+    Reproduces ``interpolate_pos_encoding`` of the original DINO code
+    (facebookresearch/dino), which produced the published STEGO numbers: when the grid
+    has as many cells as the stored (square) one and is square, ``pos_embed`` is
+    returned as is. Otherwise the prefix (class token) embeddings are kept and the
+    stored ``sqrt(N) x sqrt(N)`` patch embeddings are resized by bicubic interpolation
+    (no antialiasing, ``align_corners=False``) with the *scale factor*
+    ``((grid_h + 0.1) / sqrt(N), (grid_w + 0.1) / sqrt(N))``. The 0.1 keeps the output
+    size exactly ``grid_h x grid_w`` despite rounding, but the sampling positions follow
+    the slightly larger scale, so the result differs from a resize to that size
+    (timm's ``resample_abs_pos_embed``) everywhere except at the stored grid.
+
+    Args:
+        pos_embed: ``(1, num_prefix_tokens + N, C)`` with ``N`` a square number.
+        grid_h, grid_w: token grid of the input (image size / patch size).
+        num_prefix_tokens: leading embeddings not on the grid (DINO: 1, the class token).
+
+    Returns:
+        ``(1, num_prefix_tokens + grid_h * grid_w, C)``, same dtype as ``pos_embed``.
+    """
+    if pos_embed.dim() != 3 or pos_embed.shape[0] != 1:
+        raise ValueError(f"expected a position embedding of shape (1, T, C), got {tuple(pos_embed.shape)}")
+    grid_h, grid_w = int(grid_h), int(grid_w)
+    if grid_h < 1 or grid_w < 1:
+        raise ValueError(f"grid must be at least 1x1, got {grid_h}x{grid_w}")
+    num_patches = pos_embed.shape[1] - num_prefix_tokens
+    side = math.isqrt(num_patches) if num_patches > 0 else 0
+    if side < 1 or side * side != num_patches:
+        raise ValueError(f"stored position embedding has {num_patches} patch entries, not a square grid")
+    if grid_h * grid_w == num_patches and grid_h == grid_w:
+        return pos_embed
+    dim = pos_embed.shape[-1]
+    prefix, patches = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    patches = patches.reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    scale = ((grid_h + 0.1) / math.sqrt(num_patches), (grid_w + 0.1) / math.sqrt(num_patches))
+    # Bicubic needs float32 or float64 on every device; half precision is upcast.
+    work = patches if patches.dtype in (torch.float32, torch.float64) else patches.float()
+    resized = F.interpolate(work, scale_factor=scale, mode="bicubic").to(pos_embed.dtype)
+    if tuple(resized.shape[-2:]) != (grid_h, grid_w):  # cannot happen for sane grids
+        raise RuntimeError(f"DINO position-embedding resize gave {tuple(resized.shape[-2:])}, not {(grid_h, grid_w)}")
+    resized = resized.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, dim)
+    return torch.cat([prefix, resized], dim=1)
+
+
+class _DinoPosEmbedStep:
+    """Replaces ``VisionTransformer._pos_embed`` of one timm ViT instance.
+
+    Same as timm's step for a ViT with one class token, no register tokens and
+    ``no_embed_class=False`` (concatenate the class token, add the position embedding,
+    position dropout), except that the embedding is resampled with
+    :func:`dino_resample_pos_embed`. A plain object rather than a bound method so that
+    the instance can be deep-copied and pickled with the override intact.
+    """
+
+    def __init__(self, vit: nn.Module) -> None:
+        self.vit = vit
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        vit = self.vit
+        if x.dim() == 4:  # dynamic_img_size: (B, H, W, C) patch grid
+            batch, grid_h, grid_w, dim = x.shape
+        else:  # fixed size: (B, N, C) on the stored grid
+            batch, _, dim = x.shape
+            grid_h, grid_w = vit.patch_embed.grid_size
+        pos_embed = dino_resample_pos_embed(vit.pos_embed, grid_h, grid_w, num_prefix_tokens=1)
+        x = torch.cat([vit.cls_token.expand(batch, -1, -1), x.reshape(batch, -1, dim)], dim=1)
+        return vit.pos_drop(x + pos_embed)
+
+    def __repr__(self) -> str:
+        return "DINO position-embedding interpolation"
+
+
+def _dino_pos_embed_error(preset: BackbonePreset, why: str = "") -> StegosegError:
+    supported = ", ".join(n for n, p in BACKBONE_PRESETS.items() if _is_dino_v1(p))
+    return StegosegError(
+        f"--pos-embed dino is not supported by backbone '{preset.name}'{why}: only DINO ViTs "
+        f"({supported}) support it; use --pos-embed timm"
+    )
+
+
+def _is_dino_v1(preset: BackbonePreset) -> bool:
+    return preset.family == "vit" and preset.arch.endswith(".dino")
+
+
+def _check_pos_embed_option(pos_embed: str, preset: BackbonePreset) -> str:
+    """Validate the ``pos_embed`` option (CLI ``--pos-embed``) for a preset."""
+    mode = str(pos_embed).strip().lower()
+    if mode not in POS_EMBED_MODES:
+        raise StegosegError(
+            f"unknown --pos-embed {pos_embed!r}; allowed values: {', '.join(POS_EMBED_MODES)}"
+        )
+    if mode == "dino" and not _is_dino_v1(preset):
+        raise _dino_pos_embed_error(preset)
+    return mode
+
+
+def _use_dino_pos_embed(model: nn.Module, preset: BackbonePreset) -> None:
+    """Make this ViT instance resample its position embedding the DINO way.
+
+    Only plain ViTs qualify: one class token, no register tokens, a position embedding
+    that covers the class token (``no_embed_class=False``) on a square grid.
+    """
+    from timm.models.vision_transformer import VisionTransformer
+
+    if not isinstance(model, VisionTransformer):
+        raise _dino_pos_embed_error(preset, f" (built as {type(model).__name__})")
+    if getattr(model, "cls_token", None) is None or getattr(model, "reg_token", None) is not None \
+            or model.num_prefix_tokens != 1:
+        raise _dino_pos_embed_error(preset, " (needs exactly one class token and no register tokens)")
+    if model.no_embed_class or model.pos_embed is None:
+        raise _dino_pos_embed_error(preset, " (needs a position embedding that includes the class token)")
+    grid = tuple(model.patch_embed.grid_size)
+    if grid[0] != grid[1]:
+        raise _dino_pos_embed_error(preset, f" (stored position grid {grid[0]}x{grid[1]} is not square)")
+    model._pos_embed = _DinoPosEmbedStep(model)
 
 
 # --------------------------------------------------------------------------------------

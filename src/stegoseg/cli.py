@@ -6,11 +6,13 @@ one line (``stegoseg: error: ...``) with exit status 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from pathlib import Path
 
 from .errors import StegosegError, refuse_overwrite
+from .preflight import check_writable, prepare_out
 
 log = logging.getLogger("stegoseg")
 
@@ -29,11 +31,11 @@ def cmd_backbones(args) -> int:
 
 def cmd_baseline(args) -> int:
     from .config import resolve_config
-    from .pipeline import run_feature_baseline
+    from .pipeline import check_before_work, run_feature_baseline
 
     cfg = resolve_config(args)
-    out = Path(args.out)
-    refuse_overwrite(out, "metrics.json", args.overwrite)
+    out = prepare_out(args.out, "baseline", "metrics.json", args.overwrite)
+    check_before_work(cfg, out, evaluate=True)
     result = run_feature_baseline(cfg, out)
     _print_summary(result, out)
     return 0
@@ -55,11 +57,11 @@ def cmd_make_synthetic(args) -> int:
 
 def cmd_prepare(args) -> int:
     from .config import resolve_config
-    from .pipeline import prepare
+    from .pipeline import check_before_work, prepare
 
     cfg = resolve_config(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_writable(args.out)
+    check_before_work(cfg, out)
     cache = prepare(cfg, out)
     print(f"feature cache: {cache.path} ({cache.n} items, complete={cache.complete})")
     return 0
@@ -67,12 +69,11 @@ def cmd_prepare(args) -> int:
 
 def cmd_train(args) -> int:
     from .config import resolve_config
-    from .pipeline import train_stego
+    from .pipeline import check_before_work, train_stego
 
     cfg = resolve_config(args)
-    out = Path(args.out)
-    if not args.resume:
-        refuse_overwrite(out, "checkpoint.pt", args.overwrite)
+    out = prepare_out(args.out, "train", "checkpoint.pt", args.overwrite, resume=args.resume)
+    check_before_work(cfg, out)
     path = train_stego(cfg, out, resume=args.resume)
     if path is not None:
         print(f"checkpoint: {path}")
@@ -82,13 +83,17 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     from .evaluate import summary_rows
     from .model import load
-    from .pipeline import config_for_checkpoint, evaluate_checkpoint_model, resolve_device
+    from .pipeline import check_eval_labels, config_for_checkpoint, evaluate_checkpoint_model, resolve_device
+    from .preflight import check_accelerator
 
-    model = load(args.checkpoint, weights=args.weights, device="cpu")
+    from .config import explicit_values
+
+    model = load(args.checkpoint, weights=explicit_values(args).get("weights"), device="cpu")
     cfg = config_for_checkpoint(model, args)
+    check_accelerator(cfg.accelerator, cfg.device)
     model.to(resolve_device(cfg.device))
-    out = Path(args.out)
-    refuse_overwrite(out, "metrics.json", args.overwrite)
+    out = prepare_out(args.out, "evaluate", "metrics.json", args.overwrite)
+    check_eval_labels(cfg, model, out, split=args.split)
     result = evaluate_checkpoint_model(cfg, model, out, split=args.split)
     result["summary"] = summary_rows(result)
     _print_summary(result, out)
@@ -96,9 +101,19 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_segment(args) -> int:
+    from .config import raise_first_failure
+    from .crf import CRFParams
     from .model import load
     from .pipeline import resolve_device, segment_images
+    from .preflight import check_accelerator
 
+    raise_first_failure([
+        (args.resolution >= 0, f"--resolution must be >= 0 (0: original size), got {args.resolution}"),
+        (args.batch_size >= 1, "--batch-size must be >= 1"),
+        (args.num_workers >= 0, "--num-workers must be >= 0"),
+        (args.crf_workers >= 1, "--crf-workers must be >= 1"),
+    ])
+    check_accelerator(device=args.device)
     model = load(args.checkpoint, weights=args.weights, device=resolve_device(args.device))
     if args.bf16:
         import torch
@@ -109,6 +124,7 @@ def cmd_segment(args) -> int:
         resolution=None if args.resolution == 0 else args.resolution, probe=args.probe,
         overwrite=args.overwrite, progress=not args.quiet, num_workers=args.num_workers,
         batch_size=args.batch_size, crf_workers=args.crf_workers,
+        crf_params=CRFParams(reference_input=bool(model.config.get("crf_reference_input", False))),
     )
     print(f"wrote {len(written)} label maps (+ overlays) to {args.out}")
     return 0
@@ -119,9 +135,7 @@ def cmd_pretrain(args) -> int:
     from .pretrain import PretrainConfig, pretrain
 
     cfg = resolve_config(args, cls=PretrainConfig)
-    out = Path(args.out)
-    if not args.resume:
-        refuse_overwrite(out, "backbone.pt", args.overwrite)
+    out = prepare_out(args.out, "pretrain", "backbone.pt", args.overwrite, resume=args.resume)
     summary = pretrain(cfg, out, resume=args.resume)
     if summary is not None:
         last = summary["readout"][-1] if summary["readout"] else None
@@ -136,8 +150,7 @@ def cmd_datus(args) -> int:
     from .datus import DatusParams, run_datus
 
     cfg = resolve_config(args)
-    out = Path(args.out)
-    refuse_overwrite(out, "metrics.json", args.overwrite)
+    out = prepare_out(args.out, "datus", "metrics.json", args.overwrite)
     params = DatusParams(knn=args.graph_knn, min_similarity=args.min_similarity, resolution=args.louvain_resolution,
                          min_patches=args.min_patches, crop_size=args.crop_size, n_clusters=args.clusters, seed=cfg.seed)
     result = run_datus(cfg, out, params, split=args.split, denoise=args.denoise, denoise_epochs=args.denoise_epochs)
@@ -185,18 +198,29 @@ def cmd_compare(args) -> int:
 
 def cmd_run(args) -> int:
     from .config import resolve_config
-    from .pipeline import run_all
+    from .pipeline import check_before_work, run_all
 
     cfg = resolve_config(args)
-    out = Path(args.out)
-    if not args.resume:
-        refuse_overwrite(out, "report.md", args.overwrite)
+    out = prepare_out(args.out, "run", "report.md", args.overwrite, resume=args.resume)
+    check_before_work(cfg, out, evaluate=True)
     summary = run_all(cfg, out, resume=args.resume, baseline=args.baseline)
     if summary is not None:
         for name, rows in summary.items():
             print(name + ": " + ", ".join(f"{k} {v:.1f}" for k, v in rows.items()))
         print(f"report: {out / 'report.md'}")
     return 0
+
+
+_FILE_ERRNOS = {
+    errno.ENOSPC: "the disk is full: free some space or write to another disk",
+    errno.EDQUOT: "disk quota exceeded: free some space or write to another disk",
+    errno.EACCES: "permission denied: choose a folder you can write to, or fix the permissions",
+    errno.EPERM: "operation not permitted: choose a folder you can write to",
+    errno.EROFS: "read-only file system: choose a writable folder",
+    errno.EEXIST: "a file of that name already exists: choose another path",
+    errno.ENOTDIR: "a path component is a file, not a folder: choose another path",
+    errno.EISDIR: "a folder was found where a file was expected: choose another path",
+}
 
 
 def _print_summary(result: dict, out: Path) -> None:
@@ -390,6 +414,14 @@ def main(argv=None) -> int:
         return args.func(args)
     except StegosegError as exc:
         print(f"stegoseg: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # the environment refused a file operation: one line naming the file, not a traceback
+        if exc.errno not in _FILE_ERRNOS:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        advice = _FILE_ERRNOS[exc.errno]
+        print(f"stegoseg: error: {where}{exc.strerror or exc} ({advice})", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("stegoseg: interrupted", file=sys.stderr)

@@ -119,6 +119,21 @@ class Config(ConfigBase):
     # ---- misc
     device: str = "auto"  # for prepare / evaluate / segment: auto | cpu | cuda | cuda:N
     progress: bool = True
+    # ---- reference-exact mode (docs/reference_mode.md): --protocol reference turns on every quirk
+    # of the reference pipeline below (each None = the protocol's choice; any can be set alone)
+    protocol: str = "clean"  # clean | reference
+    knn_dropout: Optional[bool] = None  # KNN descriptors with Dropout2d(feature_dropout) active (reference)
+    crop_jpeg: Optional[bool] = None  # five-crops round-tripped through JPEG (quality 75) before resizing (reference)
+    train_resample: Optional[str] = None  # training/KNN crop resize: bilinear (clean) | nearest (reference)
+    crf_reference_input: Optional[bool] = None  # CRF fed BGR, uint8 by truncation (reference)
+    pos_embed: Optional[str] = None  # ViT position-embedding resampling: timm (clean) | dino (reference: offset 0.1, plain bicubic)
+
+    def __post_init__(self) -> None:
+        # the reference-mode quirks left unset follow --protocol
+        table = REFERENCE_PROTOCOL if self.protocol == "reference" else CLEAN_PROTOCOL
+        for name in CLEAN_PROTOCOL:
+            if getattr(self, name) is None:
+                setattr(self, name, table[name])
 
     def validate(self) -> None:
         validate(self)
@@ -198,10 +213,21 @@ def _base_type(tp):
     return tp
 
 
+class _ExplicitNone:
+    """What ``--option none`` parses to, so that an explicit None is told apart from an
+    option that was not given (argparse's default, None); see :func:`explicit_values`."""
+
+    def __repr__(self) -> str:
+        return "None"
+
+
+EXPLICIT_NONE = _ExplicitNone()
+
+
 def _parse_optional(kind):
     def parse(text: str):
         if text.lower() in ("none", "null", ""):
-            return None
+            return EXPLICIT_NONE
         return kind(text)
 
     parse.__name__ = kind.__name__
@@ -243,12 +269,11 @@ def resolve_config(args: argparse.Namespace, cls=None, presets: Optional[dict] =
     given = {}  # values the user wrote (YAML file, command line), not the preset's
     if getattr(args, "config", None):
         given.update(load_yaml(args.config))
-    for f in fields(cls):
-        v = getattr(args, f.name, None)
-        if v is not None:
-            given[f.name] = v
+    given.update(explicit_values(args, cls))
     values.update(given)
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if cls is Config:
+        values = apply_protocol(values, given)
     cfg = make_config(values, cls)
     if getattr(cfg, "shifts", None) == "auto":
         mine = [k for k in SHIFT_FIELDS if k in given]
@@ -260,6 +285,19 @@ def resolve_config(args: argparse.Namespace, cls=None, presets: Optional[dict] =
 
 
 SHIFT_FIELDS = ("b_self", "b_knn", "b_rand")
+
+
+def explicit_values(args: argparse.Namespace, cls=None) -> dict:
+    """The config fields given on the command line: ``{name: value}``; ``--x none`` gives
+    ``{x: None}`` (an option not given is absent)."""
+    values = {}
+    for f in fields(cls or Config):
+        v = getattr(args, f.name, None)
+        if v is EXPLICIT_NONE:
+            values[f.name] = None
+        elif v is not None:
+            values[f.name] = v
+    return values
 
 
 def load_yaml(path) -> dict:
@@ -309,8 +347,53 @@ def validate(cfg: Config) -> None:
         (cfg.selection_batches >= 1, "--selection-batches must be >= 1"),
         (cfg.extra_clusters >= 0, "--extra-clusters must be >= 0"),
         (cfg.n_classes is None or cfg.n_classes >= 2, "--n-classes must be >= 2"),
+        (cfg.dim >= 1, f"--dim must be >= 1 (the code's channels), got {cfg.dim}"),
+        (cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}"),
+        (cfg.probe_lr > 0, f"--probe-lr must be > 0, got {cfg.probe_lr}"),
+        (cfg.resolution >= 1, f"--resolution must be >= 1 pixel, got {cfg.resolution}"),
+        (cfg.eval_resolution is None or cfg.eval_resolution >= 1,
+         f"--eval-resolution must be >= 1 pixel (or none: original size), got {cfg.eval_resolution}"),
+        (cfg.max_eval_images is None or cfg.max_eval_images >= 1,
+         f"--max-eval-images must be >= 1 (or none: all), got {cfg.max_eval_images}"),
+        (cfg.n_neighbors >= 1, "--n-neighbors must be >= 1"),
+        (cfg.extract_batch_size >= 1, "--extract-batch-size must be >= 1"),
+        (cfg.eval_batch_size >= 1, "--eval-batch-size must be >= 1"),
+        (cfg.num_workers >= 0, "--num-workers must be >= 0"),
+        (cfg.crf_workers >= 1, "--crf-workers must be >= 1"),
+        (cfg.ckpt_every >= 1, "--ckpt-every must be >= 1"),
+        (cfg.log_every >= 1, "--log-every must be >= 1"),
+        (cfg.kmeans_iters >= 1, "--kmeans-iters must be >= 1"),
+        (cfg.linear_epochs >= 0, "--linear-epochs must be >= 0"),
+        (cfg.n_grid >= 1, "--n-grid must be >= 1"),
+        (cfg.n_random >= 1, "--n-random must be >= 1"),
+        (cfg.calibration_batches >= 1, "--calibration-batches must be >= 1"),
+        (min(cfg.w_self, cfg.w_knn, cfg.w_rand, cfg.w_potts) >= 0, "--w-self/--w-knn/--w-rand/--w-potts must be >= 0"),
+        (cfg.accelerator in ACCELERATORS, f"--accelerator must be one of {', '.join(ACCELERATORS)}, got {cfg.accelerator!r}"),
+        (cfg.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}"),
+        (_valid_device(cfg.device), f"--device must be auto, cpu, cuda, cuda:N or mps, got {cfg.device!r}"),
+        (_valid_devices(cfg.devices), f"--devices must be a count (1), auto, or a list like 0,1; got {cfg.devices!r}"),
+        (cfg.num_nodes >= 1, "--num-nodes must be >= 1"),
+        (cfg.protocol in ("clean", "reference"), f"--protocol must be clean or reference, got {cfg.protocol!r}"),
+        (cfg.train_resample in (None, "bilinear", "nearest"), "--train-resample must be bilinear or nearest"),
+        (cfg.pos_embed in (None, "timm", "dino"), "--pos-embed must be timm or dino"),
     ]
     raise_first_failure(checks)
+
+
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
+
+
+def _valid_device(device: str) -> bool:
+    import re
+
+    return bool(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(device)))
+
+
+def _valid_devices(devices: str) -> bool:
+    import re
+
+    return bool(re.fullmatch(r"auto|-1|\d+|\d+(,\s*\d+)*,?", str(devices).strip()))
 
 
 def selection_mode(cfg: Config) -> str:
@@ -318,6 +401,29 @@ def selection_mode(cfg: Config) -> str:
     if cfg.select is not None:
         return cfg.select
     return "label-free" if cfg.shifts == "auto" else "last"
+
+
+#: What ``--protocol reference`` sets (unless given explicitly): every quirk of the reference
+#: pipeline that its published numbers come from, plus its training choices.
+REFERENCE_PROTOCOL = dict(
+    knn_dropout=True, crop_jpeg=True, train_resample="nearest", crf_reference_input=True, pos_embed="dino",
+    select="val-miou", precision="32-true", shifts="fixed", cluster_fit="online", eval_resample="nearest",
+)
+#: The quirk fields' values under ``--protocol clean``.
+CLEAN_PROTOCOL = dict(knn_dropout=False, crop_jpeg=False, train_resample="bilinear", crf_reference_input=False,
+                      pos_embed="timm")
+
+
+def apply_protocol(values: dict, given: dict) -> dict:
+    """``values`` with the protocol's settings filled in below what the user gave explicitly
+    (``given``): ``--protocol reference`` turns on every reference quirk, ``clean`` none."""
+    protocol = values.get("protocol", "clean")
+    table = REFERENCE_PROTOCOL if protocol == "reference" else CLEAN_PROTOCOL
+    out = dict(values)
+    for name, value in table.items():
+        if name not in given and (protocol == "reference" or out.get(name) is None):
+            out[name] = value
+    return out
 
 
 def replace(cfg: Config, **changes) -> Config:

@@ -22,12 +22,24 @@ from .errors import StegosegError
 
 @dataclass(frozen=True)
 class CRFParams:
+    """Dense CRF settings (defaults: the published STEGO values).
+
+    ``reference_input``: feed the CRF the image exactly as the reference STEGO code does,
+    to reproduce its published numbers: channels in BGR order and, for float images in
+    [0, 1] (:func:`crf_batch`), 8-bit values by truncation (``(x * 255).astype(uint8)``)
+    instead of rounding. The bilateral kernel's permutohedral lattice is not invariant to
+    the channel order, so refined labels differ from the default (RGB, rounded) on a
+    fraction of a percent of pixels. Images that are already 8-bit (``segment``) are
+    exact either way; there only the channel order changes.
+    """
+
     iterations: int = 10
     pos_w: float = 3.0
     pos_xy_std: float = 1.0
     bi_w: float = 4.0
     bi_xy_std: float = 67.0
     bi_rgb_std: float = 3.0
+    reference_input: bool = False
 
 
 def _densecrf():
@@ -44,26 +56,37 @@ def _densecrf():
 def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFParams = CRFParams()) -> np.ndarray:
     """Refine class probabilities with a dense CRF.
 
-    ``image``: (H, W, 3) uint8 RGB; ``probs``: (C, H, W) float probabilities summing to
-    1 over C. Returns the refined marginals (C, H, W) float32.
+    ``image``: (H, W, 3) uint8 RGB (any memory layout, read-only is fine);
+    ``probs``: (C, H, W) float probabilities summing to 1 over C. With
+    ``params.reference_input`` the channels are reversed to BGR here, as the reference
+    does. Returns the refined marginals (C, H, W) float32.
     """
     dcrf, unary_from_softmax = _densecrf()
     c, h, w = probs.shape
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image must be (H, W, 3) uint8 RGB, got shape {image.shape}")
     if image.shape[:2] != (h, w):
         raise ValueError(f"image {image.shape[:2]} and probabilities {(h, w)} differ in size")
-    unary = np.ascontiguousarray(unary_from_softmax(probs.astype(np.float32)))
+    if params.reference_input:
+        image = image[..., ::-1]
+    # pydensecrf's Cython signatures take writable typed memoryviews: always hand it fresh,
+    # writable, C-contiguous copies (a caller's array may be read-only, e.g. np.asarray(PIL)).
+    rgb = np.array(image, dtype=np.uint8, order="C", copy=True)
+    unary = np.array(unary_from_softmax(np.asarray(probs, dtype=np.float32)), dtype=np.float32, order="C", copy=True)
     d = dcrf.DenseCRF2D(w, h, c)
     d.setUnaryEnergy(unary)
     d.addPairwiseGaussian(sxy=params.pos_xy_std, compat=params.pos_w)
-    d.addPairwiseBilateral(
-        sxy=params.bi_xy_std, srgb=params.bi_rgb_std, rgbim=np.ascontiguousarray(image, dtype=np.uint8), compat=params.bi_w
-    )
+    d.addPairwiseBilateral(sxy=params.bi_xy_std, srgb=params.bi_rgb_std, rgbim=rgb, compat=params.bi_w)
     q = d.inference(params.iterations)
     return np.asarray(q, dtype=np.float32).reshape(c, h, w)
 
 
 def crf_job(args):
-    """(image uint8 (H, W, 3), logits (C, H, W), params) -> refined hard labels (H, W); picklable for pools."""
+    """(image uint8 RGB (H, W, 3), logits (C, H, W), params) -> refined hard labels (H, W); picklable for pools.
+
+    The image stays RGB; :func:`dense_crf` reverses it when ``params.reference_input``.
+    """
     image, logits, params = args
     # NumPy only: this runs in forked worker processes, where torch's thread pools can deadlock.
     z = logits.astype(np.float32) - logits.max(axis=0, keepdims=True)
@@ -72,9 +95,12 @@ def crf_job(args):
     return dense_crf(image, probs, params).argmax(0).astype(np.int64)
 
 
-def image_to_uint8(image: torch.Tensor) -> np.ndarray:
-    """(3, H, W) float in [0, 1] -> (H, W, 3) uint8."""
-    return (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+def image_to_uint8(image: torch.Tensor, truncate: bool = False) -> np.ndarray:
+    """(3, H, W) float in [0, 1] -> (H, W, 3) uint8, ``x * 255`` rounded to the nearest
+    integer, or with ``truncate`` rounded down as the reference's ``(x * 255).astype(uint8)``."""
+    scaled = image.clamp(0, 1) * 255
+    scaled = scaled.floor() if truncate else scaled.round()
+    return scaled.byte().permute(1, 2, 0).cpu().numpy()
 
 
 def crf_batch(
@@ -86,20 +112,47 @@ def crf_batch(
 ) -> torch.Tensor:
     """CRF-refined hard labels (B, H, W) for a batch.
 
-    ``images``: (B, 3, H, W) in [0, 1]; ``logits``: (B, C, h, w), upsampled bilinearly to
+    ``images``: (B, 3, H, W) in [0, 1], made 8-bit by :func:`image_to_uint8` (truncated
+    with ``params.reference_input``); ``logits``: (B, C, h, w), upsampled bilinearly to
     (H, W) first. Runs in ``pool`` if given, else in ``workers`` processes (1 = inline).
     """
     size = images.shape[-2:]
     logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
-    jobs = [(image_to_uint8(img), lg.cpu().numpy(), params) for img, lg in zip(images, logits)]
+    # reference_input: truncate like the reference; dense_crf then reverses the channels to BGR.
+    jobs = [
+        (image_to_uint8(img, truncate=params.reference_input), lg.cpu().numpy(), params)
+        for img, lg in zip(images, logits)
+    ]
     if pool is not None:
         results = list(pool.map(crf_job, jobs))
     elif workers > 1:
-        with ProcessPoolExecutor(workers) as ex:
+        with crf_pool(workers) as ex:
             results = list(ex.map(crf_job, jobs))
     else:
         results = [crf_job(j) for j in jobs]
     return torch.from_numpy(np.stack(results))
+
+
+def _die_with_parent() -> None:
+    """Worker initialiser: ask Linux to send SIGTERM to this worker when its parent dies, so
+    that killing stegoseg (even with SIGKILL) never leaves CRF workers (each holding
+    copies of images and logits) running."""
+    import ctypes
+    import os
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        parent = os.getppid()
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before the request took effect
+            os._exit(1)
+
+
+def crf_pool(workers: int) -> ProcessPoolExecutor:
+    """A process pool for the CRF whose workers end with the process that started them."""
+    return ProcessPoolExecutor(workers, initializer=_die_with_parent)
 
 
 def crf_available() -> bool:
@@ -110,4 +163,4 @@ def crf_available() -> bool:
         return False
 
 
-__all__: Sequence[str] = ("CRFParams", "dense_crf", "crf_batch", "crf_job", "crf_available", "image_to_uint8")
+__all__: Sequence[str] = ("CRFParams", "dense_crf", "crf_batch", "crf_job", "crf_available", "crf_pool", "image_to_uint8")

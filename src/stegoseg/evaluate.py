@@ -13,7 +13,6 @@ linear, clusters shown in the colour of their matched class).
 from __future__ import annotations
 
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -22,8 +21,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .crf import CRFParams, image_to_uint8
-from .data.base import SegmentationDataset
+from .crf import CRFParams, crf_pool, image_to_uint8
+from .data.base import IGNORE_INDEX, SegmentationDataset
+from .errors import StegosegError
 from .data.transforms import EvalTransform
 from .metrics import ConfusionAccumulator, plot_confusion, save_metrics_json
 from .viz import make_palette, prediction_grid
@@ -41,6 +41,7 @@ class EvalConfig:
     num_workers: int = 0
     max_images: Optional[int] = None
     n_grid: int = 6
+    crf_reference_input: bool = False  # the reference's CRF input: BGR, uint8 by truncation
 
 
 def _collate(samples):
@@ -81,32 +82,38 @@ def evaluate_model(
     )
     labelled = dataset.has_labels
     n_classes = dataset.n_classes if labelled else None
+    if labelled and model.linear_probe is not None and model.linear_probe.n_classes != n_classes:
+        raise StegosegError(
+            f"the checkpoint's linear probe predicts {model.linear_probe.n_classes} classes but the "
+            f"'{dataset.split}' split of {dataset.root} has {n_classes}: evaluate on data with the training classes "
+            "(same classes.txt / --class-names / --n-classes)"
+        )
     cluster_acc = ConfusionAccumulator(model.n_clusters, n_classes) if labelled else None
-    linear_acc = (
-        ConfusionAccumulator(n_classes, n_classes, hungarian=False)
-        if labelled and model.linear_probe is not None and model.linear_probe.n_classes == n_classes
-        else None
-    )
+    linear_acc = ConfusionAccumulator(n_classes, n_classes, hungarian=False) if labelled and model.linear_probe is not None else None
     grid_rows = []
     # Grid rows spread evenly over the evaluated images (neighbouring frames look alike).
     grid_at = set(np.linspace(0, len(indices) - 1, min(config.n_grid, len(indices))).round().astype(int).tolist())
     seen = 0
     t0 = time.perf_counter()
-    pool = ProcessPoolExecutor(config.crf_workers) if config.crf and config.crf_workers > 1 else None
+    pool = crf_pool(config.crf_workers) if config.crf and config.crf_workers > 1 else None
+    crf_params = CRFParams(reference_input=config.crf_reference_input)
     try:
         bar = tqdm(loader, desc="evaluate", disable=not progress, unit="batch")
         for batch in bar:
             images = batch["image"]
             image_list = images if isinstance(images, list) else list(images)
             if isinstance(images, list):
-                preds = [model.predict(im[None], flip=config.flip, crf=config.crf, crf_pool=pool) for im in images]
+                preds = [model.predict(im[None], flip=config.flip, crf=config.crf, crf_params=crf_params, crf_pool=pool)
+                         for im in images]
                 cluster = [p["cluster"][0] for p in preds]
                 linear = [p["linear"][0] if p["linear"] is not None else None for p in preds]
             else:
-                p = model.predict(images, flip=config.flip, crf=config.crf, crf_pool=pool)
+                p = model.predict(images, flip=config.flip, crf=config.crf, crf_params=crf_params, crf_pool=pool)
                 cluster = list(p["cluster"])
                 linear = list(p["linear"]) if p["linear"] is not None else [None] * len(cluster)
             labels = batch.get("label")
+            if labelled:
+                check_label_values(labels, n_classes, batch["id"])
             for i in range(len(cluster)):
                 if labelled:
                     cluster_acc.update(cluster[i], labels[i])
@@ -140,6 +147,18 @@ def evaluate_model(
     if out_dir is not None:
         write_eval_outputs(result, grid_rows, out_dir, n_classes or model.n_clusters, model.n_clusters)
     return result
+
+
+def check_label_values(labels, n_classes: int, ids) -> None:
+    """Label values must be class ids below ``n_classes`` or IGNORE_INDEX: an out-of-range
+    value would otherwise be dropped from the counts without a word."""
+    for label, sample_id in zip(labels, ids):
+        bad = label[(label != IGNORE_INDEX) & ((label < 0) | (label >= n_classes))]
+        if bad.numel():
+            raise StegosegError(
+                f"label of {sample_id} holds the value {int(bad.max())}, but there are {n_classes} classes "
+                f"(ids 0..{n_classes - 1}): fix the label or mark those pixels unlabelled"
+            )
 
 
 def write_eval_outputs(result: dict, grid_rows: list, out_dir, n_classes: int, n_clusters: int) -> None:

@@ -17,13 +17,28 @@ collide. Inside:
   atomically updates ``done.npy``, so an interrupted run resumes where it stopped and
   never recomputes finished items;
 * ``global.npy``: (N, C) L2-normalised spatial means; ``knn_<k>.npy``: (N, k) nearest
-  neighbour indices (cosine, self excluded).
+  neighbour indices (cosine, self excluded). With the reference's KNN quirk
+  (``knn_dropout``) the descriptors see channel dropout: ``global_dropout<p>_s<seed>.npy``
+  and ``knn_<k>_dropout<p>_s<seed>.npy``.
+
+A cache cannot go stale: ``meta.json`` records a fingerprint of the split's files (path,
+size, modification time of every image and label). When the folder changed since the
+cache was built (an image added, removed or replaced), the cache is rebuilt, with a
+warning. Writers hold a lock file (``.locks/<key>.lock``), so two ``prepare`` runs into one cache
+take turns; the big files are allocated on disk up front (a full disk fails at once with
+one line saying how much space is needed, never later with a bus error).
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
+import io
 import json
+import logging
 import os
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -36,6 +51,9 @@ from tqdm.auto import tqdm
 from .data.base import IGNORE_INDEX, SegmentationDataset, pil_to_tensor
 from .data.transforms import TrainTransform, five_crop_boxes
 from .errors import StegosegError
+from .preflight import check_free_space, files_fingerprint, human_bytes
+
+log = logging.getLogger("stegoseg")
 
 
 @dataclass(frozen=True)
@@ -51,7 +69,9 @@ class CacheSpec:
     resolution: int
     five_crop: bool
     image_resample: str = "bilinear"
-    version: int = 2  # 2: thumbnails of the crops are stored too
+    crop_jpeg: bool = False  # reference quirk: five-crops round-tripped through JPEG
+    pos_embed: str = "timm"  # ViT position-embedding resampling (timm | dino)
+    version: int = 3  # 2: thumbnails of the crops are stored too; 3: file fingerprint in meta.json
 
     def key(self) -> str:
         digest = hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
@@ -66,10 +86,14 @@ class CropView(torch.utils.data.Dataset):
     top-right, bottom-left, bottom-right, centre), else image ``i``.
     """
 
-    def __init__(self, dataset: SegmentationDataset, resolution: int, five_crop: bool, image_resample: str):
+    def __init__(self, dataset: SegmentationDataset, resolution: int, five_crop: bool, image_resample: str,
+                 jpeg: bool = False):
         self.dataset, self.five_crop = dataset, five_crop
         self.transform = TrainTransform(resolution=resolution, image_resample=image_resample)
         self.n_crops = 5 if five_crop else 1
+        # The reference writes its five-crops to disk as JPEG files (PIL's default quality
+        # 75) and trains on those: with ``jpeg`` each crop takes the same round trip.
+        self.jpeg = jpeg and five_crop
 
     def __len__(self) -> int:
         return len(self.dataset) * self.n_crops
@@ -83,6 +107,8 @@ class CropView(torch.utils.data.Dataset):
         if self.five_crop:
             box = five_crop_boxes(image.width, image.height)[index % 5]
             image = image.crop(box)
+            if self.jpeg:
+                image = jpeg_round_trip(image)
             if label is not None:
                 label = np.asarray(label)[box[1] : box[3], box[0] : box[2]]
         image, label = self.transform(image, label)
@@ -93,10 +119,65 @@ class CropView(torch.utils.data.Dataset):
         return out
 
 
+def jpeg_round_trip(image, quality: int = 75):
+    """``image`` saved as JPEG (PIL's default quality, as the reference's crop files) and read back."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=quality)
+    buffer.seek(0)
+    with Image.open(buffer) as decoded:
+        return decoded.convert("RGB")
+
+
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    """Write ``path`` through a temporary file of a unique name, then rename: concurrent
+    writers never share a temporary file and readers never see a partial file."""
+    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp.npy", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def cache_lock(path: Path):
+    """An exclusive lock on ``<cache root>/.locks/<key>.lock`` while a cache is created or
+    written (other processes preparing the same cache wait; the OS releases it if the
+    holder dies)."""
+    import fcntl
+
+    (path.parent / ".locks").mkdir(parents=True, exist_ok=True)
+    with open(path.parent / ".locks" / (path.name + ".lock"), "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("another stegoseg process is writing the feature cache %s: waiting for it", path)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _allocate(path: Path, nbytes: int) -> None:
+    """Reserve ``nbytes`` for a memory-mapped file now (a sparse file would fail later, with
+    SIGBUS, when the disk fills up)."""
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, nbytes)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise StegosegError(
+                    f"disk full while allocating {path} ({human_bytes(nbytes)}): free some space or "
+                    "use --cache-dir on another disk"
+                ) from None
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
 
 
 class FeatureCache:
@@ -175,26 +256,45 @@ class FeatureCache:
             idx = np.sort(order[s : s + batch_size])
             yield self.feature_batch(idx), self.label_batch(idx)
 
-    def global_descriptors(self, batch_size: int = 256) -> np.ndarray:
-        """(N, C) L2-normalised spatial means of the dense features, computed once and stored."""
-        path = self.path / "global.npy"
+    def global_descriptors(self, batch_size: int = 256, dropout: float = 0.0, seed: int = 0) -> np.ndarray:
+        """(N, C) L2-normalised spatial means of the dense features, computed once and stored.
+
+        ``dropout`` > 0 reproduces the reference's KNN mining, which runs the featurizer
+        in training mode: Dropout2d(``dropout``) zeroes whole feature channels (drawn from
+        ``seed``) before the spatial mean."""
+        path = self.path / ("global.npy" if not dropout else f"global_dropout{dropout:g}_s{seed}.npy")
         if path.exists():
             return np.load(path)
+        gen = torch.Generator().manual_seed(seed)
         out = np.zeros((self.n, self.meta["feature_shape"][0]), dtype=np.float32)
         for start in range(0, self.n, batch_size):
             f = self.feature_batch(np.arange(start, min(start + batch_size, self.n)))
-            out[start : start + f.shape[0]] = F.normalize(f.mean(dim=(2, 3)), dim=1).numpy()
+            mean = f.mean(dim=(2, 3))
+            if dropout:
+                keep = (torch.rand(mean.shape, generator=gen) >= dropout).float() / (1 - dropout)
+                mean = mean * keep
+            out[start : start + f.shape[0]] = F.normalize(mean, dim=1).numpy()
         _atomic_save_npy(path, out)
         return out
 
-    def neighbors(self, k: int = 30, backend: str = "auto", device: str = "cpu") -> np.ndarray:
-        """(N, k) indices of each item's k nearest neighbours by cosine similarity, self excluded; cached."""
-        path = self.path / f"knn_{k}.npy"
+    def neighbors(self, k: int = 30, backend: str = "auto", device: str = "cpu", dropout: float = 0.0,
+                  seed: int = 0) -> np.ndarray:
+        """(N, k) indices of each item's k nearest neighbours by cosine similarity, self
+        excluded; cached. ``dropout``/``seed``: see :meth:`global_descriptors`."""
+        path = self.path / (f"knn_{k}.npy" if not dropout else f"knn_{k}_dropout{dropout:g}_s{seed}.npy")
         if path.exists():
             return np.load(path)
-        knn = nearest_neighbors(self.global_descriptors(), k=k, backend=backend, device=device)
+        knn = nearest_neighbors(self.global_descriptors(dropout=dropout, seed=seed), k=k, backend=backend,
+                                device=device)
         _atomic_save_npy(path, knn)
         return knn
+
+
+def config_neighbors(cfg, cache: FeatureCache, device: str = "cpu") -> np.ndarray:
+    """The KNN lists a run's config asks for: ``cfg.n_neighbors`` per item, with the
+    reference's dropout-perturbed descriptors when ``cfg.knn_dropout`` is on."""
+    dropout = cfg.feature_dropout if getattr(cfg, "knn_dropout", False) else 0.0
+    return cache.neighbors(cfg.n_neighbors, backend=cfg.knn_backend, device=device, dropout=dropout, seed=cfg.seed)
 
 
 def nearest_neighbors(
@@ -255,11 +355,13 @@ def extract_features(
     image_resample: str = "bilinear",
     progress: bool = True,
     dataset_kind: Optional[str] = None,
+    crop_jpeg: bool = False,
 ) -> FeatureCache:
     """Run the frozen backbone over the training view of ``dataset`` into a feature cache.
 
     Returns the :class:`FeatureCache`. Items already written by an earlier (possibly
-    interrupted) run with the same spec are skipped.
+    interrupted) run with the same spec and the same files are skipped; a cache built
+    from different files (the folder changed since) is rebuilt.
     """
     if resolution % backbone.patch_size:
         raise StegosegError(
@@ -275,39 +377,82 @@ def extract_features(
         resolution=resolution,
         five_crop=five_crop,
         image_resample=image_resample,
+        crop_jpeg=bool(crop_jpeg and five_crop),
+        pos_embed=getattr(backbone, "pos_embed_mode", "timm"),
     )
-    view = CropView(dataset, resolution, five_crop, image_resample)
+    view = CropView(dataset, resolution, five_crop, image_resample, jpeg=crop_jpeg)
     n = len(view)
     if n == 0:
         raise StegosegError(f"dataset {spec.root} split '{spec.split}' has no images")
     path = Path(cache_root) / spec.key()
     h = w = resolution // backbone.patch_size
-    if not (path / "meta.json").exists():
-        path.mkdir(parents=True, exist_ok=True)
-        has_labels = dataset.has_labels
-        ids = [view.item_id(i, j) for j, i in enumerate(_raw_ids(dataset, view.n_crops))]
-        t = thumb_size(resolution)
-        meta = {
-            "spec": asdict(spec),
-            "n_items": n,
-            "feature_shape": [backbone.embed_dim, h, w],
-            "label_shape": [resolution, resolution] if has_labels else None,
-            "ids": ids,
-            "thumb_size": t,
-            "n_classes": dataset.n_classes if has_labels else None,
-            "class_names": list(dataset.class_names) if has_labels else None,
-        }
-        np.memmap(path / "features.f16", dtype=np.float16, mode="w+", shape=(n, backbone.embed_dim, h, w)).flush()
-        np.memmap(path / "thumbs.u8", dtype=np.uint8, mode="w+", shape=(n, 3, t, t)).flush()
-        if has_labels:
-            np.memmap(path / "labels.u8", dtype=np.uint8, mode="w+", shape=(n, resolution, resolution)).flush()
-        _atomic_save_npy(path / "done.npy", np.zeros(n, dtype=bool))
-        (path / "meta.json").write_text(json.dumps(meta, indent=1))
-    cache = FeatureCache(path)
-    done = cache.done
-    todo = np.flatnonzero(~done)
-    if len(todo) == 0:
-        return cache
+    ids = [view.item_id(i, j) for j, i in enumerate(_raw_ids(dataset, view.n_crops))]
+    files = dataset_fingerprint(dataset)
+    with cache_lock(path):
+        if (path / "meta.json").exists():
+            old = json.loads((path / "meta.json").read_text())
+            if old.get("files") != files or old.get("ids") != ids:
+                log.warning(
+                    "the files of %s split '%s' changed since its feature cache was built (%d items then, %d now): "
+                    "rebuilding %s", spec.root, spec.split, old.get("n_items", 0), n, path,
+                )
+                shutil.rmtree(path)
+        if not (path / "meta.json").exists():
+            _create_cache(path, spec, dataset, ids, files, n, backbone.embed_dim, h, w, resolution)
+        cache = FeatureCache(path)
+        done = cache.done
+        todo = np.flatnonzero(~done)
+        if len(todo) == 0:
+            return cache
+        _extract_into(cache, view, todo, done, backbone, batch_size, num_workers, device, progress, spec.split)
+    return cache
+
+
+def dataset_fingerprint(dataset: SegmentationDataset) -> str:
+    """Fingerprint of the files a dataset reads (see :func:`~stegoseg.preflight.files_fingerprint`);
+    datasets without file lists are identified by their ids."""
+    paths = list(getattr(dataset, "image_paths", None) or []) + list(getattr(dataset, "label_paths", None) or [])
+    if paths:
+        return files_fingerprint(paths)
+    return hashlib.sha1("\n".join(_raw_ids(dataset, 1)).encode()).hexdigest()
+
+
+def _create_cache(path: Path, spec: CacheSpec, dataset, ids: list, files: str, n: int, c: int, h: int, w: int,
+                  resolution: int) -> None:
+    """Allocate a new cache's files (after checking the free space) and write meta.json last."""
+    has_labels = dataset.has_labels
+    t = thumb_size(resolution)
+    sizes = {"features.f16": (np.float16, (n, c, h, w)), "thumbs.u8": (np.uint8, (n, 3, t, t))}
+    if has_labels:
+        sizes["labels.u8"] = (np.uint8, (n, resolution, resolution))
+    needed = sum(int(np.prod(shape)) * np.dtype(dt).itemsize for dt, shape in sizes.values())
+    path.mkdir(parents=True, exist_ok=True)
+    check_free_space(path, needed, f"the feature cache ({n} items)", option="--cache-dir")
+    try:
+        for name, (dt, shape) in sizes.items():
+            np.memmap(path / name, dtype=dt, mode="w+", shape=shape).flush()
+            _allocate(path / name, int(np.prod(shape)) * np.dtype(dt).itemsize)
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+    meta = {
+        "spec": asdict(spec),
+        "n_items": n,
+        "feature_shape": [c, h, w],
+        "label_shape": [resolution, resolution] if has_labels else None,
+        "ids": ids,
+        "files": files,
+        "thumb_size": t,
+        "n_classes": dataset.n_classes if has_labels else None,
+        "class_names": list(dataset.class_names) if has_labels else None,
+    }
+    _atomic_save_npy(path / "done.npy", np.zeros(n, dtype=bool))
+    (path / "meta.json.tmp").write_text(json.dumps(meta, indent=1))
+    os.replace(path / "meta.json.tmp", path / "meta.json")
+
+
+def _extract_into(cache: FeatureCache, view: CropView, todo: np.ndarray, done: np.ndarray, backbone, batch_size: int,
+                  num_workers: int, device: str, progress: bool, split: str) -> None:
     backbone = backbone.to(device).eval()
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(view, todo.tolist()),
@@ -315,7 +460,7 @@ def extract_features(
         num_workers=num_workers,
         shuffle=False,
     )
-    bar = tqdm(total=n, initial=int(done.sum()), desc=f"features {spec.split}", disable=not progress, unit="img")
+    bar = tqdm(total=cache.n, initial=int(done.sum()), desc=f"features {split}", disable=not progress, unit="img")
     with torch.inference_mode():
         for batch in loader:
             idx = batch["index"].numpy()
@@ -333,10 +478,9 @@ def extract_features(
             if cache.labels is not None:
                 cache.labels.flush()
             done[idx] = True
-            _atomic_save_npy(path / "done.npy", done)
+            _atomic_save_npy(cache.path / "done.npy", done)
             bar.update(len(idx))
     bar.close()
-    return cache
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:

@@ -39,6 +39,7 @@ def build_backbone(spec: dict, weights: Optional[str] = None):
         pretrained=spec.get("pretrained", True),
         weights=weights if weights is not None else spec.get("weights"),
         tiny=spec.get("tiny", False),
+        pos_embed=spec.get("pos_embed", "timm"),
         **spec.get("overrides", {}),
     )
 
@@ -149,14 +150,31 @@ class SegmentationModel(nn.Module):
         flip: bool = True,
         resolution: Optional[int] = 320,
         probe: str = "cluster",
+        crf_params: Optional[CRFParams] = None,
     ) -> np.ndarray:
-        """Label map (H, W) int64 for one image (PIL, array or path) at its original size.
+        """Label map (H, W) int64 for one image at its original size.
+
+        ``image``: a PIL image, a numpy array, a torch tensor or a file path, converted to
+        8-bit RGB by :func:`stegoseg.data.io.image_from_array_or_pil`:
+
+        * PIL images of any mode; 16-bit, 32-bit and float greyscale are scaled by range.
+        * numpy arrays (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) (alpha dropped), channels
+          last. uint8 is used as is, bool as 0/255, uint16 as 16-bit (/257), other
+          integers in 0..255 as 8-bit; floats in [0, 1] are scaled by 255, floats in
+          [0, 255] rounded. Anything outside these ranges is min-max normalised with a
+          warning; NaN/inf, empty arrays and other shapes raise StegosegError.
+        * torch tensors channels first: (H, W) or (C, H, W) with C = 1, 3 or 4, e.g. a
+          (3, H, W) float tensor in [0, 1]; values follow the numpy rules.
 
         ``resolution``: the network sees the image with its minor side resized to this
         (None: the original size; large images cost memory). ``probe``: "cluster"
-        (unsupervised) or "linear" (needs a linear probe).
+        (unsupervised) or "linear" (needs a linear probe). ``crf_params``: dense CRF
+        settings when ``crf`` (default :class:`~stegoseg.crf.CRFParams`); the CRF gets the
+        8-bit RGB image, so ``reference_input`` only changes the channel order here.
         """
-        return self.segment_batch([image], crf=crf, flip=flip, resolution=resolution, probe=probe)[0]
+        return self.segment_batch(
+            [image], crf=crf, flip=flip, resolution=resolution, probe=probe, crf_params=crf_params
+        )[0]
 
     def segment_batch(
         self,
@@ -166,21 +184,24 @@ class SegmentationModel(nn.Module):
         resolution: Optional[int] = 320,
         probe: str = "cluster",
         crf_pool=None,
+        crf_params: Optional[CRFParams] = None,
     ) -> list:
-        """Label maps for several images of any sizes; images whose network size agrees run as one batch."""
-        from .data.io import load_image
+        """Label maps for several images of any sizes; images whose network size agrees run as one batch.
+
+        Each image may be anything :meth:`segment` accepts; ``crf_params`` as there.
+        """
+        from .data.io import image_from_array_or_pil
 
         if probe == "linear" and self.linear_probe is None:
             raise StegosegError("this checkpoint has no linear probe (trained without labels): use probe='cluster'")
         if probe not in ("cluster", "linear"):
             raise StegosegError(f"unknown probe '{probe}': use cluster or linear")
-        pil = []
-        for image in images:
-            if isinstance(image, (str, Path)):
-                image = load_image(image)
-            elif isinstance(image, np.ndarray):
-                image = Image.fromarray(image.astype(np.uint8)).convert("RGB")
-            pil.append(image.convert("RGB"))
+        params = crf_params if crf_params is not None else CRFParams()
+        images = list(images)
+        pil = [
+            image_from_array_or_pil(image, name="image" if len(images) == 1 else f"image {k}")
+            for k, image in enumerate(images)
+        ]
         nets = [_resize_minor(im, resolution) for im in pil]
         groups: dict = {}
         for i, net in enumerate(nets):
@@ -197,7 +218,8 @@ class SegmentationModel(nn.Module):
                     c = F.interpolate(code[j : j + 1], size=(h, w), mode="bilinear", align_corners=False)
                     logits = self.cluster_probe.log_probs(c) if probe == "cluster" else self.linear_probe(c)
                 if crf:
-                    crf_jobs.append((i, (np.asarray(pil[i], dtype=np.uint8), logits[0].float().cpu().numpy(), CRFParams())))
+                    # RGB uint8 (read-only view: dense_crf copies it); BGR flip there with reference_input
+                    crf_jobs.append((i, (np.asarray(pil[i], dtype=np.uint8), logits[0].float().cpu().numpy(), params)))
                 else:
                     results[i] = logits.argmax(1)[0].cpu().numpy().astype(np.int64)
         if crf_jobs:
@@ -246,8 +268,13 @@ class SegmentationModel(nn.Module):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
-        torch.save(self.state_for_checkpoint(include_backbone), tmp)
-        tmp.replace(path)
+        try:
+            torch.save(self.state_for_checkpoint(include_backbone), tmp)
+            tmp.replace(path)
+        except (OSError, RuntimeError) as exc:  # torch reports a full disk as RuntimeError
+            tmp.unlink(missing_ok=True)
+            raise StegosegError(f"cannot write the checkpoint {path}: {str(exc).splitlines()[0]} (free disk space "
+                                "or choose another --out); nothing was written") from None
         return path
 
     @classmethod
@@ -262,7 +289,7 @@ class SegmentationModel(nn.Module):
         else:
             backbone = build_backbone(bb, weights=weights)
         head = _build_head(ckpt["head"]) if ckpt.get("head") is not None else None
-        spec = {k: bb[k] for k in ("name", "pretrained", "weights", "tiny", "overrides") if k in bb}
+        spec = {k: bb[k] for k in ("name", "pretrained", "weights", "tiny", "overrides", "pos_embed") if k in bb}
         model = cls(
             backbone,
             spec,
@@ -330,7 +357,33 @@ def load(path, weights: Optional[str] = None, device: str = "cpu") -> Segmentati
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling problem is a bad file
-        raise StegosegError(f"cannot read checkpoint {path}: {exc.__class__.__name__}: {exc}") from exc
+        raise StegosegError(f"cannot read checkpoint {path}: {_load_failure(exc)}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise StegosegError(f"{path} is not a stegoseg checkpoint (no format tag): pass a file written by stegoseg")
-    return SegmentationModel.from_checkpoint(ckpt, weights=weights, device=device)
+    try:
+        model = SegmentationModel.from_checkpoint(ckpt, weights=weights, device=device)
+    except StegosegError:
+        raise
+    except (KeyError, RuntimeError, TypeError, ValueError) as exc:
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise StegosegError(f"checkpoint {path} is damaged or was edited ({reason}): use the file a stegoseg run "
+                            "wrote") from None
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise StegosegError(f"checkpoint {path} holds NaN or infinite weights ({bad[0]}"
+                            f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}): the run that wrote it diverged "
+                            "or the file is damaged")
+    return model
+
+
+def _load_failure(exc: Exception) -> str:
+    """Why ``torch.load`` failed, in our words: torch's own message suggests loading with
+    ``weights_only=False``, which would run arbitrary code from the file; never pass that on."""
+    text = str(exc)
+    if isinstance(exc, (EOFError,)) or "failed finding central directory" in text or "PytorchStreamReader" in text:
+        return "the file is truncated or corrupt (an interrupted copy or a full disk?)"
+    if "weights_only" in text or "Unsupported global" in text or "pickle" in text.lower():
+        return ("it contains Python objects other than plain tensors and values, which stegoseg does not load "
+                "(a checkpoint from another program?)")
+    first = text.splitlines()[0][:200] if text else type(exc).__name__
+    return f"{type(exc).__name__}: {first}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -22,7 +23,7 @@ from .config import PRESETS, Config, replace, selection_mode
 from .data import build_dataset
 from .errors import StegosegError
 from .evaluate import EvalConfig, evaluate_model, summary_rows
-from .features import CropView, FeatureCache, extract_features
+from .features import CropView, FeatureCache, config_neighbors, extract_features
 from .model import SegmentationModel
 from .probes import spherical_kmeans, train_linear_probe, set_centroids
 from .selection import score_for_config
@@ -72,18 +73,27 @@ def parse_class_names(text: Optional[str]) -> Optional[list]:
     return names
 
 
-def build_split(cfg: Config, split: str, out: Optional[Path] = None):
+def build_split(cfg: Config, split: str, out: Optional[Path] = None, class_names: Optional[list] = None):
+    """One split of the configured dataset. ``class_names``: the classes a model was trained
+    with, for a directory split whose classes are not given by the config (so that the
+    validation split never infers a different class count than training did)."""
     kind = "directory" if cfg.dataset == "synthetic" else cfg.dataset
     options = {}
     if kind == "directory":
-        options = {"ignore_index": cfg.ignore_index, "class_names": parse_class_names(cfg.class_names)}
+        names = parse_class_names(cfg.class_names)
+        options = {"ignore_index": cfg.ignore_index, "class_names": names}
+        if names is None and cfg.n_classes is not None:
+            options["n_classes"] = cfg.n_classes
+        elif names is None and class_names:
+            options["class_names"] = list(class_names)
     elif cfg.class_names:
         raise StegosegError(f"--class-names applies to directory datasets; {cfg.dataset} has its own class names")
     return build_dataset(kind, data_root(cfg, out), split, **options)
 
 
 def backbone_spec(cfg: Config) -> dict:
-    return {"name": cfg.backbone, "pretrained": cfg.pretrained, "weights": cfg.weights, "tiny": cfg.tiny, "overrides": {}}
+    return {"name": cfg.backbone, "pretrained": cfg.pretrained, "weights": cfg.weights, "tiny": cfg.tiny, "overrides": {},
+            "pos_embed": cfg.pos_embed}
 
 
 def build_backbone_from_config(cfg: Config):
@@ -96,7 +106,8 @@ def build_backbone_from_config(cfg: Config):
     with torch.random.fork_rng(devices=[]):
         if random_init:
             torch.manual_seed(cfg.seed)
-        backbone = create_backbone(cfg.backbone, pretrained=cfg.pretrained, weights=cfg.weights, tiny=cfg.tiny)
+        backbone = create_backbone(cfg.backbone, pretrained=cfg.pretrained, weights=cfg.weights, tiny=cfg.tiny,
+                                   pos_embed=cfg.pos_embed)
     if random_init:
         log.warning(RANDOM_BACKBONE_WARNING.format(name=cfg.backbone))
     return backbone, spec
@@ -110,6 +121,70 @@ def n_classes_for(cfg: Config, dataset) -> int:
     raise StegosegError(
         f"the {cfg.train_split} split has no labels, so the number of classes is unknown: pass --n-classes N"
     )
+
+
+def class_count_source(cfg: Config, dataset) -> str:
+    """Where the number of classes comes from, for error messages."""
+    if cfg.n_classes is not None:
+        return f"--n-classes {cfg.n_classes}"
+    if cfg.class_names:
+        return "--class-names"
+    if (Path(str(dataset.root)) / "classes.txt").is_file() and cfg.dataset in ("directory", "synthetic"):
+        return f"{Path(str(dataset.root)) / 'classes.txt'}"
+    if cfg.dataset in ("directory", "synthetic"):
+        return f"inferred from the '{cfg.train_split}' labels"
+    return f"the {cfg.dataset} dataset"
+
+
+def check_before_work(cfg: Config, out: Path, evaluate: bool = False, train: bool = True) -> Optional[int]:
+    """Everything that can be checked before the long work starts, so that bad input ends
+    in one line at once instead of after preparing and training: the output folder is
+    writable, the accelerator exists, the splits exist, and every label value of the
+    splits the command reads is a class id (the class count comes from the config, the
+    dataset's class list, or the training labels). Returns the number of classes (None
+    for an unlabelled training split without --n-classes when ``train`` is False)."""
+    from .preflight import check_accelerator, check_label_range, check_writable, label_values
+
+    from .backbones import get_backbone_preset
+
+    check_writable(out)
+    check_accelerator(cfg.accelerator, cfg.device)
+    get_backbone_preset(cfg.backbone)  # an unknown name fails here, with the list of names
+    if cfg.weights and not Path(cfg.weights).is_file():
+        raise StegosegError(f"--weights {cfg.weights}: file not found")
+    scan_dir = cache_root(cfg, out) / ".label-scans"
+    n_classes, names = None, None
+    if train:
+        train_split = build_split(cfg, cfg.train_split, out)
+        n_classes = n_classes_for(cfg, train_split)
+        if train_split.has_labels:
+            values = label_values(train_split, scan_dir, cfg.progress)
+            check_label_range(values, n_classes, cfg.train_split, class_count_source(cfg, train_split))
+            names = train_split.class_names
+    if evaluate or selection_mode(cfg) == "val-miou":
+        try:
+            val = build_split(cfg, cfg.val_split, out, class_names=names)
+        except StegosegError as exc:
+            raise StegosegError(f"the validation split '{cfg.val_split}' (needed for evaluation) is not usable: {exc}; "
+                                f"pass --val-split NAME (--val-split {cfg.train_split} evaluates on the training images)"
+                                ) from None
+        if val.has_labels:
+            count = n_classes if n_classes is not None else val.n_classes
+            check_label_range(label_values(val, scan_dir, cfg.progress), count, cfg.val_split,
+                              class_count_source(cfg, val))
+    return n_classes
+
+
+def check_eval_labels(cfg: Config, model: SegmentationModel, out: Path, split: Optional[str] = None) -> None:
+    """``evaluate``: the split exists and its label values are ids of the checkpoint's classes."""
+    from .preflight import check_label_range, label_values
+
+    name = split or cfg.val_split
+    val = build_split(cfg, name, out, class_names=model.class_names)
+    if val.has_labels:
+        count = model.n_classes or val.n_classes
+        source = "the checkpoint's classes" if model.n_classes else class_count_source(cfg, val)
+        check_label_range(label_values(val, None, cfg.progress), count, name, source)
 
 
 def cache_root(cfg: Config, out: Path) -> Path:
@@ -135,9 +210,11 @@ def prepare(cfg: Config, out, backbone=None) -> FeatureCache:
         device=device,
         progress=cfg.progress,
         dataset_kind=kind,
+        image_resample=cfg.train_resample,
+        crop_jpeg=cfg.crop_jpeg,
     )
     t0 = time.perf_counter()
-    cache.neighbors(cfg.n_neighbors, backend=cfg.knn_backend, device=device)
+    config_neighbors(cfg, cache, device=device)
     log.info("nearest neighbours ready for %d items in %.1fs (%s)", cache.n, time.perf_counter() - t0, cache.path)
     return cache
 
@@ -153,6 +230,7 @@ def eval_config(cfg: Config) -> EvalConfig:
         batch_size=cfg.eval_batch_size,
         max_images=cfg.max_eval_images,
         n_grid=cfg.n_grid,
+        crf_reference_input=cfg.crf_reference_input,
     )
 
 
@@ -241,7 +319,7 @@ def fit_probes(cfg: Config, cache: FeatureCache, backbone, n_classes: int, class
 def evaluate_checkpoint_model(cfg: Config, model: SegmentationModel, out, split: Optional[str] = None) -> dict:
     """Evaluate a model on the validation split with the protocol options of ``cfg``; writes outputs to ``out``."""
     out = Path(out)
-    val = build_split(cfg, split or cfg.val_split, out)
+    val = build_split(cfg, split or cfg.val_split, out, class_names=model.class_names)
     model.autocast_dtype = torch.bfloat16 if cfg.bf16_inference else None
     result = evaluate_model(model, val, eval_config(cfg), out_dir=out, progress=cfg.progress)
     result["backbone"] = {
@@ -340,9 +418,10 @@ def train_stego(cfg: Config, out, resume: bool = False) -> Optional[Path]:
     train = build_split(cfg, cfg.train_split, out)
     n_classes = n_classes_for(cfg, train)
     n_clusters = n_classes + cfg.extra_clusters
-    knn = cache.neighbors(cfg.n_neighbors, backend=cfg.knn_backend)
+    knn = config_neighbors(cfg, cache)
     variants = auto_variants(cfg, out, cache, knn, n_clusters)
-    crop_view = CropView(train, cfg.resolution, cfg.five_crop, "bilinear") if cfg.live_backbone else None
+    crop_view = (CropView(train, cfg.resolution, cfg.five_crop, cfg.train_resample, jpeg=cfg.crop_jpeg)
+                 if cfg.live_backbone else None)
     t0 = time.perf_counter()
     runs = []
     for name, vcfg, calibration in variants:
@@ -528,12 +607,11 @@ def config_for_checkpoint(model: SegmentationModel, args=None) -> Config:
     if args is not None:
         from .config import load_yaml
 
+        from .config import explicit_values
+
         if getattr(args, "config", None):
             values.update(load_yaml(args.config))
-        for f in fields(Config):
-            v = getattr(args, f.name, None)
-            if v is not None:
-                values[f.name] = v
+        values.update(explicit_values(args))
     return make_config(values)
 
 
@@ -542,25 +620,86 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def expand_inputs(inputs) -> list:
-    """Files, folders (their images, sorted) and glob patterns -> a list of image paths."""
+    """Files, folders (their images, sorted; hidden files such as ``._x.jpg`` skipped) and
+    glob patterns -> a list of image paths, each file once."""
     import glob
+
+    from .data.io import list_images
 
     paths = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
+            found = list_images(p)
             if not found:
                 raise StegosegError(f"{p} holds no images ({', '.join(IMAGE_SUFFIXES)})")
             paths.extend(found)
         elif p.is_file():
             paths.append(p)
+        elif p.is_symlink():
+            raise StegosegError(f"{p} is a link to a missing file: restore its target or leave it out")
         else:
-            matches = sorted(Path(m) for m in glob.glob(str(item)) if Path(m).suffix.lower() in IMAGE_SUFFIXES)
+            matches = sorted(Path(m) for m in glob.glob(str(item))
+                             if Path(m).suffix.lower() in IMAGE_SUFFIXES and not Path(m).name.startswith(".")
+                             and Path(m).is_file())
             if not matches:
                 raise StegosegError(f"{item}: no such file, folder, or glob match")
             paths.extend(matches)
-    return paths
+    unique, seen = [], set()
+    for p in paths:
+        key = p.resolve()
+        if key in seen:
+            log.warning("%s was given more than once: segmenting it once", p)
+            continue
+        seen.add(key)
+        unique.append(p)
+    return unique
+
+
+def output_stems(paths: list) -> list:
+    """A distinct output name per input: the file's stem; where stems clash (``a.jpg`` and
+    ``a.png``, or ``x/a.jpg`` and ``y/a.jpg``) the suffix and then parent folder names are
+    added until they differ (compared case-insensitively, as some file systems do)."""
+    def name(p: Path, level: int) -> str:
+        if level == 0:
+            return p.stem
+        base = f"{p.stem}_{p.suffix.lstrip('.')}" if p.suffix else p.stem
+        parents = [q.name for q in p.resolve().parents if q.name][: level - 1]
+        return "_".join([*reversed(parents), base])
+
+    levels = [0] * len(paths)
+    for _ in range(64):
+        names = [name(p, lv) for p, lv in zip(paths, levels)]
+        groups: dict = {}
+        for i, n in enumerate(names):
+            groups.setdefault(n.lower(), []).append(i)
+        clashes = [idx for idx in groups.values() if len(idx) > 1]
+        if not clashes:
+            return names
+        for idx in clashes:
+            for i in idx:
+                levels[i] += 1
+    raise StegosegError(f"cannot give distinct output names to {paths[0]} and the inputs named like it")
+
+
+def _atomic_write_png(save, path: Path) -> None:
+    """Write through a temporary file and rename, so that an existing file (even one hard-linked
+    to an input image) is replaced as a directory entry, never rewritten in place."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix="." + path.stem + ".", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        save(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# inputs larger than this many ViT tokens get a warning when segmented at their original size
+LARGE_TOKEN_COUNT = 16384
 
 
 def segment_images(
@@ -576,35 +715,55 @@ def segment_images(
     num_workers: int = 2,
     batch_size: int = 8,
     crf_workers: int = 2,
+    crf_params=None,
 ) -> list:
-    """Write ``<stem>.png`` (palette PNG of labels) and ``<stem>_overlay.png`` per input image.
+    """Write ``<name>.png`` (palette PNG of labels) and ``<name>_overlay.png`` per input image.
 
-    Never overwrites an input image; refuses existing outputs unless ``overwrite``.
+    Every input gets its own output names (see :func:`output_stems`). Never writes over an
+    input image (also not through a hard link); refuses existing outputs unless ``overwrite``.
     Returns the label-map paths.
     """
-    from concurrent.futures import ProcessPoolExecutor
-
     from PIL import Image
     from tqdm.auto import tqdm
 
+    from .crf import crf_pool
+    from .preflight import check_writable
     from .viz import make_palette, overlay, save_label_png
 
+    if probe == "linear" and model.linear_probe is None:
+        raise StegosegError("--probe linear: this checkpoint has no linear probe (trained without labels); use --probe cluster")
     paths = expand_inputs(inputs)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    inputs_resolved = {p.resolve() for p in paths}
-    stems = [p.stem for p in paths]
-    dupes = {s for s in stems if stems.count(s) > 1}
+    out_dir = check_writable(out_dir)
+    input_files = {(st.st_dev, st.st_ino) for st in (os.stat(p) for p in paths)}
     targets = []
-    for p in paths:
-        stem = p.stem if p.stem not in dupes else f"{p.parent.name}_{p.stem}"
+    for p, stem in zip(paths, output_stems(paths)):
         label_path, overlay_path = out_dir / f"{stem}.png", out_dir / f"{stem}_overlay.png"
         for t in (label_path, overlay_path):
-            if t.resolve() in inputs_resolved:
-                raise StegosegError(f"output {t} would overwrite an input image: choose another --out")
-            if t.exists() and not overwrite:
-                raise StegosegError(f"{t} exists: choose another --out or pass --overwrite")
+            if t.exists():
+                st = os.stat(t)
+                if (st.st_dev, st.st_ino) in input_files:
+                    raise StegosegError(f"output {t} is an input image (or a link to one): choose another --out")
+                if not overwrite:
+                    raise StegosegError(f"{t} exists: choose another --out or pass --overwrite")
         targets.append((label_path, overlay_path))
+    names = [t.name.lower() for pair in targets for t in pair]
+    if len(set(names)) != len(names):
+        clash = next(n for n in names if names.count(n) > 1)
+        raise StegosegError(f"two inputs would both write {out_dir / clash}: rename one, or segment them into "
+                            "different --out folders")
+    if not resolution:
+        from PIL import Image as _Image
+
+        patch = model.backbone.patch_size
+        for p in paths:
+            with _Image.open(p) as im:
+                w, h = im.size
+            tokens = -(-w // patch) * -(-h // patch)
+            if tokens > LARGE_TOKEN_COUNT:
+                log.warning("%s is %dx%d: at its original size (--resolution 0) the network sees %d tokens; "
+                            "attention cost grows with their square, so this is slow and memory-hungry: pass "
+                            "--resolution 320 (the default) unless you need it", p, w, h, tokens)
+    out_dir.mkdir(parents=True, exist_ok=True)
     n_colours = max(model.n_clusters, model.n_classes or 0)
     palette = make_palette(n_colours)
     loader = torch.utils.data.DataLoader(
@@ -616,14 +775,16 @@ def segment_images(
     def flush(buffer):
         images = [im for im, _ in buffer]
         for (image, (label_path, overlay_path)), labels in zip(
-            buffer, model.segment_batch(images, crf=crf, flip=flip, resolution=resolution, probe=probe, crf_pool=pool)
+            buffer, model.segment_batch(images, crf=crf, flip=flip, resolution=resolution, probe=probe, crf_pool=pool,
+                                        crf_params=crf_params)
         ):
-            save_label_png(labels, label_path, palette)
-            Image.fromarray(overlay(np.asarray(image), labels, palette)).save(overlay_path)
+            _atomic_write_png(lambda tmp: save_label_png(labels, tmp, palette), label_path)
+            _atomic_write_png(lambda tmp: Image.fromarray(overlay(np.asarray(image), labels, palette)).save(tmp, format="PNG"),
+                              overlay_path)
             written.append(label_path)
         bar.update(len(buffer))
 
-    pool = ProcessPoolExecutor(crf_workers) if crf and crf_workers > 1 else None
+    pool = crf_pool(crf_workers) if crf and crf_workers > 1 else None
     try:
         buffer = []
         for image, target in zip(loader, targets):

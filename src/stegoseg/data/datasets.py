@@ -211,15 +211,28 @@ class DirectoryDataset(_FileDataset):
         return self._class_names
 
     def _infer_n_classes(self) -> int:
-        """Max label value + 1 over all label files of the split (0 if unlabelled)."""
+        """Max label value + 1 over all label files of the split (0 if unlabelled).
+
+        Refused when the values skip a class id: one stray value (a 50 among 0..10) would
+        otherwise silently create empty classes and change the number of clusters."""
         if self.label_paths is None:
             return 0
-        top = -1
+        first: Dict[int, Path] = {}
         for path in self.label_paths:
             label = self.map_label(load_label(path))
-            valid = label[label != IGNORE_INDEX]
-            if valid.size:
-                top = max(top, int(valid.max()))
+            for v in np.unique(label[label != IGNORE_INDEX]).tolist():
+                first.setdefault(int(v), path)
+        if not first:
+            return 0
+        top = max(first)
+        missing = sorted(set(range(top + 1)) - set(first))
+        if missing:
+            shown = ", ".join(str(m) for m in missing[:5]) + (", ..." if len(missing) > 5 else "")
+            raise StegosegError(
+                f"cannot infer the number of classes: the {self.split!r} labels hold values up to {top} "
+                f"(in {first[top]}) but none of {shown}; write {Path(self.root) / 'classes.txt'} "
+                "(one name per line) or pass --n-classes N"
+            )
         return top + 1
 
     def map_label(self, label: np.ndarray) -> np.ndarray:

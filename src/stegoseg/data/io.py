@@ -167,14 +167,145 @@ def check_same_size(
 def list_images(folder: PathLike) -> List[Path]:
     """Sorted image files directly inside ``folder`` (by extension, case-insensitive).
 
-    Hidden files (names starting with ``.``, e.g. macOS ``._x.jpg``) are skipped.
-    Raises StegosegError if ``folder`` is not a directory.
+    Hidden files (names starting with ``.``, e.g. macOS ``._x.jpg`` AppleDouble files) are
+    skipped. A symbolic link whose target is missing raises StegosegError naming it (it
+    would otherwise drop an image silently). Raises StegosegError if ``folder`` is not a
+    directory.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise StegosegError(f"image folder not found: {folder} (check the path)")
-    return sorted(
-        p
-        for p in folder.iterdir()
-        if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
+    found = []
+    for p in folder.iterdir():
+        if p.suffix.lower() not in IMAGE_EXTENSIONS or p.name.startswith("."):
+            continue
+        if p.is_symlink() and not p.exists():
+            raise StegosegError(
+                f"{p} is a link to a missing file ({os.readlink(p)}): restore its target or remove the link"
+            )
+        if p.is_file():
+            found.append(p)
+    return sorted(found)
+
+
+_ACCEPTED_INPUTS = (
+    "a PIL image, a numpy array (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), "
+    "a torch tensor (H, W) or (C, H, W) with C = 1, 3 or 4, or an image file path"
+)
+
+
+def image_from_array_or_pil(obj, name: str = "image") -> Image.Image:
+    """Convert a PIL image, numpy array, torch tensor or path to an 8-bit RGB PIL image.
+
+    ``name`` is used in error and warning messages (e.g. ``"image 3"``).
+
+    * ``str`` / :class:`os.PathLike`: read with :func:`load_image`.
+    * PIL image: :func:`to_rgb` (16/32-bit and float greyscale scaled by their range).
+    * numpy array, channels last: ``(H, W)`` and ``(H, W, 1)`` are greyscale, ``(H, W, 3)``
+      RGB, ``(H, W, 4)`` RGBA whose alpha is dropped. Any other shape, an empty array or an
+      unsupported dtype raises :class:`~stegoseg.errors.StegosegError`. Values by dtype:
+
+      - ``uint8``: used as is; ``bool``: False -> 0, True -> 255;
+      - ``uint16``: the 16-bit range 0..65535 maps to 0..255 (value / 257, rounded);
+      - other integers: values in 0..255 are taken as 8-bit values; anything else
+        (negative or above 255) is min-max normalised;
+      - floats: NaN or infinite values raise StegosegError; values in [0, 1] are
+        multiplied by 255 and rounded (so an array that only holds 0 and 1 is read as
+        0..1 data); values in [0, 255] are rounded; anything else is min-max normalised.
+
+      Min-max normalisation maps the array's minimum to 0 and maximum to 255 over all
+      channels together (a constant array becomes black) and emits a ``UserWarning``,
+      since it changes the image's contrast.
+    * torch tensor: channels first, as torchvision uses: ``(H, W)`` or ``(C, H, W)`` with
+      C = 1, 3 or 4 (e.g. a (3, H, W) float tensor in [0, 1]); it is moved to the CPU,
+      made channels last and converted with the numpy rules. Other shapes (including a
+      batch dimension) raise StegosegError.
+    * anything else (lists, ...) raises StegosegError naming what is accepted.
+    """
+    if isinstance(obj, (str, os.PathLike)):
+        return load_image(obj)
+    if isinstance(obj, Image.Image):
+        try:
+            return to_rgb(obj)
+        except (ValueError, OSError) as exc:
+            raise StegosegError(
+                f"cannot convert {name} (PIL mode {obj.mode}) to RGB: {exc}; pass an 8-bit RGB image"
+            ) from None
+    if isinstance(obj, np.ndarray):
+        return _rgb_from_array(obj, name, "")
+    import sys
+
+    torch = sys.modules.get("torch")  # a tensor can only exist if torch was imported
+    if torch is not None and isinstance(obj, torch.Tensor):
+        shape = tuple(obj.shape)
+        if obj.ndim == 3 and shape[0] in (1, 3, 4):
+            arr = obj.detach().cpu().permute(1, 2, 0).numpy()
+        elif obj.ndim == 2:
+            arr = obj.detach().cpu().numpy()
+        else:
+            raise StegosegError(
+                f"{name} is a torch tensor of shape {shape}; tensors must be (H, W) or channels first "
+                "(C, H, W) with C = 1, 3 or 4 (no batch dimension); pass channels-last data as a numpy array"
+            )
+        return _rgb_from_array(arr, name, f" (tensor shape {shape})")
+    raise StegosegError(f"{name} is a {type(obj).__name__}; expected {_ACCEPTED_INPUTS}")
+
+
+def _rgb_from_array(arr: np.ndarray, name: str, origin: str) -> Image.Image:
+    """The numpy part of :func:`image_from_array_or_pil`; ``origin`` is added to messages."""
+    shape = tuple(arr.shape)
+    if arr.size == 0:
+        raise StegosegError(f"{name} array is empty (shape {shape}){origin}; pass an image with pixels")
+    if not (arr.ndim == 2 or (arr.ndim == 3 and shape[2] in (1, 3, 4))):
+        raise StegosegError(
+            f"{name} array has shape {shape}{origin}; expected (H, W), (H, W, 1), (H, W, 3) or "
+            "(H, W, 4) (channels last)"
+        )
+    if arr.ndim == 3:
+        arr = arr[..., 0] if shape[2] == 1 else arr[..., :3]  # drop alpha before taking the range
+    kind = arr.dtype.kind
+    if arr.dtype == np.uint8:
+        out = arr
+    elif kind == "b":
+        out = arr.astype(np.uint8) * np.uint8(255)
+    elif arr.dtype == np.uint16:
+        out = _scale_to_uint8(arr, 65535.0)
+    elif kind in "iu":
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo >= 0 and hi <= 255:
+            out = arr.astype(np.uint8)
+        else:
+            out = _min_max_to_uint8(arr, lo, hi, name, origin)
+    elif kind == "f":
+        values = np.asarray(arr, dtype=np.float64)
+        if not np.isfinite(values).all():
+            raise StegosegError(
+                f"{name} array contains NaN or infinite values{origin}; replace them before segmenting"
+            )
+        lo, hi = float(values.min()), float(values.max())
+        if lo >= 0.0 and hi <= 1.0:
+            out = _scale_to_uint8(values, 1.0)
+        elif lo >= 0.0 and hi <= 255.0:
+            out = _scale_to_uint8(values, 255.0)
+        else:
+            out = _min_max_to_uint8(values, lo, hi, name, origin)
+    else:
+        raise StegosegError(
+            f"{name} array has unsupported dtype {arr.dtype}{origin}; use uint8, uint16, another integer, "
+            "bool or float"
+        )
+    if out.ndim == 2:
+        out = np.stack([out, out, out], axis=-1)
+    return Image.fromarray(np.ascontiguousarray(out, dtype=np.uint8), mode="RGB")
+
+
+def _min_max_to_uint8(arr: np.ndarray, lo: float, hi: float, name: str, origin: str) -> np.ndarray:
+    """Map [lo, hi] linearly to [0, 255] (rounded), warning that the contrast was changed."""
+    warnings.warn(
+        f"{name} array{origin} has values in [{lo:g}, {hi:g}], outside 0..1 and 0..255 "
+        f"(dtype {arr.dtype}): it was min-max scaled to 0..255; scale it yourself to control the contrast",
+        UserWarning,
+        stacklevel=4,
     )
+    span = float(hi) - float(lo)
+    return _scale_to_uint8(np.asarray(arr, dtype=np.float64) - float(lo), span if span > 0 else 1.0)

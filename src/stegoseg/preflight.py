@@ -1,0 +1,190 @@
+"""Checks that run before any long work: the output folder, free disk space, the
+accelerator, and the label values of every split a command will read.
+
+Each check raises :class:`~stegoseg.errors.StegosegError` with one line naming the
+file or option and what to do; none of them writes anything the user did not ask for.
+The catalogue of the cases they cover is docs/reliability.md.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .data.base import IGNORE_INDEX
+from .data.io import load_label
+from .errors import StegosegError
+
+log = logging.getLogger("stegoseg")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000.0
+    return f"{n:.1f} TB"  # pragma: no cover
+
+
+def check_writable(folder, option: str = "--out") -> Path:
+    """Prove, before any work, that ``folder`` can be written: a file is created and removed
+    there when it exists, else the nearest existing parent must let us create it. Nothing is
+    left behind (a run that cannot start writes nothing)."""
+    folder = Path(folder)
+    parent = folder
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise StegosegError(f"{option} {folder}: {parent} is a file, not a folder; choose another path")
+    if parent != folder:
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise StegosegError(f"{option} {folder}: cannot create it in {parent} (permission denied); "
+                                "choose a writable folder")
+        return folder
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".stegoseg-write-test-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise StegosegError(f"{option} {folder}: cannot write there ({exc.strerror}); choose a writable folder") from None
+    return folder
+
+
+def free_bytes(folder) -> int:
+    """Free bytes on the file system holding ``folder`` (or its nearest existing parent)."""
+    p = Path(folder).absolute()
+    while not p.exists():
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def check_free_space(folder, needed: int, what: str, option: str = "--out", margin: float = 1.05) -> None:
+    """Raise when the file system of ``folder`` has less than ``needed`` bytes (plus 5%) free."""
+    have = free_bytes(folder)
+    if needed * margin > have:
+        raise StegosegError(
+            f"not enough disk space for {what} in {folder}: it needs {human_bytes(needed * margin)}, "
+            f"{human_bytes(have)} are free; free some space or point {option} at another disk"
+        )
+
+
+def check_accelerator(accelerator: str = "auto", device: str = "auto") -> None:
+    """``--accelerator gpu`` / ``--device cuda`` on a machine without a usable GPU: say so now."""
+    import re
+
+    import torch
+
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(device)):
+        raise StegosegError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise StegosegError(f"--accelerator {accelerator}: no CUDA GPU is available here; use --accelerator cpu (or auto)")
+    if accelerator == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise StegosegError("--accelerator mps: Apple's MPS is not available here; use --accelerator cpu (or auto)")
+    if str(device).startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise StegosegError(f"--device {device}: no CUDA GPU is available here; use --device cpu (or auto)")
+        if ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
+            raise StegosegError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+# --------------------------------------------------------------------------- label values
+def files_fingerprint(paths) -> str:
+    """SHA-1 of (path, size, modification time) of every file: changes when a file is added,
+    removed, renamed or rewritten."""
+    h = hashlib.sha1()
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"{Path(p).resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def label_values(dataset, scan_dir: Optional[Path] = None, progress: bool = True) -> dict:
+    """{value: first label file holding it} over every label file of a labelled dataset,
+    after the dataset's own mapping (unlabelled pixels excluded). With ``scan_dir`` the
+    result is kept there, keyed by the label files' fingerprint, so a later run on
+    unchanged files reads it instead of decoding every label again."""
+    paths = list(getattr(dataset, "label_paths", None) or [])
+    cache_file = None
+    if scan_dir is not None and paths:
+        cache_file = Path(scan_dir) / f"labels-{files_fingerprint(paths)[:16]}.json"
+        if cache_file.exists():
+            return {int(k): v for k, v in json.loads(cache_file.read_text()).items()}
+    first: dict = {}
+    n = len(dataset)
+    for i in tqdm(range(n), desc=f"check labels {dataset.split}", disable=not progress or n < 200, unit="img"):
+        if paths:
+            raw = load_label(paths[i])
+            values = np.unique(dataset.map_label(raw))
+            name = str(paths[i])
+        else:
+            sample = dataset.load(i)
+            values = np.unique(sample.label) if sample.label is not None else np.array([], dtype=np.int64)
+            name = sample.id
+        for v in values.tolist():
+            if v != IGNORE_INDEX and v not in first:
+                first[int(v)] = name
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        cache_file.write_text(json.dumps({str(k): v for k, v in sorted(first.items())}))
+    return first
+
+
+def check_label_range(values: dict, n_classes: int, split: str, source: str) -> None:
+    """Every label value must be a class id below ``n_classes`` (or the ignore value)."""
+    bad = sorted(v for v in values if v < 0 or v >= n_classes)
+    if bad:
+        v = bad[-1]
+        raise StegosegError(
+            f"label file {values[v]} ({split} split) holds the value {v}, but there are {n_classes} classes "
+            f"({source}), so class ids must be 0..{n_classes - 1}: fix the label, mark the pixels unlabelled "
+            f"(--ignore-index), or give the right class count"
+        )
+
+
+# --------------------------------------------------------------------------- --overwrite
+#: What each command writes into its --out folder (and ``--overwrite`` removes first, so that
+#: no output of the earlier run is left beside the new ones). The feature cache
+#: (``cache/``) and generated data are kept: they are validated, not stale.
+EVAL_OUTPUTS = ("metrics.json", "confusion_cluster.png", "confusion_linear.png", "predictions.png", "selection-eval")
+TRAIN_OUTPUTS = (
+    "checkpoint.pt", "config.yaml", "run_config.json", "lightning", "logs", "candidates", "calibration.json", "selection.json",
+    "selection.png", "selected_similarity_histogram.png", "similarity_histogram.png", "training_curves.png",
+    "selection-eval",
+)
+OUTPUTS = {
+    "train": TRAIN_OUTPUTS,
+    "run": ("train", "eval", "baseline", "segment", "report.md", "summary.json", "config.yaml"),
+    "baseline": EVAL_OUTPUTS + ("checkpoint.pt", "config.yaml"),
+    "evaluate": EVAL_OUTPUTS,
+    "datus": EVAL_OUTPUTS + ("config.yaml",),
+    "pretrain": ("backbone.pt", "config.yaml", "lightning", "logs", "readout.json", "readout.png",
+                 "training_curves.png"),
+}
+
+
+def prepare_out(out, command: str, marker: str, overwrite: bool, resume: bool = False) -> Path:
+    """The output folder of ``command``, checked before any work: writable; an earlier run's
+    output (``marker``) refused unless ``--overwrite``, which removes that command's outputs
+    (and only those) so nothing stale stays beside the new ones. ``resume`` keeps everything."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise StegosegError(f"--out {out}: a file of that name exists; choose a folder path")
+    if not resume:
+        if (out / marker).exists() and not overwrite:
+            raise StegosegError(f"{out / marker} exists: choose another --out or pass --overwrite")
+        if overwrite:
+            for name in OUTPUTS[command]:
+                target = out / name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                elif target.exists() or target.is_symlink():
+                    target.unlink()
+    return check_writable(out)
