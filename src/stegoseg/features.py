@@ -426,8 +426,8 @@ def _create_cache(path: Path, spec: CacheSpec, dataset, ids: list, files: str, n
     if has_labels:
         sizes["labels.u8"] = (np.uint8, (n, resolution, resolution))
     needed = sum(int(np.prod(shape)) * np.dtype(dt).itemsize for dt, shape in sizes.values())
-    path.mkdir(parents=True, exist_ok=True)
     check_free_space(path, needed, f"the feature cache ({n} items)", option="--cache-dir")
+    path.mkdir(parents=True, exist_ok=True)
     try:
         for name, (dt, shape) in sizes.items():
             np.memmap(path / name, dtype=dt, mode="w+", shape=shape).flush()

@@ -379,11 +379,10 @@ def load(path, weights: Optional[str] = None, device: str = "cpu") -> Segmentati
 def _load_failure(exc: Exception) -> str:
     """Why ``torch.load`` failed, in our words: torch's own message suggests loading with
     ``weights_only=False``, which would run arbitrary code from the file; never pass that on."""
+    import pickle
+
     text = str(exc)
-    if isinstance(exc, (EOFError,)) or "failed finding central directory" in text or "PytorchStreamReader" in text:
-        return "the file is truncated or corrupt (an interrupted copy or a full disk?)"
-    if "weights_only" in text or "Unsupported global" in text or "pickle" in text.lower():
+    if isinstance(exc, pickle.UnpicklingError) and ("weights_only" in text or "Unsupported global" in text):
         return ("it contains Python objects other than plain tensors and values, which stegoseg does not load "
                 "(a checkpoint from another program?)")
-    first = text.splitlines()[0][:200] if text else type(exc).__name__
-    return f"{type(exc).__name__}: {first}"
+    return "the file is truncated or corrupt, or not a checkpoint (an interrupted copy or a full disk?)"

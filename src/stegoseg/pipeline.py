@@ -521,7 +521,7 @@ def checkpoint_states(ckpt_dir: Path, final_state: dict, final_step: int) -> dic
     for path in sorted(Path(ckpt_dir).glob("step*.ckpt")):
         step = int(path.stem[4:])
         if step < final_step:
-            states[step] = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+            states[step] = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
     states[final_step] = final_state
     return states
 
@@ -702,6 +702,24 @@ def _atomic_write_png(save, path: Path) -> None:
 LARGE_TOKEN_COUNT = 16384
 
 
+def warn_large_images(paths, patch: int) -> list:
+    """Warn (before any work) about images that, at their original size, give the network
+    more than LARGE_TOKEN_COUNT tokens; returns those paths."""
+    from PIL import Image
+
+    large = []
+    for p in paths:
+        with Image.open(p) as im:
+            w, h = im.size
+        tokens = -(-w // patch) * -(-h // patch)
+        if tokens > LARGE_TOKEN_COUNT:
+            large.append(p)
+            log.warning("%s is %dx%d: at its original size (--resolution 0) the network sees %d tokens; attention "
+                        "cost grows with their square, so this is slow and memory-hungry: pass --resolution 320 "
+                        "(the default) unless you need it", p, w, h, tokens)
+    return large
+
+
 def segment_images(
     model: SegmentationModel,
     inputs,
@@ -752,17 +770,7 @@ def segment_images(
         raise StegosegError(f"two inputs would both write {out_dir / clash}: rename one, or segment them into "
                             "different --out folders")
     if not resolution:
-        from PIL import Image as _Image
-
-        patch = model.backbone.patch_size
-        for p in paths:
-            with _Image.open(p) as im:
-                w, h = im.size
-            tokens = -(-w // patch) * -(-h // patch)
-            if tokens > LARGE_TOKEN_COUNT:
-                log.warning("%s is %dx%d: at its original size (--resolution 0) the network sees %d tokens; "
-                            "attention cost grows with their square, so this is slow and memory-hungry: pass "
-                            "--resolution 320 (the default) unless you need it", p, w, h, tokens)
+        warn_large_images(paths, model.backbone.patch_size)
     out_dir.mkdir(parents=True, exist_ok=True)
     n_colours = max(model.n_clusters, model.n_classes or 0)
     palette = make_palette(n_colours)
