@@ -109,3 +109,19 @@ def test_pretrain_without_data_root_names_the_option(tmp_path, capsys):
 
     assert main(["pretrain", "--out", str(tmp_path / "p"), "--tiny", "--no-progress"]) == 2
     assert "--data-root" in capsys.readouterr().err
+
+
+def test_resume_keeps_the_readouts_and_the_log_of_the_steps_before(synthetic_root, tmp_path):
+    import csv
+    import json
+
+    cfg = tiny_pretrain_config(synthetic_root, epochs=1, readout_every=2, ckpt_every=2, log_every=1)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        pretrain(cfg, tmp_path / "k", callbacks=[_Kill()])
+    summary = pretrain(cfg, tmp_path / "k", resume=True)
+    steps = [r["step"] for r in summary["readout"]]
+    assert steps[:2] == [0, 2] and steps == sorted(set(steps))
+    with open(tmp_path / "k" / "logs" / "metrics.csv") as f:
+        logged = sorted({int(r["step"]) for r in csv.DictReader(f) if r.get("loss")})
+    assert logged[:3] == [0, 1, 2] and logged == list(range(logged[-1] + 1))
+    assert json.loads((tmp_path / "k" / "readout.json").read_text())["readout"] == summary["readout"]

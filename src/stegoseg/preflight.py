@@ -165,7 +165,7 @@ OUTPUTS = {
     "baseline": EVAL_OUTPUTS + ("checkpoint.pt", "config.yaml"),
     "evaluate": EVAL_OUTPUTS,
     "datus": EVAL_OUTPUTS + ("config.yaml",),
-    "pretrain": ("backbone.pt", "config.yaml", "lightning", "logs", "readout.json", "readout.png",
+    "pretrain": ("backbone.pt", "config.yaml", "lightning", "logs", "readout.json", "readout_history.json", "readout.png",
                  "training_curves.png"),
 }
 

@@ -25,6 +25,7 @@ continues bit-identically.
 from __future__ import annotations
 
 import copy
+import json
 from datetime import timedelta
 import logging
 import math
@@ -328,8 +329,9 @@ def patch_knn_readout(backbone, train_ds, val_ds, n_images: int, resolution: int
 
 
 class _Readout(L.Callback):
-    def __init__(self, cfg: PretrainConfig, train_ds, val_ds, history: list):
+    def __init__(self, cfg: PretrainConfig, train_ds, val_ds, history: list, path: Optional[Path] = None):
         self.cfg, self.train_ds, self.val_ds, self.history = cfg, train_ds, val_ds, history
+        self.path = path  # the history is written here after every readout (a resumed run keeps it)
 
     def _run(self, trainer, module):
         if not trainer.is_global_zero:
@@ -339,6 +341,10 @@ class _Readout(L.Callback):
                               device=module.device)
         r["step"] = int(trainer.global_step)
         self.history.append(r)
+        if self.path is not None:
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.history, indent=1))
+            tmp.replace(self.path)
         log.info("k-NN readout at step %d: patch accuracy %.1f, mIoU %.1f", r["step"], r["acc"], r["miou"])
         for key in ("acc", "miou"):
             trainer.logger.log_metrics({f"readout/{key}": r[key]}, step=trainer.global_step)
@@ -416,10 +422,18 @@ def pretrain(cfg: PretrainConfig, out, resume: bool = False, callbacks: Optional
     cfg.save(out / "config.yaml")
     ckpt_path = str(ckpt_dir / "last.ckpt") if resume else None
     history: list = []
+    history_path = out / "readout_history.json"
+    if resume:
+        from .train import keep_log_before_resume, resumed_step
+
+        step = resumed_step(ckpt_path)
+        if history_path.exists():  # the readouts before the interruption (later ones are run again)
+            history.extend(r for r in json.loads(history_path.read_text()) if r["step"] <= step)
+        keep_log_before_resume(out / "logs", step)
     cbs = [ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", every_n_train_steps=max(1, cfg.ckpt_every),
                            save_last=True, save_top_k=-1, auto_insert_metric_name=False)]
     if val is not None:
-        cbs.append(_Readout(cfg, train, val, history))
+        cbs.append(_Readout(cfg, train, val, history, history_path))
     trainer = L.Trainer(
         max_steps=-1, max_epochs=-1,
         max_time=None if cfg.max_minutes is None else timedelta(minutes=cfg.max_minutes),
@@ -433,9 +447,13 @@ def pretrain(cfg: PretrainConfig, out, resume: bool = False, callbacks: Optional
     module.world = trainer.world_size
     trainer.fit_loop.epoch_loop.max_steps = module.stop_step
     t0 = time.perf_counter()
-    trainer.fit(module, datamodule=_PretrainData(cfg, train, transform, module), ckpt_path=ckpt_path)
+    trainer.fit(module, datamodule=_PretrainData(cfg, train, transform, module), ckpt_path=ckpt_path,
+                weights_only=True)
     if not trainer.is_global_zero:
         return None
+    from .train import merge_resumed_log
+
+    merge_resumed_log(out / "logs")
     path = module.export_backbone(out / "backbone.pt")
     from .backbones import file_sha256
 
