@@ -182,6 +182,14 @@ PRESETS = {
 }
 
 _FIELD_HELP = {
+    "protocol": "clean (default) or reference: reproduce every quirk of the reference STEGO pipeline that its "
+    "published numbers come from (see docs/reference_mode.md); each quirk is also its own option",
+    "knn_dropout": "reference quirk: KNN descriptors computed with Dropout2d(--feature-dropout) active",
+    "crop_jpeg": "reference quirk: five-crops round-tripped through JPEG (quality 75) before resizing",
+    "train_resample": "training/KNN crop resizing: bilinear (clean) or nearest (reference)",
+    "crf_reference_input": "reference quirk: the CRF sees the image in BGR order, uint8 by truncation",
+    "pos_embed": "ViT position-embedding resampling: timm (antialiased bicubic; clean) or dino (DINO's own, offset "
+    "0.1, plain bicubic; reference)",
     "dataset": "dataset format: directory, cocostuff27, cityscapes27, potsdam3, suim, voc2012, or synthetic",
     "data_root": "dataset folder (for directory: imgs/{split}/ and optional labels/{split}/)",
     "weights": "local backbone weights file (timm/safetensors, official DINO .pth, or stegoseg file)",
