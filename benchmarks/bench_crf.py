@@ -6,13 +6,12 @@
 import argparse
 import os
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-
 from _common import SHARED_DATA, timed, write_result
-from stegoseg.crf import crf_batch
+
 from stegoseg.data import EvalTransform, build_dataset
+from stegoseg.evaluation.crf import crf_batch
 
 
 def main():

@@ -6,11 +6,11 @@ images, same run. On CPU only float32 is measured (autocast is CUDA-only here).
 import argparse
 
 import torch
-
 from _common import timed, write_result
-from stegoseg.backbones import create_backbone
-from stegoseg.head import SegmentationHead
+
+from stegoseg.backbones.backbone import create_backbone
 from stegoseg.model import SegmentationModel
+from stegoseg.nn.heads import SegmentationHead
 
 
 def main():

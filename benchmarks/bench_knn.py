@@ -8,9 +8,9 @@ import argparse
 
 import numpy as np
 import torch
-
 from _common import timed, write_result
-from stegoseg.features import nearest_neighbors
+
+from stegoseg.features.knn import nearest_neighbors
 
 
 def naive_knn(x: np.ndarray, k: int) -> np.ndarray:

@@ -35,17 +35,21 @@ from scipy.stats import spearmanr
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import SHARED_DATA, machine  # noqa: E402
 
-from stegoseg.calibration import calibrate_for_config  # noqa: E402
-from stegoseg.config import PRESETS, make_config  # noqa: E402
-from stegoseg.evaluate import summary_rows  # noqa: E402
-from stegoseg.features import FeatureCache  # noqa: E402
-from stegoseg.model import load  # noqa: E402
-from stegoseg.pipeline import (  # noqa: E402
-    build_backbone_from_config, evaluate_checkpoint_model, fit_feature_baseline, prepare, train_stego,
+from stegoseg.config.stego import PRESETS, make_config
+from stegoseg.data.synthetic import make_synthetic_dataset
+from stegoseg.evaluation.protocol import summary_rows
+from stegoseg.features.cache import FeatureCache
+from stegoseg.methods.baseline import fit_feature_baseline
+from stegoseg.methods.common import (
+    build_backbone_from_config,
+    evaluate_checkpoint_model,
+    prepare,
 )
-from stegoseg.selection import score_for_config  # noqa: E402
-from stegoseg.studies.dimred import SharedFeatures, load_with_backbone  # noqa: E402
-from stegoseg.synthetic import make_synthetic_dataset  # noqa: E402
+from stegoseg.methods.stego import train_stego
+from stegoseg.model import load
+from stegoseg.studies.dimred import SharedFeatures, load_with_backbone
+from stegoseg.training.calibration import calibrate_for_config
+from stegoseg.training.selection import score_for_config
 
 REPO = Path(__file__).resolve().parents[1]
 CAMVID = SHARED_DATA / "camvid"

@@ -10,12 +10,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-
 from _common import SHARED_DATA, timed, write_result
-from stegoseg.config import make_config
-from stegoseg.features import CropView
-from stegoseg.pipeline import build_backbone_from_config, build_split, prepare
-from stegoseg.train import StegoModule, StepBatches
+
+from stegoseg.config.stego import make_config
+from stegoseg.features.cache import CropView
+from stegoseg.methods.common import build_backbone_from_config, build_split, prepare
+from stegoseg.training.stego import StegoModule, StepBatches
 
 
 def main():

@@ -31,12 +31,13 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import SHARED_DATA, write_result  # noqa: E402
 
-from stegoseg.backbones import create_backbone  # noqa: E402
-from stegoseg.crf import CRFParams, crf_job  # noqa: E402
-from stegoseg.data import build_dataset  # noqa: E402
-from stegoseg.data.transforms import EvalTransform  # noqa: E402
-from stegoseg.features import CropView, nearest_neighbors  # noqa: E402
-from stegoseg.probes import spherical_kmeans  # noqa: E402
+from stegoseg.backbones.backbone import create_backbone
+from stegoseg.data import build_dataset
+from stegoseg.data.transforms import EvalTransform
+from stegoseg.evaluation.crf import CRFParams, crf_job
+from stegoseg.features.cache import CropView
+from stegoseg.features.knn import nearest_neighbors
+from stegoseg.nn.kmeans import spherical_kmeans
 
 
 def knn_agreement(a: np.ndarray, b: np.ndarray, k: int = 7) -> float:

@@ -8,14 +8,14 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory):
     """A small generated labelled dataset (directory layout), shared by the tests of a session."""
-    from stegoseg.synthetic import make_synthetic_dataset
+    from stegoseg.data.synthetic import make_synthetic_dataset
 
     return make_synthetic_dataset(tmp_path_factory.mktemp("synthetic") / "data", n_train=24, n_val=8, size=(64, 80))
 
 
 def tiny_config(data_root, **overrides):
     """A Config for fast tests: tiny random ViT-S/8, small crops, few steps."""
-    from stegoseg.config import make_config
+    from stegoseg.config.stego import make_config
 
     values = dict(
         dataset="directory",

@@ -6,9 +6,16 @@ import pytest
 import torch
 from PIL import Image
 
-from stegoseg.crf import CRFParams, crf_available, crf_batch, crf_job, dense_crf, image_to_uint8
 from stegoseg.data.io import image_from_array_or_pil
 from stegoseg.errors import StegosegError
+from stegoseg.evaluation.crf import (
+    CRFParams,
+    crf_available,
+    crf_batch,
+    crf_job,
+    dense_crf,
+    image_to_uint8,
+)
 
 needs_crf = pytest.mark.skipif(not crf_available(), reason="pydensecrf2 is not installed")
 
@@ -152,7 +159,7 @@ def test_path_is_loaded(tmp_path):
 def two_region_model(image_u8: np.ndarray):
     """A tiny random-backbone model whose two cluster centroids are the mean codes of the
     image's left and right halves, so that the halves fall into different clusters."""
-    from stegoseg.backbones import create_backbone
+    from stegoseg.backbones.backbone import create_backbone
     from stegoseg.data.base import pil_to_tensor
     from stegoseg.model import SegmentationModel
 

@@ -9,17 +9,15 @@ import time
 import pytest
 import torch
 
-from stegoseg import backbones as bb
-from stegoseg.backbones import (
+from stegoseg.backbones import weights as bb
+from stegoseg.backbones.backbone import Backbone, create_backbone, global_descriptor
+from stegoseg.backbones.presets import (
     BACKBONE_PRESETS,
-    Backbone,
-    create_backbone,
-    file_sha256,
     get_backbone_preset,
-    global_descriptor,
     list_backbones,
     resolve_backbone_name,
 )
+from stegoseg.backbones.weights import file_sha256
 from stegoseg.errors import StegosegError
 
 ALL = list_backbones()
@@ -423,11 +421,11 @@ def test_cached_download_is_used_without_network(monkeypatch, tmp_path):
     fake = tmp_path / "model.safetensors"
     monkeypatch.setattr(bb, "_cached_hub_file", lambda repo_id: str(fake))
     monkeypatch.setattr(bb, "_network_available", _must_not_be_called)
-    path, source = bb._download_weights(get_backbone_preset("dino_vits8"))
+    path, source = bb.download_weights(get_backbone_preset("dino_vits8"))
     assert path == fake and source == "timm:vit_small_patch8_224.dino@hub"
 
     monkeypatch.setattr(bb, "_cached_url_file", lambda url: str(fake))
-    path, source = bb._download_weights(get_backbone_preset("mocov2_resnet50"))
+    path, source = bb.download_weights(get_backbone_preset("mocov2_resnet50"))
     assert path == fake and source.startswith("url:https://dl.fbaipublicfiles.com/moco/")
 
 

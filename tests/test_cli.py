@@ -101,7 +101,7 @@ def test_clear_errors_for_bad_input(tmp_path, capsys):
 def test_yaml_config_and_presets(tmp_path):
     import argparse
 
-    from stegoseg.config import add_config_arguments, resolve_config
+    from stegoseg.config.stego import add_config_arguments, resolve_config
 
     p = argparse.ArgumentParser()
     add_config_arguments(p)
@@ -113,7 +113,7 @@ def test_yaml_config_and_presets(tmp_path):
 
 
 def test_label_free_run_gives_cluster_maps_only(tmp_path):
-    from stegoseg.synthetic import make_synthetic_dataset
+    from stegoseg.data.synthetic import make_synthetic_dataset
 
     root = make_synthetic_dataset(tmp_path / "data", n_train=12, n_val=4, size=(48, 64), with_labels=False)
     out = tmp_path / "run"

@@ -17,6 +17,7 @@ from PIL import Image
 from stegoseg.data import (
     DATASETS,
     IGNORE_INDEX,
+    VOC2012,
     Cityscapes27,
     CocoStuff,
     CocoStuff3,
@@ -27,7 +28,6 @@ from stegoseg.data import (
     Potsdam3,
     Suim,
     TrainTransform,
-    VOC2012,
     build_dataset,
     five_crop,
     five_crop_boxes,

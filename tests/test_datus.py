@@ -5,8 +5,15 @@ import pytest
 import torch
 
 from stegoseg.cli import main
-from stegoseg.datus import DatusParams, affinity_graph, louvain_segments, merge_small_segments, paint, segment_crops
 from stegoseg.errors import StegosegError
+from stegoseg.methods.datus import (
+    DatusParams,
+    affinity_graph,
+    louvain_segments,
+    merge_small_segments,
+    paint,
+    segment_crops,
+)
 
 TINY = ["--no-pretrained", "--tiny", "--eval-resolution", "48", "--no-progress", "--device", "cpu"]
 

@@ -4,11 +4,11 @@ import pytest
 import torch
 import torch.nn as nn
 import yaml
-
 from conftest import tiny_config
-from stegoseg.calibration import calibrate_shifts, sample_pairs
-from stegoseg.loss import feature_correspondence
-from stegoseg.selection import label_free_score
+
+from stegoseg.losses.stego import feature_correspondence
+from stegoseg.training.calibration import calibrate_shifts, sample_pairs
+from stegoseg.training.selection import label_free_score
 
 
 class ConstructedCache:
@@ -126,11 +126,11 @@ def test_selection_ranks_a_collapsed_and_a_scrambled_code_below_a_healthy_one():
 
 def test_selection_ranks_a_collapsed_training_run_below_a_healthy_one(synthetic_root, tmp_path, one_thread):
     """On generated images: a run whose shifts attract every pair collapses; the criterion says so."""
-    from stegoseg.calibration import calibrate_for_config
-    from stegoseg.features import FeatureCache
+    from stegoseg.features.cache import FeatureCache
+    from stegoseg.methods.stego import train_stego
     from stegoseg.model import load
-    from stegoseg.pipeline import train_stego
-    from stegoseg.selection import score_for_config
+    from stegoseg.training.calibration import calibrate_for_config
+    from stegoseg.training.selection import score_for_config
 
     common = dict(steps=40, cache_dir=str(tmp_path / "cache"), select="last", resolution=48)
     healthy = load(train_stego(tiny_config(synthetic_root, shifts="auto", auto_centring="on", **common),
@@ -151,9 +151,9 @@ def test_selection_ranks_a_collapsed_training_run_below_a_healthy_one(synthetic_
 def test_shifts_auto_writes_the_chosen_values_and_a_rerun_with_them_repeats_the_run(synthetic_root, tmp_path, one_thread):
     import json
 
-    from stegoseg.config import make_config
+    from stegoseg.config.stego import make_config
+    from stegoseg.methods.stego import train_stego
     from stegoseg.model import load
-    from stegoseg.pipeline import train_stego
 
     cfg = tiny_config(synthetic_root, shifts="auto", steps=8, cache_dir=str(tmp_path / "cache"))
     first = load(train_stego(cfg, tmp_path / "auto"))
@@ -184,7 +184,7 @@ def test_shifts_auto_writes_the_chosen_values_and_a_rerun_with_them_repeats_the_
 def test_val_miou_selection_picks_the_checkpoint_with_the_best_validation_miou(synthetic_root, tmp_path, one_thread):
     import json
 
-    from stegoseg.pipeline import train_stego
+    from stegoseg.methods.stego import train_stego
 
     cfg = tiny_config(synthetic_root, shifts="auto", select="val-miou", steps=8, cache_dir=str(tmp_path / "cache"))
     train_stego(cfg, tmp_path / "run")
@@ -197,7 +197,7 @@ def test_val_miou_selection_picks_the_checkpoint_with_the_best_validation_miou(s
 
 def test_explicit_shift_with_auto_and_val_miou_without_labels_are_errors(tmp_path, capsys):
     from stegoseg.cli import main
-    from stegoseg.synthetic import make_synthetic_dataset
+    from stegoseg.data.synthetic import make_synthetic_dataset
 
     assert main(["train", "--preset", "demo", "--b-knn", "0.5", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from stegoseg.features import nearest_neighbors
-from stegoseg.loss import (
+from stegoseg.features.knn import nearest_neighbors
+from stegoseg.losses.stego import (
     LossWeights,
     correspondence_loss,
     random_coords,

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from stegoseg.errors import StegosegError
-from stegoseg.metrics import (
+from stegoseg.evaluation.metrics import (
     ConfusionAccumulator,
     cluster_metrics,
     confusion_counts,

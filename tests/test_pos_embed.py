@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 
-from stegoseg.backbones import Backbone, create_backbone, dino_resample_pos_embed
+from stegoseg.backbones.backbone import Backbone, create_backbone
+from stegoseg.backbones.pos_embed import dino_resample_pos_embed
 from stegoseg.errors import StegosegError
 
 

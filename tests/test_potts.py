@@ -2,13 +2,14 @@ import json
 
 import numpy as np
 import torch
-
 from conftest import tiny_config
+
 from stegoseg.cli import main
-from stegoseg.crf import CRFParams
-from stegoseg.potts import optimise_potts, potts_kernel, potts_term
-from stegoseg.pipeline import build_backbone_from_config, build_split, prepare
-from stegoseg.train import StegoModule, StepBatches
+from stegoseg.evaluation.crf import CRFParams
+from stegoseg.losses.potts import potts_kernel, potts_term
+from stegoseg.methods.common import build_backbone_from_config, build_split, prepare
+from stegoseg.studies.potts import optimise_potts
+from stegoseg.training.stego import StegoModule, StepBatches
 
 
 def test_kernel_values():

@@ -1,12 +1,17 @@
 import json
 
+import lightning as L
 import pytest
 import torch
-import lightning as L
 
-from stegoseg.backbones import create_backbone
-from stegoseg.config import make_config
-from stegoseg.pretrain import DinoPretrainModule, PretrainConfig, cosine_with_warmup, pretrain
+from stegoseg.backbones.backbone import create_backbone
+from stegoseg.config.stego import make_config
+from stegoseg.training.dino import (
+    DinoPretrainModule,
+    PretrainConfig,
+    cosine_with_warmup,
+    pretrain,
+)
 
 
 def tiny_pretrain_config(root, **kw):

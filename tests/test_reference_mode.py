@@ -5,9 +5,14 @@ import argparse
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_config
-from stegoseg.config import CLEAN_PROTOCOL, REFERENCE_PROTOCOL, add_config_arguments, resolve_config
+
+from stegoseg.config.stego import (
+    CLEAN_PROTOCOL,
+    REFERENCE_PROTOCOL,
+    add_config_arguments,
+    resolve_config,
+)
 
 
 def resolve(*argv):
@@ -31,14 +36,14 @@ def test_protocol_reference_turns_on_every_quirk_and_explicit_options_win():
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    from stegoseg.synthetic import make_synthetic_dataset
+    from stegoseg.data.synthetic import make_synthetic_dataset
 
     return make_synthetic_dataset(tmp_path_factory.mktemp("ref") / "data", n_train=12, n_val=4, size=(48, 64))
 
 
 def prepared(root, out, **quirks):
-    from stegoseg.features import config_neighbors
-    from stegoseg.pipeline import prepare
+    from stegoseg.features.knn import config_neighbors
+    from stegoseg.methods.common import prepare
 
     cfg = tiny_config(root, cache_dir=str(out), **quirks)
     cache = prepare(cfg, out)
@@ -70,10 +75,11 @@ def test_jpeg_crops_change_features_not_labels(root, tmp_path):
 
 
 def test_jpeg_round_trip_is_the_reference_file_format():
+    import io
+
     from PIL import Image
 
-    from stegoseg.features import jpeg_round_trip
-    import io
+    from stegoseg.features.cache import jpeg_round_trip
 
     img = Image.fromarray((np.random.default_rng(0).random((40, 50, 3)) * 255).astype(np.uint8))
     buf = io.BytesIO()
@@ -82,8 +88,8 @@ def test_jpeg_round_trip_is_the_reference_file_format():
 
 
 def test_nearest_training_resize_changes_images_not_labels(root):
-    from stegoseg.features import CropView
-    from stegoseg.pipeline import build_split
+    from stegoseg.features.cache import CropView
+    from stegoseg.methods.common import build_split
 
     train = build_split(tiny_config(root), "train")
     bil, near = CropView(train, 32, True, "bilinear"), CropView(train, 32, True, "nearest")
@@ -96,8 +102,9 @@ def test_nearest_training_resize_changes_images_not_labels(root):
 
 
 def test_crf_reference_input_reaches_the_crf(root, tmp_path, monkeypatch):
-    from stegoseg.crf import CRFParams
-    from stegoseg.pipeline import eval_config, evaluate_checkpoint_model, fit_feature_baseline
+    from stegoseg.evaluation.crf import CRFParams
+    from stegoseg.methods.baseline import fit_feature_baseline
+    from stegoseg.methods.common import eval_config, evaluate_checkpoint_model
 
     cfg = tiny_config(root, crf=True, crf_reference_input=True, max_eval_images=2)
     assert eval_config(cfg).crf_reference_input is True
@@ -115,8 +122,9 @@ def test_crf_reference_input_reaches_the_crf(root, tmp_path, monkeypatch):
 
 
 def test_pos_embed_option_reaches_the_backbone_and_the_checkpoint(root, tmp_path):
+    from stegoseg.methods.baseline import fit_feature_baseline
+    from stegoseg.methods.common import build_backbone_from_config
     from stegoseg.model import load
-    from stegoseg.pipeline import build_backbone_from_config, fit_feature_baseline
 
     cfg = tiny_config(root, pos_embed="dino")
     backbone, spec = build_backbone_from_config(cfg)
@@ -135,8 +143,8 @@ def test_pos_embed_option_reaches_the_backbone_and_the_checkpoint(root, tmp_path
 def test_reference_protocol_trains_fp32_and_selects_by_val_miou(root, tmp_path):
     import json
 
-    from stegoseg.pipeline import train_stego
-    from stegoseg.train import default_precision
+    from stegoseg.methods.stego import train_stego
+    from stegoseg.training.trainer import default_precision
 
     cfg = tiny_config(root, protocol="reference", select="val-miou", precision="32-true", knn_dropout=True,
                       crop_jpeg=True, train_resample="nearest", steps=4, ckpt_every=2)

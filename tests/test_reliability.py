@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 from PIL import Image
 
-from conftest import tiny_config
 from stegoseg.cli import main
 from stegoseg.errors import StegosegError
 
@@ -34,7 +34,7 @@ TINY = [
 @pytest.fixture
 def data(tmp_path):
     """A fresh small labelled folder per test (tests below edit it): 4 classes, values 0..3."""
-    from stegoseg.synthetic import make_synthetic_dataset
+    from stegoseg.data.synthetic import make_synthetic_dataset
 
     return Path(make_synthetic_dataset(tmp_path / "data", n_train=10, n_val=4, size=(48, 64)))
 
@@ -97,8 +97,8 @@ def test_out_of_range_value_in_val_is_refused_before_training(data, tmp_path, ca
 
 def test_evaluation_itself_refuses_out_of_range_values(data):
     from stegoseg.data import build_dataset
-    from stegoseg.evaluate import EvalConfig, evaluate_model
-    from stegoseg.pipeline import build_backbone_from_config, fit_feature_baseline
+    from stegoseg.evaluation.protocol import EvalConfig, evaluate_model
+    from stegoseg.methods.baseline import fit_feature_baseline
 
     cfg = tiny_config(data)
     model = fit_feature_baseline(cfg, data.parent / "b")
@@ -111,8 +111,8 @@ def test_evaluation_itself_refuses_out_of_range_values(data):
 
 def test_linear_probe_class_mismatch_is_an_error_not_a_dropped_metric(data):
     from stegoseg.data import build_dataset
-    from stegoseg.evaluate import EvalConfig, evaluate_model
-    from stegoseg.pipeline import fit_feature_baseline
+    from stegoseg.evaluation.protocol import EvalConfig, evaluate_model
+    from stegoseg.methods.baseline import fit_feature_baseline
 
     model = fit_feature_baseline(tiny_config(data), data.parent / "b")
     val = build_dataset("directory", data, "val", n_classes=6)
@@ -122,7 +122,7 @@ def test_linear_probe_class_mismatch_is_an_error_not_a_dropped_metric(data):
 
 # --------------------------------------------------------------------------- 2. stale caches
 def _prepare(data, out):
-    from stegoseg.pipeline import prepare
+    from stegoseg.methods.common import prepare
 
     return prepare(tiny_config(data), out)
 
@@ -157,8 +157,8 @@ def test_rerun_after_deleting_a_corrupt_image_assigns_features_to_the_right_imag
     cache = _prepare(data, out)
     assert cache.complete and "c_bad#crop0" not in cache.ids
     # every item's features are those of its own image: recompute one independently
-    from stegoseg.features import CropView
-    from stegoseg.pipeline import build_backbone_from_config, build_split
+    from stegoseg.features.cache import CropView
+    from stegoseg.methods.common import build_backbone_from_config, build_split
 
     cfg = tiny_config(data)
     backbone, _ = build_backbone_from_config(cfg)
@@ -215,7 +215,7 @@ def test_two_prepares_into_one_cache_take_turns(data, tmp_path):
                               stderr=subprocess.PIPE) for i in range(2)]
     results = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [r[1].decode()[-500:] for r in results]
-    from stegoseg.features import FeatureCache
+    from stegoseg.features.cache import FeatureCache
 
     (folder,) = [p for p in cache.iterdir() if (p / "meta.json").exists()]
     assert FeatureCache(folder).complete
@@ -225,7 +225,7 @@ def test_two_prepares_into_one_cache_take_turns(data, tmp_path):
 # --------------------------------------------------------------------------- 6. segment outputs
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from stegoseg.synthetic import make_synthetic_dataset
+    from stegoseg.data.synthetic import make_synthetic_dataset
 
     root = tmp_path_factory.mktemp("ck")
     data = make_synthetic_dataset(root / "data", n_train=10, n_val=4, size=(48, 64))
@@ -262,13 +262,13 @@ def test_segment_never_writes_through_a_hard_link_to_an_input(checkpoint, tmp_pa
 
 
 def test_segment_writes_outputs_by_rename(tmp_path):
-    from stegoseg.pipeline import _atomic_write_png
+    from stegoseg.segment import atomic_write_png
 
     target = tmp_path / "t.png"
     target.write_bytes(b"old")
     linked = tmp_path / "link.png"
     os.link(target, linked)
-    _atomic_write_png(lambda tmp: Image.fromarray(np.zeros((2, 2), np.uint8)).save(tmp), target)
+    atomic_write_png(lambda tmp: Image.fromarray(np.zeros((2, 2), np.uint8)).save(tmp), target)
     assert linked.read_bytes() == b"old" and target.read_bytes() != b"old"
 
 
@@ -315,7 +315,7 @@ def test_allocation_failure_is_one_line_and_leaves_no_cache(data, tmp_path, caps
 
 def test_training_checks_checkpoint_space_first(data, tmp_path, capsys, monkeypatch):
     import stegoseg.preflight as preflight
-    from stegoseg.pipeline import prepare
+    from stegoseg.methods.common import prepare
 
     out = tmp_path / "t"
     prepare(tiny_config(data), out)  # the cache fits; the checkpoints will not
@@ -354,7 +354,7 @@ def test_missing_val_split_is_reported_before_prepare(data, tmp_path, capsys):
 
 
 def test_file_errors_from_the_environment_are_one_line(tmp_path, capsys, monkeypatch):
-    import stegoseg.pipeline as pipeline
+    import stegoseg.methods.common as pipeline
 
     def denied(*a, **k):
         raise PermissionError(errno.EACCES, "Permission denied", "/data/locked/x.npy")
@@ -416,7 +416,7 @@ def test_appledouble_files_in_a_segment_folder_are_skipped(checkpoint, tmp_path)
 
 
 def test_original_size_segmentation_of_a_huge_image_warns_first(tmp_path, caplog):
-    from stegoseg.pipeline import warn_large_images
+    from stegoseg.segment import warn_large_images
 
     big, small = tmp_path / "big.png", tmp_path / "small.png"
     Image.new("RGB", (6000, 4000)).save(big)
@@ -427,7 +427,7 @@ def test_original_size_segmentation_of_a_huge_image_warns_first(tmp_path, caplog
 
 
 def test_truncated_last_checkpoint_resumes_from_an_earlier_one(data, tmp_path, caplog):
-    from stegoseg.pipeline import train_stego
+    from stegoseg.methods.stego import train_stego
 
     cfg = tiny_config(data, steps=4, ckpt_every=2)
     out = tmp_path / "t"
@@ -454,7 +454,7 @@ def test_unreadable_checkpoints_on_resume_end_in_one_line(data, tmp_path, capsys
 
 
 def test_resume_after_a_kill_during_prepare_continues(data, tmp_path):
-    from stegoseg.pipeline import check_before_work, resolve_run_paths
+    from stegoseg.methods.common import resolve_run_paths
 
     out = tmp_path / "r"
     cfg = resolve_run_paths(tiny_config(data), out)
@@ -467,7 +467,7 @@ def test_resume_after_a_kill_during_prepare_continues(data, tmp_path):
 def test_crf_workers_die_with_their_parent(tmp_path):
     script = (
         "import os, sys, time\n"
-        "from stegoseg.crf import crf_pool\n"
+        "from stegoseg.evaluation.crf import crf_pool\n"
         "pool = crf_pool(1)\n"
         "print(pool.submit(os.getpid).result(), flush=True)\n"
         "time.sleep(60)\n"

@@ -8,7 +8,6 @@ import yaml
 from stegoseg.errors import StegosegError
 from stegoseg.studies.ablation import VARIANTS, add_cli, parse_variants, variant_config
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

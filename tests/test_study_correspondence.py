@@ -5,16 +5,16 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from stegoseg.errors import StegosegError
 from stegoseg.studies.correspondence import (
     ScoreHistogram,
     add_cli,
     average_precision_exact,
     coupling_from_joint,
-    labels_at,
     grid_coords,
+    labels_at,
     parse_queries,
     parse_source,
     run_correspondence_study,
@@ -197,9 +197,9 @@ def test_command_end_to_end(synthetic_root, tmp_path, capsys):
     # refuses to overwrite; a checkpoint adds the code source and brings its backbone and config
     with pytest.raises(StegosegError, match="--overwrite"):
         _run(["study-correspondence", "--out", str(out), *tiny, "--cache-dir", cache])
-    from stegoseg.head import SegmentationHead
+    from stegoseg.methods.common import build_backbone_from_config
     from stegoseg.model import SegmentationModel
-    from stegoseg.pipeline import build_backbone_from_config
+    from stegoseg.nn.heads import SegmentationHead
 
     cfg = tiny_config(synthetic_root, cache_dir=str(tmp_path / "cache-ckpt"), n_samples=4)
     torch.manual_seed(5)

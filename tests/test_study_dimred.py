@@ -3,13 +3,18 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_config
-from stegoseg.studies.dimred import (
-    ProjectionHead, SharedFeatures, add_cli, fit_probes_with_head, parse_dims, random_projection_head,
-    resolve_dims, streamed_pca,
-)
 
+from stegoseg.nn.heads import ProjectionHead
+from stegoseg.studies.dimred import (
+    SharedFeatures,
+    add_cli,
+    fit_probes_with_head,
+    parse_dims,
+    random_projection_head,
+    resolve_dims,
+    streamed_pca,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -59,8 +64,9 @@ def test_dims_parsing_and_clipping():
 
 
 def test_projection_probes_run_and_identity_head_reproduces_the_baseline(synthetic_root, tmp_path):
+    from stegoseg.methods.baseline import fit_feature_baseline
+    from stegoseg.methods.common import build_backbone_from_config, build_split, prepare
     from stegoseg.model import load
-    from stegoseg.pipeline import build_backbone_from_config, build_split, fit_feature_baseline, prepare
 
     cfg = tiny_config(synthetic_root, cache_dir=str(tmp_path / "cache"), kmeans_iters=3, linear_epochs=1)
     torch.manual_seed(0)

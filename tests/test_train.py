@@ -7,11 +7,17 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_config
-from stegoseg.features import CropView, extract_features
-from stegoseg.pipeline import build_backbone_from_config, build_split, evaluate_checkpoint_model, prepare, train_stego
-from stegoseg.train import StegoModule, StepBatches, batch_indices, fit_stego
+
+from stegoseg.features.cache import CropView, extract_features
+from stegoseg.methods.common import (
+    build_backbone_from_config,
+    build_split,
+    evaluate_checkpoint_model,
+    prepare,
+)
+from stegoseg.methods.stego import train_stego
+from stegoseg.training.stego import StegoModule, StepBatches, batch_indices, fit_stego
 
 
 def test_batch_indices_are_a_function_of_step_and_cover_epochs():
@@ -47,8 +53,8 @@ def test_training_beats_chance(synthetic_root, tmp_path):
 
 
 def test_cluster_fit_kmeans_refits_the_cluster_probe_on_the_trained_code(synthetic_root, tmp_path):
+    from stegoseg.methods.common import fit_centroids
     from stegoseg.model import load
-    from stegoseg.pipeline import fit_centroids
 
     common = dict(steps=6, cache_dir=str(tmp_path / "cache"), kmeans_iters=5)
     torch.manual_seed(0)  # the random tiny backbone is drawn from the global RNG: the same one twice

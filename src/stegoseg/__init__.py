@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 def load(path, weights=None, device="cpu"):
     """Load a stegoseg checkpoint (see :func:`stegoseg.model.load`)."""
-    from .model import load as _load
+    from stegoseg.model import load as _load
 
     return _load(path, weights=weights, device=device)
 

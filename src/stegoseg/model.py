@@ -1,7 +1,7 @@
 """The segmentation model a user loads: backbone -> (head) -> code -> probes (-> CRF).
 
 One class serves every method: the raw-feature baseline has no head (the code is the
-backbone's features), STEGO has its :class:`~stegoseg.head.SegmentationHead`. A
+backbone's features), STEGO has its :class:`~stegoseg.nn.heads.SegmentationHead`. A
 checkpoint is one self-contained file (see :meth:`SegmentationModel.save`).
 
 Python use::
@@ -21,12 +21,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from .backbones import create_backbone
-from .crf import CRFParams, crf_batch, crf_job
-from .data.base import pil_to_tensor
-from .errors import StegosegError
-from .head import SegmentationHead
-from .probes import ClusterProbe, LinearProbe
+from stegoseg.backbones.backbone import create_backbone
+from stegoseg.data.base import pil_to_tensor
+from stegoseg.errors import StegosegError
+from stegoseg.evaluation.crf import CRFParams, crf_batch, crf_job
+from stegoseg.nn.heads import build_head
+from stegoseg.nn.probes import ClusterProbe, LinearProbe
 
 CHECKPOINT_FORMAT = "stegoseg"
 CHECKPOINT_VERSION = 1
@@ -51,7 +51,7 @@ class SegmentationModel(nn.Module):
         self,
         backbone: nn.Module,
         backbone_spec: dict,
-        head: Optional[SegmentationHead],
+        head: Optional[nn.Module],
         n_clusters: int,
         n_classes: Optional[int] = None,
         class_names: Optional[Sequence[str]] = None,
@@ -59,6 +59,8 @@ class SegmentationModel(nn.Module):
         config: Optional[dict] = None,
     ):
         super().__init__()
+        # ``backbone`` may be None while the head is trained on cached features
+        # (:class:`~stegoseg.training.stego.StegoModule`); :meth:`attach_backbone` adds it.
         self.backbone = backbone
         self.backbone_spec = dict(backbone_spec)
         self.head = head
@@ -71,6 +73,15 @@ class SegmentationModel(nn.Module):
         self.config = dict(config or {})
         # Inference precision: None (float32) or torch.bfloat16 (autocast on CUDA only).
         self.autocast_dtype: Optional[torch.dtype] = None
+
+    def attach_backbone(self, backbone: nn.Module, backbone_spec: dict) -> "SegmentationModel":
+        """Give a model trained on cached features the backbone those features came from."""
+        if self.head is not None and getattr(self.head, "in_dim", backbone.embed_dim) != backbone.embed_dim:
+            raise StegosegError(f"the head expects {self.head.in_dim}-channel features, the backbone gives "
+                                f"{backbone.embed_dim}")
+        self.backbone = backbone
+        self.backbone_spec = dict(backbone_spec)
+        return self
 
     @property
     def n_clusters(self) -> int:
@@ -169,7 +180,7 @@ class SegmentationModel(nn.Module):
         ``resolution``: the network sees the image with its minor side resized to this
         (None: the original size; large images cost memory). ``probe``: "cluster"
         (unsupervised) or "linear" (needs a linear probe). ``crf_params``: dense CRF
-        settings when ``crf`` (default :class:`~stegoseg.crf.CRFParams`); the CRF gets the
+        settings when ``crf`` (default :class:`~stegoseg.evaluation.crf.CRFParams`); the CRF gets the
         8-bit RGB image, so ``reference_input`` only changes the channel order here.
         """
         return self.segment_batch(
@@ -190,7 +201,7 @@ class SegmentationModel(nn.Module):
 
         Each image may be anything :meth:`segment` accepts; ``crf_params`` as there.
         """
-        from .data.io import image_from_array_or_pil
+        from stegoseg.data.io import image_from_array_or_pil
 
         if probe == "linear" and self.linear_probe is None:
             raise StegosegError("this checkpoint has no linear probe (trained without labels): use probe='cluster'")
@@ -307,17 +318,8 @@ class SegmentationModel(nn.Module):
 
 
 def _build_head(entry: dict) -> nn.Module:
-    """A checkpoint's head: STEGO's (kind "stego", also checkpoints without a kind) or a fixed
-    linear projection (kind "projection": PCA / random projection in the dimension study)."""
-    kind = entry.get("kind", "stego")
-    if kind == "stego":
-        head = SegmentationHead(entry["in_dim"], entry["dim"])
-    elif kind == "projection":
-        from .studies.dimred import ProjectionHead
-
-        head = ProjectionHead(entry["in_dim"], entry["dim"])
-    else:
-        raise StegosegError(f"unknown head kind {kind!r} in the checkpoint: written by a newer stegoseg?")
+    """A checkpoint's head, by its recorded kind (checkpoints without a kind hold STEGO's)."""
+    head = build_head(entry.get("kind", "stego"), entry["in_dim"], entry["dim"])
     head.load_state_dict(entry["state_dict"])
     return head
 

@@ -19,9 +19,9 @@ from typing import Optional
 import numpy as np
 from tqdm.auto import tqdm
 
-from .data.base import IGNORE_INDEX
-from .data.io import load_label
-from .errors import StegosegError
+from stegoseg.data.base import IGNORE_INDEX
+from stegoseg.data.io import load_label
+from stegoseg.errors import StegosegError
 
 log = logging.getLogger("stegoseg")
 

@@ -4,9 +4,10 @@ Every dataset yields ``{"image": FloatTensor (3, H, W) in [0, 1], "label": LongT
 (H, W) (labelled datasets only), "id": str}`` with IGNORE_INDEX (255) for unlabelled
 pixels; build one by name with :func:`build_dataset` (kinds listed in ``DATASETS``).
 """
-from .base import IGNORE_INDEX, RawSample, SegmentationDataset
-from .datasets import (
+from stegoseg.data.base import IGNORE_INDEX, RawSample, SegmentationDataset
+from stegoseg.data.datasets import (
     DATASETS,
+    VOC2012,
     Cityscapes27,
     CocoStuff,
     CocoStuff3,
@@ -15,11 +16,16 @@ from .datasets import (
     DirectoryDataset,
     Potsdam3,
     Suim,
-    VOC2012,
     build_dataset,
 )
-from .io import check_same_size, list_images, load_image, load_label
-from .transforms import EvalTransform, TrainTransform, five_crop, five_crop_boxes, pad_to_multiple
+from stegoseg.data.io import check_same_size, list_images, load_image, load_label
+from stegoseg.data.transforms import (
+    EvalTransform,
+    TrainTransform,
+    five_crop,
+    five_crop_boxes,
+    pad_to_multiple,
+)
 
 __all__ = [
     "IGNORE_INDEX",

@@ -21,9 +21,21 @@ from typing import ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Typ
 import numpy as np
 from PIL import Image
 
-from ..errors import StegosegError
-from .base import IGNORE_INDEX, JointTransform, RawSample, SegmentationDataset
-from .io import check_same_size, list_images, load_image, load_label, open_image, to_rgb
+from stegoseg.data.base import (
+    IGNORE_INDEX,
+    JointTransform,
+    RawSample,
+    SegmentationDataset,
+)
+from stegoseg.data.io import (
+    check_same_size,
+    list_images,
+    load_image,
+    load_label,
+    open_image,
+    to_rgb,
+)
+from stegoseg.errors import StegosegError
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -719,6 +731,20 @@ DATASETS: Dict[str, Type[SegmentationDataset]] = {
     "suim": Suim,
     "voc2012": VOC2012,
 }
+
+
+def parse_class_names(text: Optional[str]) -> Optional[list]:
+    """``--class-names``: a file with one name per line, or a comma-separated list."""
+    if not text:
+        return None
+    p = Path(text)
+    if p.is_file():
+        names = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    else:
+        names = [t.strip() for t in text.split(",") if t.strip()]
+    if len(names) < 2:
+        raise StegosegError(f"--class-names {text!r}: give at least two names (comma-separated) or a file")
+    return names
 
 
 def build_dataset(

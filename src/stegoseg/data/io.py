@@ -19,7 +19,7 @@ from typing import List, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..errors import StegosegError
+from stegoseg.errors import StegosegError
 
 PathLike = Union[str, "os.PathLike[str]"]
 

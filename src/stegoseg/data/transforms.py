@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..errors import StegosegError
-from .base import pil_to_tensor
+from stegoseg.data.base import pil_to_tensor
+from stegoseg.errors import StegosegError
 
 Box = Tuple[int, int, int, int]
 

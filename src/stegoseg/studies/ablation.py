@@ -33,10 +33,15 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from ..config import Config, replace
-from ..errors import StegosegError, refuse_overwrite
-from .dimred import (
-    METRIC_COLUMNS, METRIC_KEYS, SharedFeatures, argument_type, load_with_backbone, markdown_table,
+from stegoseg.config.stego import Config, replace
+from stegoseg.errors import StegosegError, refuse_overwrite
+from stegoseg.studies.dimred import (
+    METRIC_COLUMNS,
+    METRIC_KEYS,
+    SharedFeatures,
+    argument_type,
+    load_with_backbone,
+    markdown_table,
 )
 
 log = logging.getLogger("stegoseg")
@@ -83,11 +88,16 @@ def run_ablation(cfg: Config, out, variants=None) -> dict:
 
     ``no-crf`` needs the full model: ``full`` is trained (and listed) whenever it is asked for.
     """
-    from ..evaluate import summary_rows
-    from ..pipeline import (
-        RANDOM_BACKBONE_WARNING, build_backbone_from_config, evaluate_checkpoint_model, prepare, resolve_run_paths,
-        resolve_device, train_stego,
+    from stegoseg.evaluation.protocol import summary_rows
+    from stegoseg.methods.common import (
+        RANDOM_BACKBONE_WARNING,
+        build_backbone_from_config,
+        evaluate_checkpoint_model,
+        prepare,
+        resolve_device,
+        resolve_run_paths,
     )
+    from stegoseg.methods.stego import train_stego
 
     names = parse_variants(variants)
     for name in list(names):
@@ -212,7 +222,7 @@ def plot_ablation(rows: Sequence[dict], path: Path, title: str = "") -> None:
 
 
 def cmd_ablate(args) -> int:
-    from ..config import resolve_config
+    from stegoseg.config.stego import resolve_config
 
     cfg = resolve_config(args)
     out = Path(args.out)
@@ -225,7 +235,7 @@ def cmd_ablate(args) -> int:
 
 def add_cli(subparsers) -> argparse.ArgumentParser:
     """Register ``stegoseg ablate``."""
-    from ..config import add_config_arguments
+    from stegoseg.config.stego import add_config_arguments
 
     p = subparsers.add_parser(
         "ablate",

@@ -60,9 +60,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..crf import CRFParams
-from ..data.base import IGNORE_INDEX
-from ..errors import StegosegError, refuse_overwrite
+from stegoseg.data.base import IGNORE_INDEX
+from stegoseg.errors import StegosegError, refuse_overwrite
+from stegoseg.evaluation.crf import CRFParams
 
 log = logging.getLogger("stegoseg")
 
@@ -289,7 +289,7 @@ def grid_coords(m: int, h: int, w: int, device=None) -> torch.Tensor:
 
 def sample_flat(maps: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     """Bilinear samples (M, D, P) of maps (M, D, h, w) at coords (M, n, n', 2)."""
-    from ..loss import sample_points
+    from stegoseg.losses.stego import sample_points
 
     s = sample_points(maps, coords)
     return s.reshape(s.shape[0], s.shape[1], -1)
@@ -399,8 +399,13 @@ def run_correspondence_study(cfg, out, checkpoint=None, sources=None, n_images: 
     """
     from tqdm.auto import tqdm
 
-    from ..features import CropView
-    from ..pipeline import build_backbone_from_config, build_split, prepare, resolve_device
+    from stegoseg.features.cache import CropView
+    from stegoseg.methods.common import (
+        build_backbone_from_config,
+        build_split,
+        prepare,
+        resolve_device,
+    )
 
     opts = StudyOptions(sources=sources, n_images=n_images, **options)
     out = Path(out)
@@ -431,7 +436,7 @@ def run_correspondence_study(cfg, out, checkpoint=None, sources=None, n_images: 
 
     model = None
     if has_ckpt:
-        from ..model import load
+        from stegoseg.model import load
 
         model = load(checkpoint, device=device)
         backbone = model.backbone
@@ -502,7 +507,7 @@ def run_correspondence_study(cfg, out, checkpoint=None, sources=None, n_images: 
             if opts.full_grid:
                 c_src = grid_coords(b, h, w, device)
             else:
-                from ..loss import random_coords
+                from stegoseg.losses.stego import random_coords
 
                 c_src = random_coords(b, cfg.n_samples, generator=gen).to(device)
             lab_src = labels_at(labels[pos(src)], c_src, (h, w))  # (b, P)
@@ -866,11 +871,11 @@ def _save_quantised(fig, path, dpi: int) -> None:
 
 
 def cmd_study_correspondence(args) -> int:
-    from ..config import resolve_config
+    from stegoseg.config.stego import resolve_config
 
     if args.checkpoint:
-        from ..model import load
-        from ..pipeline import config_for_checkpoint
+        from stegoseg.methods.common import config_for_checkpoint
+        from stegoseg.model import load
 
         cfg = config_for_checkpoint(load(args.checkpoint, device="cpu"), args)
     else:
@@ -897,7 +902,7 @@ def cmd_study_correspondence(args) -> int:
 
 def add_cli(subparsers) -> argparse.ArgumentParser:
     """Register ``study-correspondence`` on an argparse sub-parsers object; returns its parser."""
-    from ..config import add_config_arguments
+    from stegoseg.config.stego import add_config_arguments
 
     p = subparsers.add_parser(
         "study-correspondence",

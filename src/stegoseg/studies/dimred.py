@@ -12,9 +12,9 @@ backbone width C down to a few components):
 * **STEGO** trained with ``dim = d`` (optional: it costs a training run per d);
 
 each read out by the same probes as the "backbone only" baseline
-(:func:`stegoseg.pipeline.fit_feature_baseline`): spherical k-means cluster probe and
+(:func:`stegoseg.methods.baseline.fit_feature_baseline`): spherical k-means cluster probe and
 linear probe, fitted on the projected training features, and evaluated with the
-project's protocol (:func:`stegoseg.pipeline.evaluate_checkpoint_model`: parity and
+project's protocol (:func:`stegoseg.methods.common.evaluate_checkpoint_model`: parity and
 strict counting, flip, CRF as configured). PCA and RP are fixed linear heads
 (:class:`ProjectionHead`), so each result is an ordinary
 :class:`~stegoseg.model.SegmentationModel` that can be saved, loaded and used to segment.
@@ -44,59 +44,30 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..config import Config, replace
-from ..errors import StegosegError, refuse_overwrite
+from stegoseg.config.stego import Config, replace
+from stegoseg.errors import StegosegError, refuse_overwrite
+from stegoseg.nn.heads import ProjectionHead
 
 log = logging.getLogger("stegoseg")
 
+
 DEFAULT_DIMS = ("C", 128, 64, 32, 16, 8, 4, 2)
+
+
 PROJECTIONS = ("pca", "rp")
+
+
 METHOD_LABELS = {
     "backbone": "backbone only",
     "pca": "PCA",
     "rp": "random projection",
     "stego": "STEGO",
 }
+
+
 METRIC_KEYS = (
     "cluster_strict_acc", "cluster_strict_miou", "cluster_parity_acc", "cluster_parity_miou", "linear_acc", "linear_miou",
 )
-
-
-# --------------------------------------------------------------------------- projections
-class ProjectionHead(nn.Module):
-    """A fixed linear map of features to a ``dim``-dimensional code: ``code = W f + b``.
-
-    A 1x1 convolution with buffers (not parameters): nothing in it is trained. PCA uses
-    ``W`` = the top components and ``b = -W mean`` (projection of centred features);
-    random projection uses a Gaussian ``W`` and ``b = 0``. Saved and loaded by
-    :class:`~stegoseg.model.SegmentationModel` like STEGO's head (checkpoint head kind
-    ``"projection"``).
-    """
-
-    checkpoint_kind = "projection"
-
-    def __init__(self, in_dim: int, dim: int):
-        super().__init__()
-        self.in_dim, self.dim = int(in_dim), int(dim)
-        self.register_buffer("weight", torch.zeros(self.dim, self.in_dim))
-        self.register_buffer("bias", torch.zeros(self.dim))
-
-    @classmethod
-    def from_matrix(cls, weight: torch.Tensor, mean: Optional[torch.Tensor] = None) -> "ProjectionHead":
-        """``code = weight @ (f - mean)``; ``weight`` is (dim, in_dim)."""
-        weight = torch.as_tensor(weight, dtype=torch.float32)
-        head = cls(weight.shape[1], weight.shape[0])
-        head.weight.copy_(weight)
-        if mean is not None:
-            head.bias.copy_(-(weight.double() @ torch.as_tensor(mean).double()).float())
-        return head
-
-    def forward(self, features: torch.Tensor, dropout: Optional[nn.Module] = None) -> torch.Tensor:
-        code = torch.einsum("bchw,dc->bdhw", features, self.weight.to(features.dtype))
-        return code + self.bias.to(features.dtype)[None, :, None, None]
-
-    def extra_repr(self) -> str:
-        return f"in_dim={self.in_dim}, dim={self.dim}"
 
 
 @dataclass
@@ -161,7 +132,7 @@ def streamed_pca(batches: Iterable[torch.Tensor], device="cpu") -> PCAResult:
 
 
 def fit_pca(cache, batch_size: int = 64, device="cpu") -> PCAResult:
-    """PCA of every patch feature vector in a :class:`~stegoseg.features.FeatureCache`."""
+    """PCA of every patch feature vector in a :class:`~stegoseg.features.cache.FeatureCache`."""
     return streamed_pca(cache.iter_batches(batch_size), device=device)
 
 
@@ -228,7 +199,7 @@ def unwrap_backbone(backbone: nn.Module) -> nn.Module:
 def load_with_backbone(checkpoint, backbone: nn.Module, device: str):
     """Load a checkpoint and put ``backbone`` (e.g. a :class:`SharedFeatures`) in place of its own
     backbone, after checking that the weights are the same."""
-    from ..model import load
+    from stegoseg.model import load
 
     model = load(checkpoint, device="cpu")
     if not same_weights(model.backbone, unwrap_backbone(backbone)):
@@ -253,9 +224,9 @@ def save_model(model, path) -> Path:
 def fit_probes_with_head(cfg: Config, cache, head: nn.Module, backbone, n_classes: int, class_names=None,
                          method: str = "projection"):
     """Cluster and linear probes fitted on ``head(features)`` of the cached training features:
-    :func:`stegoseg.pipeline.fit_probes`, the raw-feature baseline's recipe, with a head (with an
+    :func:`stegoseg.methods.common.fit_probes`, the raw-feature baseline's recipe, with a head (with an
     identity head it gives that baseline's probes exactly)."""
-    from ..pipeline import fit_probes
+    from stegoseg.methods.common import fit_probes
 
     return fit_probes(cfg, cache, backbone, n_classes, class_names=class_names, head=head, method=method)
 
@@ -298,7 +269,7 @@ def resolve_dims(dims, width: int) -> list:
 
 
 def _row(method: str, dim: int, result: dict, seconds: float, out_dir: Path, root: Path) -> dict:
-    from ..evaluate import summary_rows
+    from stegoseg.evaluation.protocol import summary_rows
 
     summary = summary_rows(result)
     row = {"method": method, "label": METHOD_LABELS.get(method, method), "dim": int(dim)}
@@ -342,6 +313,8 @@ TRAINING_ONLY_FIELDS = (
     "pointwise", "zero_clamp", "stabilize", "w_self", "w_knn", "w_rand", "b_self", "b_knn", "b_rand",
     "ckpt_every", "log_every", "live_backbone", "precision", "accelerator", "devices", "strategy", "num_nodes",
 )
+
+
 # Fields that change how fast, not what, a run computes.
 RUNTIME_FIELDS = ("progress", "num_workers", "crf_workers")
 
@@ -397,10 +370,18 @@ def run_dimred_study(
     (:func:`row_key`: projection rows ignore STEGO's training options). Returns {"rows", "table1",
     "explained_variance", "dims", "meta"}.
     """
-    from ..pipeline import (
-        RANDOM_BACKBONE_WARNING, build_backbone_from_config, build_split, evaluate_checkpoint_model, resolve_run_paths,
-        fit_feature_baseline, n_classes_for, prepare, resolve_device, train_stego,
+    from stegoseg.methods.baseline import fit_feature_baseline
+    from stegoseg.methods.common import (
+        RANDOM_BACKBONE_WARNING,
+        build_backbone_from_config,
+        build_split,
+        evaluate_checkpoint_model,
+        n_classes_for,
+        prepare,
+        resolve_device,
+        resolve_run_paths,
     )
+    from stegoseg.methods.stego import train_stego
 
     methods = [m.strip().lower() for m in methods if m.strip()]
     for m in methods:
@@ -641,9 +622,6 @@ def plot_dimred(rows: Sequence[dict], path: Path, width: int, title: str = "") -
     plt.close(fig)
 
 
-# --------------------------------------------------------------------------- command line
-
-
 def argument_type(parse):
     """An argparse ``type=`` from a parser that raises StegosegError (argparse reports it as a usage error)."""
 
@@ -658,7 +636,7 @@ def argument_type(parse):
 
 
 def cmd_study_dimred(args) -> int:
-    from ..config import resolve_config
+    from stegoseg.config.stego import resolve_config
 
     cfg = resolve_config(args)
     out = Path(args.out)
@@ -678,7 +656,7 @@ def cmd_study_dimred(args) -> int:
 
 def add_cli(subparsers) -> argparse.ArgumentParser:
     """Register ``stegoseg study-dimred``."""
-    from ..config import add_config_arguments
+    from stegoseg.config.stego import add_config_arguments
 
     p = subparsers.add_parser(
         "study-dimred",
@@ -709,9 +687,3 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     add_config_arguments(p)
     p.set_defaults(func=cmd_study_dimred)
     return p
-
-
-__all__ = [
-    "ProjectionHead", "PCAResult", "streamed_pca", "fit_pca", "random_projection_head", "SharedFeatures",
-    "fit_probes_with_head", "run_dimred_study", "add_cli", "parse_dims", "resolve_dims",
-]

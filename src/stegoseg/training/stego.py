@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -21,12 +20,21 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .config import Config
-from .errors import StegosegError
-from .features import CropView, FeatureCache, config_neighbors
-from .head import SegmentationHead
-from .loss import LossWeights, stego_loss
-from .probes import ClusterProbe, LinearProbe
+from stegoseg.config.stego import Config
+from stegoseg.features.cache import CropView, FeatureCache
+from stegoseg.features.knn import config_neighbors
+from stegoseg.losses.stego import LossWeights, stego_loss
+from stegoseg.model import SegmentationModel
+from stegoseg.nn.heads import build_head
+from stegoseg.training.resume import (
+    RUN_CONFIG,
+    keep_log_before_resume,
+    merge_resumed_log,
+    refuse_unfinished_run,
+    resume_checkpoint,
+    resumed_step,
+)
+from stegoseg.training.trainer import build_trainer
 
 log = logging.getLogger("stegoseg")
 
@@ -40,7 +48,7 @@ def loss_weights(cfg: Config) -> LossWeights:
     )
 
 
-def _step_seed(seed: int, step: int, rank: int, salt: int = 0) -> int:
+def step_seed(seed: int, step: int, rank: int, salt: int = 0) -> int:
     return (seed * 1_000_003 + step * 7_919 + rank * 104_729 + salt * 15_485_863) % (2**62)
 
 
@@ -124,19 +132,33 @@ class StepStream(torch.utils.data.IterableDataset):
 
 
 class StegoModule(L.LightningModule):
-    """Head + correspondence loss + cluster/linear probes with their own Adam optimisers."""
+    """Trains ``self.model``, the :class:`~stegoseg.model.SegmentationModel` that inference
+    loads (head + cluster/linear probes; its backbone is attached after training, the
+    training steps read cached features): correspondence loss + probe losses, each part
+    with its own Adam."""
 
     def __init__(self, cfg: Config, in_dim: int, n_clusters: int, n_classes: Optional[int], backbone=None):
         super().__init__()
         self.cfg = cfg
         self.save_hyperparameters({"config": cfg.to_dict(), "in_dim": in_dim, "n_clusters": n_clusters, "n_classes": n_classes})
-        self.head = SegmentationHead(in_dim, cfg.dim)
+        self.model = SegmentationModel(None, {}, head=build_head("stego", in_dim, cfg.dim), n_clusters=n_clusters,
+                                       n_classes=n_classes, method="stego", config=cfg.to_dict())
         self.dropout = nn.Dropout2d(cfg.feature_dropout)
-        self.cluster_probe = ClusterProbe(cfg.dim, n_clusters)
-        self.linear_probe = LinearProbe(cfg.dim, n_classes) if n_classes else None
         self.weights = loss_weights(cfg)
         self._backbone = [backbone]  # a list: not a registered submodule, never saved in checkpoints
         self.sim_samples = {"knn": [], "rand": []}
+
+    @property
+    def head(self):
+        return self.model.head
+
+    @property
+    def cluster_probe(self):
+        return self.model.cluster_probe
+
+    @property
+    def linear_probe(self):
+        return self.model.linear_probe
 
     def configure_optimizers(self):
         """Adam for the head (lr 5e-4) and for each probe (lr 5e-3).
@@ -164,15 +186,15 @@ class StegoModule(L.LightningModule):
 
     def compute_losses(self, batch: dict, step: int) -> dict:
         """All losses of one batch, with every random draw seeded by (seed, step, rank)."""
-        torch.manual_seed(_step_seed(self.cfg.seed, step, self.global_rank, 2))
-        gen = torch.Generator().manual_seed(_step_seed(self.cfg.seed, step, self.global_rank, 3))
+        torch.manual_seed(step_seed(self.cfg.seed, step, self.global_rank, 2))
+        gen = torch.Generator().manual_seed(step_seed(self.cfg.seed, step, self.global_rank, 3))
         feats = self.features_of(batch, "feats").float()
         feats_knn = self.features_of(batch, "feats_knn").float()
         code = self.head(feats, self.dropout)
         code_knn = self.head(feats_knn, self.dropout)
         out = stego_loss(self.dropout(feats), self.dropout(feats_knn), code, code_knn, self.weights, generator=gen)
         if self.cfg.w_potts > 0:
-            from .potts import potts_term
+            from stegoseg.losses.potts import potts_term
 
             out["potts"] = potts_term(code, batch["thumb"], self.cfg.b_potts, self.cfg.n_samples,
                                       image_size=self.cfg.resolution, generator=gen)
@@ -205,22 +227,6 @@ class StegoModule(L.LightningModule):
             if v.numel():
                 self.sim_samples[key].append(v[torch.randperm(v.numel(), generator=g)[:per_step]])
                 self.sim_samples[key] = self.sim_samples[key][-50:]
-
-
-def default_precision(precision: str, accelerator: str) -> str:
-    """``auto``: bf16 mixed precision on a GPU, full float32 on the CPU."""
-    if precision != "auto":
-        return precision
-    return "bf16-mixed" if torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda") else "32-true"
-
-
-def parse_devices(text: str):
-    text = str(text)
-    if text == "auto":
-        return "auto"
-    if "," in text:
-        return [int(t) for t in text.split(",") if t.strip()]
-    return int(text)
 
 
 class _StegoData(L.LightningDataModule):
@@ -259,7 +265,7 @@ class _SimilarityHistogram(L.Callback):
 
 
 def save_similarity_histogram(module: StegoModule, path: Path, step: int) -> None:
-    from .viz import histogram_png
+    from stegoseg.reporting.figures import histogram_png
 
     values = {
         f"{name} pairs": torch.cat(v).numpy() for name, v in (("KNN", module.sim_samples["knn"]), ("random", module.sim_samples["rand"])) if v
@@ -276,8 +282,6 @@ def fit_stego(cfg: Config, out, cache: FeatureCache, n_classes: int, has_labels:
     ``last.ckpt``), CSV logs to ``<out>/logs/`` and ``similarity_histogram.png``.
     ``resume`` continues from ``<out>/lightning/last.ckpt``.
     """
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.loggers import CSVLogger
 
     out = Path(out)
     knn = config_neighbors(cfg, cache)
@@ -292,26 +296,10 @@ def fit_stego(cfg: Config, out, cache: FeatureCache, n_classes: int, has_labels:
         out.mkdir(parents=True, exist_ok=True)
         (out / RUN_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=1))
     check_checkpoint_space(module, out, cfg)
-    checkpoint = ModelCheckpoint(
-        dirpath=ckpt_dir, filename="step{step:06d}", every_n_train_steps=max(1, cfg.ckpt_every),
-        save_last=True, save_top_k=-1, auto_insert_metric_name=False,
-    )
-    trainer = L.Trainer(
-        max_steps=cfg.steps,
-        max_epochs=-1,
-        accelerator=cfg.accelerator,
-        devices=parse_devices(cfg.devices),
-        strategy=cfg.strategy,
-        num_nodes=cfg.num_nodes,
-        precision=default_precision(cfg.precision, cfg.accelerator),
-        callbacks=[checkpoint, _SimilarityHistogram(out / "similarity_histogram.png", cfg.ckpt_every), *(callbacks or [])],
-        logger=CSVLogger(str(out), name="logs", version=""),
-        log_every_n_steps=max(1, cfg.log_every),
-        enable_progress_bar=cfg.progress,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
+    trainer = build_trainer(
+        cfg, out, max_steps=cfg.steps,
+        callbacks=[_SimilarityHistogram(out / "similarity_histogram.png", cfg.ckpt_every), *(callbacks or [])],
         deterministic=False,
-        num_sanity_val_steps=0,
     )
     if cfg.live_backbone and crop_view is None:
         raise ValueError("live_backbone needs the dataset's crop view")
@@ -326,120 +314,12 @@ def fit_stego(cfg: Config, out, cache: FeatureCache, n_classes: int, has_labels:
     return module.cpu()
 
 
-# --------------------------------------------------------------------------- resume and logs
-RUN_CONFIG = "run_config.json"  # next to lightning/: the config its checkpoints were trained with
-
-# Fields a resumed run may change: they do not enter the steps already taken (output,
-# speed, evaluation and selection settings; a larger --steps continues the same run).
-RESUME_MAY_CHANGE = {
-    "steps", "progress", "num_workers", "device", "accelerator", "extract_batch_size", "cache_dir", "data_root",
-    "log_every", "ckpt_every", "select", "selection_batches", "eval_resolution", "eval_crop", "eval_resample", "flip",
-    "crf", "crf_workers", "eval_batch_size", "max_eval_images", "n_grid", "bf16_inference", "crf_reference_input",
-    "kmeans_iters", "linear_epochs", "weights",
-}
-
-
-def resume_checkpoint(ckpt_dir: Path, cfg: Config) -> Optional[str]:
-    """The Lightning checkpoint ``--resume`` continues from, or None when this run has not
-    started yet (it then starts from step 0). Refuses a resume whose settings differ from
-    the interrupted run's (the result would mix two configurations). An unreadable
-    ``last.ckpt`` (cut short by a kill or a full disk) falls back, with a warning, to the
-    newest readable periodic checkpoint: training is a pure function of the step, so
-    continuing from an earlier step gives the same result."""
-    saved = ckpt_dir.parent / RUN_CONFIG
-    if not saved.exists():
-        if (ckpt_dir / "last.ckpt").exists():
-            raise StegosegError(f"--resume: {ckpt_dir} holds checkpoints of a run without {RUN_CONFIG} (written by an "
-                                "older stegoseg?): pass --overwrite to start again")
-        return None
-    old = json.loads(saved.read_text())
-    new = cfg.to_dict()
-    changed = sorted(k for k in set(old) | set(new) if k not in RESUME_MAY_CHANGE and old.get(k) != new.get(k))
-    if changed:
-        shown = ", ".join(f"--{k.replace('_', '-')} {old.get(k)} -> {new.get(k)}" for k in changed[:4])
-        raise StegosegError(f"--resume: the settings differ from the interrupted run in {ckpt_dir.parent} ({shown}): "
-                            "resume with the same settings, or pass --overwrite to start a new run")
-    if cfg.steps < old.get("steps", cfg.steps):
-        raise StegosegError(f"--resume: --steps {cfg.steps} is fewer than the interrupted run's {old['steps']}")
-    candidates = [p for p in [ckpt_dir / "last.ckpt"] + sorted(ckpt_dir.glob("step*.ckpt"), reverse=True) if p.exists()]
-    if not candidates:
-        return None
-    for i, path in enumerate(candidates):
-        try:
-            torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any failure means the file cannot be used
-            reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
-            log.warning("--resume: cannot read %s (%s; truncated by a kill or a full disk?): trying an earlier "
-                        "checkpoint", path, reason)
-            continue
-        if i:
-            log.warning("--resume: continuing from %s", path)
-        return str(path)
-    raise StegosegError(f"--resume: no checkpoint in {ckpt_dir} can be read (truncated or corrupt): pass --overwrite "
-                        "to start again")
-
-
-def refuse_unfinished_run(ckpt_dir: Path) -> None:
-    """A fresh start must not train on top of another run's Lightning checkpoints."""
-    if (ckpt_dir / "last.ckpt").exists():
-        raise StegosegError(f"{ckpt_dir} holds an earlier run's checkpoints: pass --resume to continue it, or "
-                            "--overwrite to start again")
-
-
-def resumed_step(ckpt_path: str) -> int:
-    return int(torch.load(ckpt_path, map_location="cpu", weights_only=True).get("global_step", 0))
-
-
 def check_checkpoint_space(module: StegoModule, out: Path, cfg: Config) -> None:
     """Lightning's checkpoints (weights + Adam's two moments) every ``ckpt_every`` steps plus
     last.ckpt must fit on the disk before training starts."""
-    from .preflight import check_free_space
+    from stegoseg.preflight import check_free_space
 
     params = sum(p.numel() for p in module.parameters())
     per_ckpt = params * 4 * 3 + 64 * 1024
     n_ckpt = cfg.steps // max(1, cfg.ckpt_every) + 2
     check_free_space(out, per_ckpt * n_ckpt, f"{n_ckpt} training checkpoints")
-
-
-LOG_BEFORE_RESUME = "metrics_before_resume.csv"
-
-
-def _read_rows(path: Path) -> list:
-    import csv
-
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def _write_rows(path: Path, rows: list) -> None:
-    import csv
-
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-
-
-def keep_log_before_resume(log_dir: Path, step: int) -> None:
-    """Before a resumed fit (Lightning starts ``metrics.csv`` afresh): keep the rows of the
-    steps before ``step`` (those after it are trained again) in ``metrics_before_resume.csv``."""
-    rows = _read_rows(log_dir / LOG_BEFORE_RESUME) + _read_rows(log_dir / "metrics.csv")
-    rows = [r for r in rows if r.get("step") not in (None, "") and int(r["step"]) < step]
-    if rows:
-        _write_rows(log_dir / LOG_BEFORE_RESUME, rows)
-    if (log_dir / "metrics.csv").exists():
-        (log_dir / "metrics.csv").unlink()
-
-
-def merge_resumed_log(log_dir: Path) -> None:
-    """After a resumed fit: ``metrics.csv`` = the kept rows + the new ones (one log of the whole run)."""
-    before = log_dir / LOG_BEFORE_RESUME
-    if not before.exists():
-        return
-    _write_rows(log_dir / "metrics.csv", _read_rows(before) + _read_rows(log_dir / "metrics.csv"))
-    before.unlink()

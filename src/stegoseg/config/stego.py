@@ -1,44 +1,24 @@
-"""Typed run configuration, the paper's presets, YAML files and command-line overrides.
-
-Resolution order (later wins): dataclass defaults < ``--preset`` < ``--config FILE.yaml``
-< explicit command-line options. Every field is a command-line option
-(``--field-name``; booleans also ``--no-field-name``), so no value needs a code edit.
-A run writes its fully resolved config as ``config.yaml`` next to its outputs.
+"""The run configuration (every option of every command), the paper's presets (YAML files in
+``presets/``) and command-line options. Resolution order (later wins): dataclass defaults <
+``--preset`` < ``--config FILE.yaml`` < explicit command-line options.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import typing
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, fields
 from typing import Optional
 
-import yaml
-
-from .errors import StegosegError
-
-
-class ConfigBase:
-    """What every config dataclass shares (Config, PretrainConfig): a dict, the YAML
-    ``config.yaml`` a run writes, and validation that stops at the first failed check."""
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def save(self, path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-
-    def validate(self) -> None:  # overridden with the class's checks
-        pass
-
-
-def raise_first_failure(checks) -> None:
-    """``checks``: (condition, one-line message) pairs; raise the message of the first false one."""
-    for ok, message in checks:
-        if not ok:
-            raise StegosegError(message)
+from stegoseg.config.base import (
+    EXPLICIT_NONE,
+    ConfigBase,
+    base_type,
+    parse_optional,
+    load_yaml,
+    raise_first_failure,
+)
+from stegoseg.errors import StegosegError
 
 
 @dataclass
@@ -181,6 +161,7 @@ PRESETS = {
     ),
 }
 
+
 _FIELD_HELP = {
     "protocol": "clean (default) or reference: reproduce every quirk of the reference STEGO pipeline that its "
     "published numbers come from (see docs/reference_mode.md); each quirk is also its own option",
@@ -213,35 +194,6 @@ _FIELD_HELP = {
 }
 
 
-def _base_type(tp):
-    """Unwrap Optional[X] -> X."""
-    if typing.get_origin(tp) is typing.Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0]
-    return tp
-
-
-class _ExplicitNone:
-    """What ``--option none`` parses to, so that an explicit None is told apart from an
-    option that was not given (argparse's default, None); see :func:`explicit_values`."""
-
-    def __repr__(self) -> str:
-        return "None"
-
-
-EXPLICIT_NONE = _ExplicitNone()
-
-
-def _parse_optional(kind):
-    def parse(text: str):
-        if text.lower() in ("none", "null", ""):
-            return EXPLICIT_NONE
-        return kind(text)
-
-    parse.__name__ = kind.__name__
-    return parse
-
-
 def _cls_and_presets(cls, presets: Optional[dict]):
     """The config class (default :class:`Config`) and its presets (default: PRESETS for Config, none otherwise)."""
     cls = cls or Config
@@ -258,13 +210,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls=None, presets: Opt
     group = parser.add_argument_group("config (every value of the resolved config)")
     for f in fields(cls):
         tp = hints[f.name]
-        base = _base_type(tp)
+        base = base_type(tp)
         flag = "--" + f.name.replace("_", "-")
         help_text = _FIELD_HELP.get(f.name, "") + f" (default: {f.default})"
         if base is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            kind = _parse_optional(base) if tp is not base else base
+            kind = parse_optional(base) if tp is not base else base
             group.add_argument(flag, dest=f.name, type=kind, default=None, metavar=f.name.upper(), help=help_text)
 
 
@@ -306,31 +258,6 @@ def explicit_values(args: argparse.Namespace, cls=None) -> dict:
         elif v is not None:
             values[f.name] = v
     return values
-
-
-def load_yaml(path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise StegosegError(f"--config {p}: file not found")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise StegosegError(f"--config {p}: not valid YAML ({exc.__class__.__name__})") from exc
-    if not isinstance(data, dict):
-        raise StegosegError(f"--config {p}: expected a mapping of option: value")
-    return data
-
-
-def make_config(values: dict, cls=None):
-    """Build a config dataclass, rejecting unknown keys with a one-line error."""
-    cls = cls or Config
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise StegosegError(f"unknown config option(s): {', '.join(unknown)} (see the command's --help)")
-    cfg = cls(**values)
-    cfg.validate()  # every config class checks its own values
-    return cfg
 
 
 def validate(cfg: Config) -> None:
@@ -389,6 +316,8 @@ def validate(cfg: Config) -> None:
 
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+
+
 PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
 
 
@@ -417,6 +346,8 @@ REFERENCE_PROTOCOL = dict(
     knn_dropout=True, crop_jpeg=True, train_resample="nearest", crf_reference_input=True, pos_embed="dino",
     select="val-miou", precision="32-true", shifts="fixed", cluster_fit="online", eval_resample="nearest",
 )
+
+
 #: The quirk fields' values under ``--protocol clean``.
 CLEAN_PROTOCOL = dict(knn_dropout=False, crop_jpeg=False, train_resample="bilinear", crf_reference_input=False,
                       pos_embed="timm")
@@ -438,4 +369,13 @@ def replace(cfg: Config, **changes) -> Config:
     return dataclasses.replace(cfg, **changes)
 
 
-__all__ = ["Config", "PRESETS", "selection_mode", "add_config_arguments", "resolve_config", "make_config", "load_yaml", "replace", "field"]
+def make_config(values: dict, cls=None):
+    """Build a config dataclass, rejecting unknown keys with a one-line error."""
+    cls = cls or Config
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise StegosegError(f"unknown config option(s): {', '.join(unknown)} (see the command's --help)")
+    cfg = cls(**values)
+    cfg.validate()  # every config class checks its own values
+    return cfg

@@ -21,12 +21,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .crf import CRFParams, crf_pool, image_to_uint8
-from .data.base import IGNORE_INDEX, SegmentationDataset
-from .errors import StegosegError
-from .data.transforms import EvalTransform
-from .metrics import ConfusionAccumulator, plot_confusion, save_metrics_json
-from .viz import make_palette, prediction_grid
+from stegoseg.data.base import IGNORE_INDEX, SegmentationDataset
+from stegoseg.data.transforms import EvalTransform
+from stegoseg.errors import StegosegError
+from stegoseg.evaluation.crf import CRFParams, crf_pool, image_to_uint8
+from stegoseg.evaluation.metrics import (
+    ConfusionAccumulator,
+    plot_confusion,
+    save_metrics_json,
+)
+from stegoseg.reporting.figures import make_palette, prediction_grid
 
 
 @dataclass
@@ -193,6 +197,3 @@ def summary_rows(result: dict) -> dict:
         rows["linear_acc"] = result["linear"]["accuracy"]
         rows["linear_miou"] = result["linear"]["miou"]
     return rows
-
-
-__all__ = ["EvalConfig", "evaluate_model", "summary_rows", "CRFParams"]

@@ -38,13 +38,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .loss import feature_correspondence, random_coords, random_derangement, sample_points
-from .probes import spherical_kmeans
-from .train import batch_indices
+from stegoseg.losses.stego import (
+    feature_correspondence,
+    random_coords,
+    random_derangement,
+    sample_points,
+)
+from stegoseg.nn.kmeans import spherical_kmeans
+from stegoseg.training.stego import batch_indices
 
 PAIR_TYPES = ("self", "knn", "rand")
+
+
 # Seeds of the calibration's and the selection's own streams, apart from training's.
 CALIBRATION_SALT = 7_777
+
+
 # Quantiles are estimated on at most this many pairs per type (a uniform subsample).
 MAX_QUANTILE_PAIRS = 2_000_000
 
@@ -191,7 +200,3 @@ def calibrate_for_config(cfg, cache, knn: np.ndarray, n_clusters: int) -> ShiftC
         batch_size=cfg.batch_size, n_batches=cfg.calibration_batches, seed=cfg.seed,
         kmeans_iters=cfg.kmeans_iters, progress=cfg.progress,
     )
-
-
-__all__ = ["ShiftCalibration", "calibrate_shifts", "calibrate_for_config", "sample_pairs",
-           "nearest_centroid", "same_cluster", "PAIR_TYPES"]

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from .errors import StegosegError
+from stegoseg.errors import StegosegError
 
 MODES = ("strict", "parity")
 

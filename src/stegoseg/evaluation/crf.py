@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import StegosegError
+from stegoseg.errors import StegosegError
 
 
 @dataclass(frozen=True)
@@ -161,6 +161,3 @@ def crf_available() -> bool:
         return True
     except StegosegError:
         return False
-
-
-__all__: Sequence[str] = ("CRFParams", "dense_crf", "crf_batch", "crf_job", "crf_available", "crf_pool", "image_to_uint8")

@@ -31,9 +31,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .calibration import PAIR_TYPES, ShiftCalibration, nearest_centroid, same_cluster, sample_pairs
-from .loss import feature_correspondence, sample_points, tensor_correlation
-from .probes import spherical_kmeans
+from stegoseg.losses.stego import (
+    feature_correspondence,
+    sample_points,
+    tensor_correlation,
+)
+from stegoseg.nn.kmeans import spherical_kmeans
+from stegoseg.training.calibration import (
+    PAIR_TYPES,
+    ShiftCalibration,
+    nearest_centroid,
+    same_cluster,
+    sample_pairs,
+)
 
 SELECTION_SALT = 9_173
 
@@ -116,6 +126,3 @@ def score_for_config(cfg, head, cache, knn: np.ndarray, reference: ShiftCalibrat
     return label_free_score(head, cache, knn, reference, n_clusters, n_batches=cfg.selection_batches,
                             batch_size=cfg.batch_size, n_samples=cfg.n_samples, knn_topk=cfg.knn_topk, seed=cfg.seed,
                             kmeans_iters=cfg.kmeans_iters, device=device)
-
-
-__all__ = ["SelectionScore", "label_free_score", "score_for_config"]

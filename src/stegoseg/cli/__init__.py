@@ -1,4 +1,4 @@
-"""Command-line interface: a thin layer over :mod:`stegoseg.pipeline`.
+"""Command-line interface: a thin layer over the library (:mod:`stegoseg.methods`, :mod:`stegoseg.segment`, :mod:`stegoseg.training.dino`, :mod:`stegoseg.studies`).
 
 Every subcommand maps onto a library function; errors caused by input are printed as
 one line (``stegoseg: error: ...``) with exit status 2.
@@ -11,8 +11,8 @@ import logging
 import sys
 from pathlib import Path
 
-from .errors import StegosegError, refuse_overwrite
-from .preflight import check_writable, prepare_out
+from stegoseg.errors import StegosegError, refuse_overwrite
+from stegoseg.preflight import check_writable, prepare_out
 
 log = logging.getLogger("stegoseg")
 
@@ -22,7 +22,7 @@ def _out_arg(p: argparse.ArgumentParser, default: str) -> None:
 
 
 def cmd_backbones(args) -> int:
-    from .backbones import list_backbones
+    from stegoseg.backbones.presets import list_backbones
 
     for name in list_backbones():
         print(name)
@@ -30,8 +30,9 @@ def cmd_backbones(args) -> int:
 
 
 def cmd_baseline(args) -> int:
-    from .config import resolve_config
-    from .pipeline import check_before_work, run_feature_baseline
+    from stegoseg.config.stego import resolve_config
+    from stegoseg.methods.baseline import run_feature_baseline
+    from stegoseg.methods.common import check_before_work
 
     cfg = resolve_config(args)
     out = prepare_out(args.out, "baseline", "metrics.json", args.overwrite)
@@ -42,7 +43,7 @@ def cmd_baseline(args) -> int:
 
 
 def cmd_make_synthetic(args) -> int:
-    from .synthetic import make_synthetic_dataset
+    from stegoseg.data.synthetic import make_synthetic_dataset
 
     try:
         root = make_synthetic_dataset(
@@ -56,8 +57,8 @@ def cmd_make_synthetic(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from .config import resolve_config
-    from .pipeline import check_before_work, prepare
+    from stegoseg.config.stego import resolve_config
+    from stegoseg.methods.common import check_before_work, prepare
 
     cfg = resolve_config(args)
     out = check_writable(args.out)
@@ -68,8 +69,9 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .config import resolve_config
-    from .pipeline import check_before_work, train_stego
+    from stegoseg.config.stego import resolve_config
+    from stegoseg.methods.common import check_before_work
+    from stegoseg.methods.stego import train_stego
 
     cfg = resolve_config(args)
     out = prepare_out(args.out, "train", "checkpoint.pt", args.overwrite, resume=args.resume)
@@ -81,12 +83,16 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluate import summary_rows
-    from .model import load
-    from .pipeline import check_eval_labels, config_for_checkpoint, evaluate_checkpoint_model, resolve_device
-    from .preflight import check_accelerator
-
-    from .config import explicit_values
+    from stegoseg.config.stego import explicit_values
+    from stegoseg.evaluation.protocol import summary_rows
+    from stegoseg.methods.common import (
+        check_eval_labels,
+        config_for_checkpoint,
+        evaluate_checkpoint_model,
+        resolve_device,
+    )
+    from stegoseg.model import load
+    from stegoseg.preflight import check_accelerator
 
     model = load(args.checkpoint, weights=explicit_values(args).get("weights"), device="cpu")
     cfg = config_for_checkpoint(model, args)
@@ -101,11 +107,12 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_segment(args) -> int:
-    from .config import raise_first_failure
-    from .crf import CRFParams
-    from .model import load
-    from .pipeline import resolve_device, segment_images
-    from .preflight import check_accelerator
+    from stegoseg.config.base import raise_first_failure
+    from stegoseg.evaluation.crf import CRFParams
+    from stegoseg.methods.common import resolve_device
+    from stegoseg.model import load
+    from stegoseg.preflight import check_accelerator
+    from stegoseg.segment import segment_images
 
     raise_first_failure([
         (args.resolution >= 0, f"--resolution must be >= 0 (0: original size), got {args.resolution}"),
@@ -131,8 +138,8 @@ def cmd_segment(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
-    from .config import resolve_config
-    from .pretrain import PretrainConfig, pretrain
+    from stegoseg.config.stego import resolve_config
+    from stegoseg.training.dino import PretrainConfig, pretrain
 
     cfg = resolve_config(args, cls=PretrainConfig)
     out = prepare_out(args.out, "pretrain", "backbone.pt", args.overwrite, resume=args.resume)
@@ -146,15 +153,15 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_datus(args) -> int:
-    from .config import resolve_config
-    from .datus import DatusParams, run_datus
+    from stegoseg.config.stego import resolve_config
+    from stegoseg.methods.datus import DatusParams, run_datus
 
     cfg = resolve_config(args)
     out = prepare_out(args.out, "datus", "metrics.json", args.overwrite)
     params = DatusParams(knn=args.graph_knn, min_similarity=args.min_similarity, resolution=args.louvain_resolution,
                          min_patches=args.min_patches, crop_size=args.crop_size, n_clusters=args.clusters, seed=cfg.seed)
     result = run_datus(cfg, out, params, split=args.split, denoise=args.denoise, denoise_epochs=args.denoise_epochs)
-    from .evaluate import summary_rows
+    from stegoseg.evaluation.protocol import summary_rows
 
     result["summary"] = summary_rows(result)
     print(f"{result['n_segments']} segments in {result['n_images']} images -> {result['n_clusters']} clusters")
@@ -168,9 +175,9 @@ def cmd_study_potts(args) -> int:
 
     import numpy as np
 
-    from .crf import CRFParams
-    from .data.io import load_image
-    from .potts import optimise_potts, save_potts_figure
+    from stegoseg.data.io import load_image
+    from stegoseg.evaluation.crf import CRFParams
+    from stegoseg.studies.potts import optimise_potts, save_potts_figure
 
     image = np.asarray(load_image(args.image))
     params = CRFParams(pos_w=args.pos_w, pos_xy_std=args.pos_sxy, bi_w=args.bi_w, bi_xy_std=args.bi_sxy,
@@ -190,15 +197,16 @@ def cmd_study_potts(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .datus import compare_runs
+    from stegoseg.methods.datus import compare_runs
 
     print(compare_runs(args.runs, args.out_md), end="")
     return 0
 
 
 def cmd_run(args) -> int:
-    from .config import resolve_config
-    from .pipeline import check_before_work, run_all
+    from stegoseg.config.stego import resolve_config
+    from stegoseg.methods.common import check_before_work
+    from stegoseg.methods.run import run_all
 
     cfg = resolve_config(args)
     out = prepare_out(args.out, "run", "report.md", args.overwrite, resume=args.resume)
@@ -233,7 +241,7 @@ def _print_summary(result: dict, out: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import add_config_arguments
+    from stegoseg.config.stego import add_config_arguments
 
     parser = argparse.ArgumentParser(
         prog="stegoseg",
@@ -325,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     _out_arg(p, "runs/pretrain")
     p.add_argument("--resume", action="store_true", help="continue from --out/lightning/last.ckpt")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run's outputs in --out")
-    from .pretrain import PretrainConfig
+    from stegoseg.training.dino import PretrainConfig
 
     add_config_arguments(p, cls=PretrainConfig)
     p.set_defaults(func=cmd_pretrain)
@@ -383,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-md", default=None, help="also write the table to this file")
     p.set_defaults(func=cmd_compare)
 
-    from .studies import ablation, correspondence, dimred
+    from stegoseg.studies import ablation, correspondence, dimred
 
     for study in (correspondence, dimred, ablation):
         study.add_cli(sub)

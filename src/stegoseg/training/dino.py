@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import copy
 import json
-from datetime import timedelta
 import logging
 import math
 import random
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
@@ -39,10 +39,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import ConfigBase, raise_first_failure
-from .errors import StegosegError
+from stegoseg.config.base import ConfigBase, raise_first_failure
+from stegoseg.errors import StegosegError
+from stegoseg.reporting.figures import plot_dino_curves, plot_readout
 
 log = logging.getLogger("stegoseg")
+
 
 BACKBONE_FILE_FORMAT = "stegoseg-backbone"
 
@@ -112,12 +114,13 @@ class PretrainConfig(ConfigBase):
 
 def build_student(cfg: PretrainConfig):
     """(timm ViT returning the CLS embedding, its preset) — trainable, randomly initialised."""
-    from .backbones import _build_vit, get_backbone_preset
+    from stegoseg.backbones.backbone import build_vit
+    from stegoseg.backbones.presets import get_backbone_preset
 
     preset = get_backbone_preset(cfg.arch)
     if preset.family != "vit":
         raise StegosegError(f"--arch {cfg.arch}: DINO pretraining here trains ViTs; choose a dino_vit* preset")
-    model, patch, dim = _build_vit(preset, cfg.tiny, {"drop_path_rate": cfg.drop_path_rate})
+    model, patch, dim = build_vit(preset, cfg.tiny, {"drop_path_rate": cfg.drop_path_rate})
     return model, preset
 
 
@@ -138,7 +141,7 @@ class MultiCropBatches(torch.utils.data.IterableDataset):
         self.start_step, self.total_steps, self.rank, self.world = start_step, total_steps, rank, world
 
     def batch(self, step: int) -> dict:
-        from .train import batch_indices
+        from stegoseg.training.stego import batch_indices
 
         idx = batch_indices(len(self.dataset), self.batch_size, step, self.seed, self.rank, self.world)
         views_per_item = []
@@ -238,12 +241,12 @@ class DinoPretrainModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         from lightly.models.utils import update_momentum
 
-        from .train import _step_seed
+        from stegoseg.training.stego import step_seed
 
         step = int(batch["step"])
         if step != self.global_step:
             raise RuntimeError(f"batch for step {step} arrived at global step {self.global_step}")
-        torch.manual_seed(_step_seed(self.cfg.seed, step, self.global_rank))
+        torch.manual_seed(step_seed(self.cfg.seed, step, self.global_rank))
         m = self.momentum(step)
         update_momentum(self.student, self.teacher, m)
         update_momentum(self.student_head, self.teacher_head, m)
@@ -275,7 +278,7 @@ class DinoPretrainModule(L.LightningModule):
 
 def teacher_as_backbone(module: DinoPretrainModule):
     """A frozen :class:`~stegoseg.backbones.Backbone` view of (a copy of) the current teacher."""
-    from .backbones import Backbone
+    from stegoseg.backbones.backbone import Backbone
 
     p = module.preset
     model = copy.deepcopy(module.teacher).float()
@@ -290,8 +293,8 @@ def patch_knn_readout(backbone, train_ds, val_ds, n_images: int, resolution: int
     """Dense k-NN readout: each labelled val patch takes the similarity-weighted vote of its
     k nearest labelled train patches (cosine); patch labels are the labels at patch centres.
     Returns accuracy and mIoU (percent). A quick, label-using probe of feature quality."""
-    from .data.transforms import EvalTransform
-    from .metrics import ConfusionAccumulator
+    from stegoseg.data.transforms import EvalTransform
+    from stegoseg.evaluation.metrics import ConfusionAccumulator
 
     tf = EvalTransform(resolution=resolution, crop="center", image_resample="bilinear")
     n_classes = train_ds.n_classes
@@ -392,12 +395,9 @@ def pretrain(cfg: PretrainConfig, out, resume: bool = False, callbacks: Optional
     import json
     import time
 
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.loggers import CSVLogger
-
-    from .data import build_dataset
-    from .pipeline import parse_class_names
-    from .train import default_precision, parse_devices
+    from stegoseg.data import build_dataset
+    from stegoseg.data.datasets import parse_class_names
+    from stegoseg.training.trainer import build_trainer
 
     out = Path(out)
     if not cfg.data_root:
@@ -424,24 +424,17 @@ def pretrain(cfg: PretrainConfig, out, resume: bool = False, callbacks: Optional
     history: list = []
     history_path = out / "readout_history.json"
     if resume:
-        from .train import keep_log_before_resume, resumed_step
+        from stegoseg.training.resume import keep_log_before_resume, resumed_step
 
         step = resumed_step(ckpt_path)
         if history_path.exists():  # the readouts before the interruption (later ones are run again)
             history.extend(r for r in json.loads(history_path.read_text()) if r["step"] <= step)
         keep_log_before_resume(out / "logs", step)
-    cbs = [ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", every_n_train_steps=max(1, cfg.ckpt_every),
-                           save_last=True, save_top_k=-1, auto_insert_metric_name=False)]
-    if val is not None:
-        cbs.append(_Readout(cfg, train, val, history, history_path))
-    trainer = L.Trainer(
-        max_steps=-1, max_epochs=-1,
+    cbs = [_Readout(cfg, train, val, history, history_path)] if val is not None else []
+    trainer = build_trainer(
+        cfg, out, max_steps=-1, callbacks=cbs + list(callbacks or []),
         max_time=None if cfg.max_minutes is None else timedelta(minutes=cfg.max_minutes),
-        accelerator=cfg.accelerator, devices=parse_devices(cfg.devices), strategy=cfg.strategy,
-        num_nodes=cfg.num_nodes, precision=default_precision(cfg.precision, cfg.accelerator), callbacks=cbs + list(callbacks or []),
-        logger=CSVLogger(str(out), name="logs", version=""), log_every_n_steps=max(1, cfg.log_every),
-        enable_progress_bar=cfg.progress, enable_model_summary=False, use_distributed_sampler=False,
-        gradient_clip_val=cfg.clip_grad or None, num_sanity_val_steps=0,
+        gradient_clip_val=cfg.clip_grad or None,
     )
     # The schedule length depends on the world size, known once the trainer exists.
     module.world = trainer.world_size
@@ -451,62 +444,17 @@ def pretrain(cfg: PretrainConfig, out, resume: bool = False, callbacks: Optional
                 weights_only=True)
     if not trainer.is_global_zero:
         return None
-    from .train import merge_resumed_log
+    from stegoseg.training.resume import merge_resumed_log
 
     merge_resumed_log(out / "logs")
     path = module.export_backbone(out / "backbone.pt")
-    from .backbones import file_sha256
+    from stegoseg.backbones.weights import file_sha256
 
     summary = {"backbone_file": str(path), "sha256": file_sha256(path), "arch": module.preset.name,
                "tiny": cfg.tiny, "steps": int(trainer.global_step), "seconds": time.perf_counter() - t0,
                "readout": history}
     (out / "readout.json").write_text(json.dumps(summary, indent=2))
     if history:
-        _plot_readout(history, out / "readout.png")
-    _plot_curves(out / "logs" / "metrics.csv", out / "training_curves.png", cfg.out_dim)
+        plot_readout(history, out / "readout.png")
+    plot_dino_curves(out / "logs" / "metrics.csv", out / "training_curves.png", cfg.out_dim)
     return summary
-
-
-def _plot_curves(csv_path: Path, png_path: Path, out_dim: int) -> None:
-    """DINO loss (with log(out_dim), the loss of a uniform student), learning rate and teacher momentum per step."""
-    import csv
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not csv_path.exists():
-        return
-    rows = list(csv.DictReader(open(csv_path)))
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
-    for ax, key in zip(axes, ("loss", "lr", "momentum")):
-        pts = [(int(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
-        if pts:
-            ax.plot(*zip(*pts), lw=0.8)
-        ax.set_title(key)
-        ax.set_xlabel("step")
-    axes[0].axhline(math.log(out_dim), color="gray", ls="--", lw=0.8, label=f"log({out_dim}): uniform student")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
-
-
-def _plot_readout(history: list, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    steps = [h["step"] for h in history]
-    ax.plot(steps, [h["acc"] for h in history], "o-", label="patch k-NN accuracy")
-    ax.plot(steps, [h["miou"] for h in history], "s-", label="patch k-NN mIoU")
-    ax.set_xlabel("step")
-    ax.set_ylabel("percent")
-    ax.set_title("DINO pretraining: k-NN readout of the teacher")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -1,0 +1,334 @@
+"""Building blocks every method shares: datasets and backbones from a config, the checks
+before work, the feature cache, probe fitting and evaluation of a model.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from stegoseg.backbones.backbone import create_backbone
+from stegoseg.config.stego import Config, replace, selection_mode
+from stegoseg.data import build_dataset
+from stegoseg.data.datasets import parse_class_names
+from stegoseg.errors import StegosegError
+from stegoseg.evaluation.protocol import EvalConfig, evaluate_model
+from stegoseg.features.cache import FeatureCache, extract_features
+from stegoseg.features.knn import config_neighbors
+from stegoseg.model import SegmentationModel
+from stegoseg.nn.kmeans import spherical_kmeans
+from stegoseg.nn.probes import set_centroids, train_linear_probe
+
+log = logging.getLogger("stegoseg")
+
+
+RANDOM_BACKBONE_WARNING = (
+    "using a RANDOMLY INITIALISED backbone ({name}): the numbers from this run are not meaningful "
+    "as segmentation quality; pass --weights FILE (or run with network access) for real results"
+)
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise StegosegError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
+    return device
+
+
+def data_root(cfg: Config, out: Optional[Path] = None) -> str:
+    """The dataset folder; for dataset=synthetic without a root, generate one under ``out``."""
+    if cfg.dataset == "synthetic":
+        from stegoseg.data.synthetic import make_synthetic_dataset
+
+        root = Path(cfg.data_root) if cfg.data_root else Path(out or ".") / "synthetic-data"
+        if not (root / "imgs").exists():
+            make_synthetic_dataset(root)
+        return str(root)
+    if not cfg.data_root:
+        raise StegosegError("--data-root is required (the dataset folder), or use --dataset synthetic")
+    return cfg.data_root
+
+
+def build_split(cfg: Config, split: str, out: Optional[Path] = None, class_names: Optional[list] = None):
+    """One split of the configured dataset. ``class_names``: the classes a model was trained
+    with, for a directory split whose classes are not given by the config (so that the
+    validation split never infers a different class count than training did)."""
+    kind = "directory" if cfg.dataset == "synthetic" else cfg.dataset
+    options = {}
+    if kind == "directory":
+        names = parse_class_names(cfg.class_names)
+        options = {"ignore_index": cfg.ignore_index, "class_names": names}
+        if names is None and cfg.n_classes is not None:
+            options["n_classes"] = cfg.n_classes
+        elif names is None and class_names:
+            options["class_names"] = list(class_names)
+    elif cfg.class_names:
+        raise StegosegError(f"--class-names applies to directory datasets; {cfg.dataset} has its own class names")
+    return build_dataset(kind, data_root(cfg, out), split, **options)
+
+
+def backbone_spec(cfg: Config) -> dict:
+    return {"name": cfg.backbone, "pretrained": cfg.pretrained, "weights": cfg.weights, "tiny": cfg.tiny, "overrides": {},
+            "pos_embed": cfg.pos_embed}
+
+
+def build_backbone_from_config(cfg: Config):
+    """The configured backbone. A randomly initialised one (``--no-pretrained``, no
+    ``--weights``) is drawn from ``cfg.seed``: the same weights in every command and process
+    with that seed (so ``run``, ``train``, ``baseline`` and ``datus`` share it); the caller's
+    RNG state is left untouched."""
+    spec = backbone_spec(cfg)
+    random_init = not cfg.pretrained and not cfg.weights
+    with torch.random.fork_rng(devices=[]):
+        if random_init:
+            torch.manual_seed(cfg.seed)
+        backbone = create_backbone(cfg.backbone, pretrained=cfg.pretrained, weights=cfg.weights, tiny=cfg.tiny,
+                                   pos_embed=cfg.pos_embed)
+    if random_init:
+        log.warning(RANDOM_BACKBONE_WARNING.format(name=cfg.backbone))
+    return backbone, spec
+
+
+def n_classes_for(cfg: Config, dataset) -> int:
+    if cfg.n_classes is not None:
+        return cfg.n_classes
+    if dataset.has_labels and dataset.n_classes:
+        return dataset.n_classes
+    raise StegosegError(
+        f"the {cfg.train_split} split has no labels, so the number of classes is unknown: pass --n-classes N"
+    )
+
+
+def class_count_source(cfg: Config, dataset) -> str:
+    """Where the number of classes comes from, for error messages."""
+    if cfg.n_classes is not None:
+        return f"--n-classes {cfg.n_classes}"
+    if cfg.class_names:
+        return "--class-names"
+    if (Path(str(dataset.root)) / "classes.txt").is_file() and cfg.dataset in ("directory", "synthetic"):
+        return f"{Path(str(dataset.root)) / 'classes.txt'}"
+    if cfg.dataset in ("directory", "synthetic"):
+        return f"inferred from the '{cfg.train_split}' labels"
+    return f"the {cfg.dataset} dataset"
+
+
+def check_before_work(cfg: Config, out: Path, evaluate: bool = False, train: bool = True) -> Optional[int]:
+    """Everything that can be checked before the long work starts, so that bad input ends
+    in one line at once instead of after preparing and training: the output folder is
+    writable, the accelerator exists, the splits exist, and every label value of the
+    splits the command reads is a class id (the class count comes from the config, the
+    dataset's class list, or the training labels). Returns the number of classes (None
+    for an unlabelled training split without --n-classes when ``train`` is False)."""
+    from stegoseg.backbones.presets import get_backbone_preset
+    from stegoseg.preflight import (
+        check_accelerator,
+        check_label_range,
+        check_writable,
+        label_values,
+    )
+
+    check_writable(out)
+    check_accelerator(cfg.accelerator, cfg.device)
+    get_backbone_preset(cfg.backbone)  # an unknown name fails here, with the list of names
+    if cfg.weights and not Path(cfg.weights).is_file():
+        raise StegosegError(f"--weights {cfg.weights}: file not found")
+    scan_dir = cache_root(cfg, out) / ".label-scans"
+    n_classes, names = None, None
+    if train:
+        train_split = build_split(cfg, cfg.train_split, out)
+        n_classes = n_classes_for(cfg, train_split)
+        if train_split.has_labels:
+            values = label_values(train_split, scan_dir, cfg.progress)
+            check_label_range(values, n_classes, cfg.train_split, class_count_source(cfg, train_split))
+            names = train_split.class_names
+    if evaluate or selection_mode(cfg) == "val-miou":
+        try:
+            val = build_split(cfg, cfg.val_split, out, class_names=names)
+        except StegosegError as exc:
+            raise StegosegError(f"the validation split '{cfg.val_split}' (needed for evaluation) is not usable: {exc}; "
+                                f"pass --val-split NAME (--val-split {cfg.train_split} evaluates on the training images)"
+                                ) from None
+        if val.has_labels:
+            count = n_classes if n_classes is not None else val.n_classes
+            check_label_range(label_values(val, scan_dir, cfg.progress), count, cfg.val_split,
+                              class_count_source(cfg, val))
+    return n_classes
+
+
+def check_eval_labels(cfg: Config, model: SegmentationModel, out: Path, split: Optional[str] = None) -> None:
+    """``evaluate``: the split exists and its label values are ids of the checkpoint's classes."""
+    from stegoseg.preflight import check_label_range, label_values
+
+    name = split or cfg.val_split
+    val = build_split(cfg, name, out, class_names=model.class_names)
+    if val.has_labels:
+        count = model.n_classes or val.n_classes
+        source = "the checkpoint's classes" if model.n_classes else class_count_source(cfg, val)
+        check_label_range(label_values(val, None, cfg.progress), count, name, source)
+
+
+def cache_root(cfg: Config, out: Path) -> Path:
+    return Path(cfg.cache_dir) if cfg.cache_dir else Path(out) / "cache"
+
+
+def prepare(cfg: Config, out, backbone=None) -> FeatureCache:
+    """Five-crop (optional), extract and cache training features, then global descriptors and KNN."""
+    out = Path(out)
+    device = resolve_device(cfg.device)
+    train = build_split(cfg, cfg.train_split, out)
+    if backbone is None:
+        backbone, _ = build_backbone_from_config(cfg)
+    kind = "directory" if cfg.dataset == "synthetic" else cfg.dataset
+    cache = extract_features(
+        backbone,
+        train,
+        cache_root(cfg, out),
+        resolution=cfg.resolution,
+        five_crop=cfg.five_crop,
+        batch_size=cfg.extract_batch_size,
+        num_workers=cfg.num_workers,
+        device=device,
+        progress=cfg.progress,
+        dataset_kind=kind,
+        image_resample=cfg.train_resample,
+        crop_jpeg=cfg.crop_jpeg,
+    )
+    t0 = time.perf_counter()
+    config_neighbors(cfg, cache, device=device)
+    log.info("nearest neighbours ready for %d items in %.1fs (%s)", cache.n, time.perf_counter() - t0, cache.path)
+    return cache
+
+
+def eval_config(cfg: Config) -> EvalConfig:
+    return EvalConfig(
+        resolution=cfg.eval_resolution,
+        crop=cfg.eval_crop,
+        image_resample=cfg.eval_resample,
+        flip=cfg.flip,
+        crf=cfg.crf,
+        crf_workers=cfg.crf_workers,
+        batch_size=cfg.eval_batch_size,
+        max_images=cfg.max_eval_images,
+        n_grid=cfg.n_grid,
+        crf_reference_input=cfg.crf_reference_input,
+    )
+
+
+def fit_centroids(cfg: Config, cache: FeatureCache, n_clusters: int, head=None, device="cpu") -> torch.Tensor:
+    """Spherical k-means (k-means++ init seeded by ``cfg.seed``, ``cfg.kmeans_iters`` Lloyd
+    iterations streamed over the cache) on the cached training features, or on
+    ``head(features)`` when a head is given. Returns (n_clusters, D) unit centroids."""
+    bs = max(8, cfg.batch_size)
+
+    def batches():
+        for feats in cache.iter_batches(bs):
+            if head is None:
+                yield feats
+            else:
+                with torch.no_grad():
+                    yield head(feats.to(device).float())
+
+    if head is not None:
+        _, h, w = cache.meta["feature_shape"]
+        if cache.n * head.dim * h * w * 4 <= CODE_IN_MEMORY_BYTES:
+            # The code of the whole cache fits in memory: run the head once instead of once per
+            # Lloyd iteration (the same batches, so the same centroids).
+            code = list(batches())
+            return spherical_kmeans(lambda: iter(code), n_clusters, n_iter=cfg.kmeans_iters, seed=cfg.seed,
+                                    device=device, progress=cfg.progress)
+    return spherical_kmeans(batches, n_clusters, n_iter=cfg.kmeans_iters, seed=cfg.seed, device=device,
+                            progress=cfg.progress)
+
+
+# fit_centroids keeps the code of the whole cache in memory up to this size
+CODE_IN_MEMORY_BYTES = 2 * 1024**3
+
+
+def fit_probes(cfg: Config, cache: FeatureCache, backbone, n_classes: int, class_names=None, head=None,
+               method: str = "features") -> SegmentationModel:
+    """Cluster and linear probes fitted on the cached training features, or on
+    ``head(features)`` when a (fixed) head is given: seeded spherical k-means
+    (:func:`fit_centroids`) with n_classes + extra_clusters centroids, and, when the cache
+    has labels, the linear probe trained for ``cfg.linear_epochs`` epochs. The probes'
+    initial weights come from ``cfg.seed`` (the caller's RNG state is untouched)."""
+    device = resolve_device(cfg.device)
+    n_clusters = n_classes + cfg.extra_clusters
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = SegmentationModel(
+            backbone, backbone_spec(cfg), head=head, n_clusters=n_clusters,
+            n_classes=n_classes if cache.has_labels else None,
+            class_names=class_names if cache.has_labels else None, method=method, config=cfg.to_dict(),
+        ).to(device)
+    head = model.head
+    set_centroids(model.cluster_probe, fit_centroids(cfg, cache, n_clusters, head=head, device=device))
+    if cache.has_labels:
+        gen = torch.Generator().manual_seed(cfg.seed)
+        bs = max(8, cfg.batch_size)
+
+        def batches():
+            for feats, labels in cache.shuffled_labelled_batches(bs, gen):
+                if head is not None:
+                    with torch.no_grad():
+                        feats = head(feats.to(device).float())
+                yield feats, labels
+
+        train_linear_probe(
+            model.linear_probe, batches, epochs=cfg.linear_epochs, lr=cfg.probe_lr, device=device,
+            progress=cfg.progress, seed=cfg.seed,
+        )
+    return model.eval()
+
+
+def evaluate_checkpoint_model(cfg: Config, model: SegmentationModel, out, split: Optional[str] = None) -> dict:
+    """Evaluate a model on the validation split with the protocol options of ``cfg``; writes outputs to ``out``."""
+    out = Path(out)
+    val = build_split(cfg, split or cfg.val_split, out, class_names=model.class_names)
+    model.autocast_dtype = torch.bfloat16 if cfg.bf16_inference else None
+    result = evaluate_model(model, val, eval_config(cfg), out_dir=out, progress=cfg.progress)
+    result["backbone"] = {
+        "name": model.backbone_spec.get("name"),
+        "weights_source": getattr(model.backbone, "weights_source", None),
+    }
+    result["method"] = model.method
+    (out / "metrics.json").write_text(json.dumps(result, indent=2, default=float))
+    return result
+
+
+def config_for_checkpoint(model: SegmentationModel, args=None) -> Config:
+    """The checkpoint's own config with explicit command-line values on top."""
+    from dataclasses import fields
+
+    from stegoseg.config.stego import make_config
+
+    values = {k: v for k, v in (model.config or {}).items() if k in {f.name for f in fields(Config)}}
+    if args is not None:
+        from stegoseg.config.base import load_yaml
+        from stegoseg.config.stego import explicit_values
+
+        if getattr(args, "config", None):
+            values.update(load_yaml(args.config))
+        values.update(explicit_values(args))
+    return make_config(values)
+
+
+def load_model_for(checkpoint, cfg: Config) -> SegmentationModel:
+    from stegoseg.model import load
+
+    return load(checkpoint, device=resolve_device(cfg.device))
+
+
+def resolve_run_paths(cfg: Config, out: Path) -> Config:
+    """Create ``out`` and pin the paths a multi-stage run shares: the generated data folder
+    (dataset=synthetic without a root) and the feature cache (default ``out/cache``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.dataset == "synthetic" and not cfg.data_root:
+        cfg = replace(cfg, data_root=data_root(cfg, out))
+    if cfg.cache_dir is None:
+        cfg = replace(cfg, cache_dir=str(out / "cache"))
+    return cfg

@@ -1,0 +1,51 @@
+"""The main job: prepare -> train -> evaluate -> segment (+ raw-feature baseline) -> report.md.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from stegoseg.config.stego import Config
+from stegoseg.evaluation.protocol import summary_rows
+from stegoseg.methods.baseline import fit_feature_baseline
+from stegoseg.methods.common import (
+    RANDOM_BACKBONE_WARNING,
+    build_split,
+    evaluate_checkpoint_model,
+    load_model_for,
+    resolve_run_paths,
+)
+from stegoseg.methods.stego import train_stego
+from stegoseg.reporting.report import write_report
+from stegoseg.segment import segment_images
+
+
+def run_all(cfg: Config, out, resume: bool = False, baseline: bool = True, n_segment: int = 8) -> Optional[dict]:
+    """The main job: prepare -> train -> evaluate -> segment (+ raw-feature baseline) -> report.md."""
+    out = Path(out)
+    cfg = resolve_run_paths(cfg, out)
+    cfg.save(out / "config.yaml")
+    notes = []
+    if not cfg.pretrained and not cfg.weights:
+        notes.append(RANDOM_BACKBONE_WARNING.format(name=cfg.backbone))
+    ckpt = train_stego(cfg, out / "train", resume=resume)
+    if ckpt is None:  # a non-zero DDP rank: the main process does the rest
+        return None
+    # the run's config with what training resolved (calibrated shifts, selection mode)
+    (out / "config.yaml").write_text((out / "train" / "config.yaml").read_text())
+    model = load_model_for(ckpt, cfg)
+    results = {"STEGO": evaluate_checkpoint_model(cfg, model, out / "eval")}
+    if baseline:
+        base = fit_feature_baseline(cfg, out / "baseline", backbone=model.backbone)
+        base.save(out / "baseline" / "checkpoint.pt")
+        results["raw features (k-means / linear)"] = evaluate_checkpoint_model(cfg, base, out / "baseline")
+    val = build_split(cfg, cfg.val_split, out)
+    paths = [p for p in getattr(val, "image_paths", [])][:n_segment]
+    if paths:
+        segment_images(model, paths, out / "segment", crf=cfg.crf, resolution=cfg.eval_resolution,
+                       overwrite=True, progress=cfg.progress)
+    summary = {name: summary_rows(r) for name, r in results.items()}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_report(out, "stegoseg run", results, cfg, notes)
+    return summary

@@ -1,0 +1,93 @@
+"""The cluster and linear probes.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from stegoseg.data.base import IGNORE_INDEX
+
+
+class ClusterProbe(nn.Module):
+    """Cosine-similarity clustering of a (B, D, h, w) map into ``n_clusters`` clusters."""
+
+    def __init__(self, dim: int, n_clusters: int):
+        super().__init__()
+        self.dim, self.n_clusters = dim, n_clusters
+        self.centroids = nn.Parameter(torch.randn(n_clusters, dim))
+
+    def similarity(self, code: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity (B, n_clusters, h, w) between every code vector and every centroid."""
+        c = F.normalize(self.centroids, dim=1)
+        x = F.normalize(code, dim=1)
+        return torch.einsum("bdhw,kd->bkhw", x, c.to(x.dtype))
+
+    def loss(self, code: torch.Tensor) -> torch.Tensor:
+        """Minibatch spherical k-means loss: minus the mean similarity to the nearest centroid."""
+        sim = self.similarity(code.detach())
+        hard = F.one_hot(sim.argmax(1), self.n_clusters).permute(0, 3, 1, 2).to(sim.dtype)
+        return -(hard * sim).sum(1).mean()
+
+    def log_probs(self, code: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:
+        """Soft assignment log_softmax(alpha * cos) used as CRF unary (reference: alpha = 2)."""
+        return F.log_softmax(self.similarity(code) * alpha, dim=1)
+
+    def forward(self, code: torch.Tensor) -> torch.Tensor:
+        """Hard cluster ids (B, h, w)."""
+        return self.similarity(code).argmax(1)
+
+
+class LinearProbe(nn.Module):
+    """A 1x1 convolution from the code to class logits."""
+
+    def __init__(self, dim: int, n_classes: int):
+        super().__init__()
+        self.dim, self.n_classes = dim, n_classes
+        self.conv = nn.Conv2d(dim, n_classes, 1)
+
+    def forward(self, code: torch.Tensor) -> torch.Tensor:
+        return self.conv(code)
+
+    def loss(self, code: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of logits upsampled to the labels' size; unlabelled pixels ignored."""
+        logits = self(code.detach())
+        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        if not (labels != IGNORE_INDEX).any():
+            return logits.sum() * 0.0
+        return F.cross_entropy(logits, labels.long(), ignore_index=IGNORE_INDEX)
+
+
+def train_linear_probe(
+    probe: LinearProbe,
+    batches: Callable[[], Iterable[tuple]],
+    epochs: int = 10,
+    lr: float = 5e-3,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    seed: int = 0,
+) -> list:
+    """Train ``probe`` with Adam on (features (B, D, h, w), labels (B, H, W)) batches; returns losses."""
+    probe.to(device).train()
+    opt = torch.optim.Adam(probe.parameters(), lr=lr)
+    losses = []
+    with torch.random.fork_rng(devices=[]):  # seeded here; the caller's RNG state is left as it was
+        torch.manual_seed(seed)
+        for _ in tqdm(range(epochs), desc="linear probe", disable=not progress, leave=False):
+            for feats, labels in batches():
+                loss = probe.loss(feats.to(device).float(), labels.to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(float(loss.detach()))
+    probe.eval()
+    return losses
+
+
+def set_centroids(probe: ClusterProbe, centroids: torch.Tensor, dtype: Optional[torch.dtype] = None) -> None:
+    """Copy fitted centroids into a probe."""
+    with torch.no_grad():
+        probe.centroids.copy_(centroids.to(probe.centroids.device, dtype or probe.centroids.dtype))

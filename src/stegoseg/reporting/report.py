@@ -1,0 +1,100 @@
+"""The run's ``report.md``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from stegoseg.config.stego import PRESETS, Config
+from stegoseg.evaluation.protocol import summary_rows
+
+
+# --------------------------------------------------------------------------- main job
+def write_report(out: Path, title: str, results: dict, cfg: Config, notes: list) -> Path:
+    """A short markdown report: metrics table, similarity histogram, training curves, predictions."""
+    out = Path(out)
+    lines = [f"# {title}", ""]
+    lines += [f"> {n}" for n in notes] + ([""] if notes else [])
+    lines += [
+        f"Dataset `{cfg.dataset}` ({cfg.data_root or 'generated'}), train split `{cfg.train_split}`, "
+        f"evaluated on `{cfg.val_split}`; backbone `{cfg.backbone}` "
+        f"({'random init' if not cfg.pretrained and not cfg.weights else cfg.weights or 'pretrained'}); "
+        f"{cfg.steps} steps, batch {cfg.batch_size}, K = {cfg.dim}; CRF {'on' if cfg.crf else 'off'}.",
+        "",
+        "| method | cluster acc (strict) | cluster mIoU (strict) | cluster acc (parity) | cluster mIoU (parity) | linear acc | linear mIoU |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def fmt(v):
+        return "-" if v is None else f"{v:.1f}"
+
+    for name, res in results.items():
+        s = summary_rows(res)
+        lines.append(
+            f"| {name} | {fmt(s.get('cluster_strict_acc'))} | {fmt(s.get('cluster_strict_miou'))} | "
+            f"{fmt(s.get('cluster_parity_acc'))} | {fmt(s.get('cluster_parity_miou'))} | "
+            f"{fmt(s.get('linear_acc'))} | {fmt(s.get('linear_miou'))} |"
+        )
+    lines.append("")
+    lines += calibration_report_lines(out / "train")
+    for caption, rel in (
+        ("Code similarity histogram (paper A.11: healthy runs are bimodal)", "train/similarity_histogram.png"),
+        ("Code similarity histogram of the selected checkpoint", "train/selected_similarity_histogram.png"),
+        ("Checkpoint selection criterion", "train/selection.png"),
+        ("Training curves", "train/training_curves.png"),
+        ("STEGO predictions (image | ground truth | cluster probe | linear probe)", "eval/predictions.png"),
+        ("Raw-feature baseline predictions", "baseline/predictions.png"),
+        ("Cluster-probe confusion (rows: ground truth, normalised)", "eval/confusion_cluster.png"),
+    ):
+        if (out / rel).exists():
+            lines += [f"## {caption}", "", f"![{caption}]({rel})", ""]
+    lines += ["Resolved config: `config.yaml`. Metrics: `summary.json`, `eval/metrics.json`.", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def calibration_report_lines(train_dir: Path) -> list:
+    """Markdown: the shifts the run used (and how --shifts auto chose them), and the
+    checkpoint --select picked with every candidate's criterion."""
+    lines = []
+    cal_path, sel_path, cfg_path = train_dir / "calibration.json", train_dir / "selection.json", train_dir / "config.yaml"
+    if cal_path.exists():
+        cal = json.loads(cal_path.read_text())
+        lines += [
+            f"## Loss shifts (`--shifts auto`, chosen without labels; spatial centring "
+            f"{'on' if cal['pointwise'] else 'off'} in the selected run)", "",
+            "Each shift b sits at the quantile of its pair type's feature correspondence F that leaves above it "
+            "the fraction of pairs a k-means partition of the features puts in one cluster "
+            "(see docs/label_free.md).", "",
+            "| pair type | same-cluster rate | mean F | chosen shift | published CocoStuff shift |",
+            "|---|---|---|---|---|",
+        ]
+        published = PRESETS["cocostuff27"]
+        for t, name in (("self", "within image"), ("knn", "nearest neighbour"), ("rand", "random image")):
+            lines.append(f"| {name} | {cal['same_rate'][t]:.3f} | {cal['feature_similarity'][t]['mean']:.3f} | "
+                         f"{cal['b_' + t]:.3f} | {published['b_' + t]:.2f} |")
+        lines.append("")
+    elif cfg_path.exists():
+        import yaml
+
+        c = yaml.safe_load(cfg_path.read_text())
+        if c and "b_knn" in c:
+            lines += [f"Loss shifts as given (`--shifts fixed`): b_self {c['b_self']}, b_knn {c['b_knn']}, "
+                      f"b_rand {c['b_rand']}.", ""]
+    if sel_path.exists():
+        sel = json.loads(sel_path.read_text())
+        lines += [f"## Checkpoint selection (`--select {sel['mode']}`): {sel['chosen']}", ""]
+        rows = sel["candidates"]
+        if len(rows) > 1:
+            has_val = any("val_cluster_miou" in r for r in rows.values())
+            lines += ["| candidate (run/step) | label-free score | mean S, KNN pairs | mean S, random pairs | clusters used |"
+                      + (" val cluster mIoU |" if has_val else ""),
+                      "|---|---|---|---|---|" + ("---|" if has_val else "")]
+            for key, r in rows.items():
+                mark = " **(chosen)**" if key == sel["chosen"] else ""
+                lines.append(f"| {key}{mark} | {r['label_free_score']:.3f} | {r['mean_code_similarity']['knn']:.3f} | "
+                             f"{r['mean_code_similarity']['rand']:.3f} | {r['clusters_used']} |"
+                             + (f" {r.get('val_cluster_miou', float('nan')):.1f} |" if has_val else ""))
+            lines.append("")
+    return lines

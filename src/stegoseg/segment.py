@@ -1,0 +1,225 @@
+"""Segmenting image files into palette PNGs and overlays (``stegoseg segment``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from stegoseg.errors import StegosegError
+from stegoseg.model import SegmentationModel
+
+log = logging.getLogger("stegoseg")
+
+
+# --------------------------------------------------------------------------- segment
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def expand_inputs(inputs) -> list:
+    """Files, folders (their images, sorted; hidden files such as ``._x.jpg`` skipped) and
+    glob patterns -> a list of image paths, each file once."""
+    import glob
+
+    from stegoseg.data.io import list_images
+
+    paths = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = list_images(p)
+            if not found:
+                raise StegosegError(f"{p} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            paths.extend(found)
+        elif p.is_file():
+            paths.append(p)
+        elif p.is_symlink():
+            raise StegosegError(f"{p} is a link to a missing file: restore its target or leave it out")
+        else:
+            matches = sorted(Path(m) for m in glob.glob(str(item))
+                             if Path(m).suffix.lower() in IMAGE_SUFFIXES and not Path(m).name.startswith(".")
+                             and Path(m).is_file())
+            if not matches:
+                raise StegosegError(f"{item}: no such file, folder, or glob match")
+            paths.extend(matches)
+    unique, seen = [], set()
+    for p in paths:
+        key = p.resolve()
+        if key in seen:
+            log.warning("%s was given more than once: segmenting it once", p)
+            continue
+        seen.add(key)
+        unique.append(p)
+    return unique
+
+
+def output_stems(paths: list) -> list:
+    """A distinct output name per input: the file's stem; where stems clash (``a.jpg`` and
+    ``a.png``, or ``x/a.jpg`` and ``y/a.jpg``) the suffix and then parent folder names are
+    added until they differ (compared case-insensitively, as some file systems do)."""
+    def name(p: Path, level: int) -> str:
+        if level == 0:
+            return p.stem
+        base = f"{p.stem}_{p.suffix.lstrip('.')}" if p.suffix else p.stem
+        parents = [q.name for q in p.resolve().parents if q.name][: level - 1]
+        return "_".join([*reversed(parents), base])
+
+    levels = [0] * len(paths)
+    for _ in range(64):
+        names = [name(p, lv) for p, lv in zip(paths, levels)]
+        groups: dict = {}
+        for i, n in enumerate(names):
+            groups.setdefault(n.lower(), []).append(i)
+        clashes = [idx for idx in groups.values() if len(idx) > 1]
+        if not clashes:
+            return names
+        for idx in clashes:
+            for i in idx:
+                levels[i] += 1
+    raise StegosegError(f"cannot give distinct output names to {paths[0]} and the inputs named like it")
+
+
+def atomic_write_png(save, path: Path) -> None:
+    """Write through a temporary file and rename, so that an existing file (even one hard-linked
+    to an input image) is replaced as a directory entry, never rewritten in place."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix="." + path.stem + ".", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        save(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# inputs larger than this many ViT tokens get a warning when segmented at their original size
+LARGE_TOKEN_COUNT = 16384
+
+
+def warn_large_images(paths, patch: int) -> list:
+    """Warn (before any work) about images that, at their original size, give the network
+    more than LARGE_TOKEN_COUNT tokens; returns those paths."""
+    from PIL import Image
+
+    large = []
+    for p in paths:
+        with Image.open(p) as im:
+            w, h = im.size
+        tokens = -(-w // patch) * -(-h // patch)
+        if tokens > LARGE_TOKEN_COUNT:
+            large.append(p)
+            log.warning("%s is %dx%d: at its original size (--resolution 0) the network sees %d tokens; attention "
+                        "cost grows with their square, so this is slow and memory-hungry: pass --resolution 320 "
+                        "(the default) unless you need it", p, w, h, tokens)
+    return large
+
+
+def segment_images(
+    model: SegmentationModel,
+    inputs,
+    out_dir,
+    crf: bool = False,
+    flip: bool = True,
+    resolution: Optional[int] = 320,
+    probe: str = "cluster",
+    overwrite: bool = False,
+    progress: bool = True,
+    num_workers: int = 2,
+    batch_size: int = 8,
+    crf_workers: int = 2,
+    crf_params=None,
+) -> list:
+    """Write ``<name>.png`` (palette PNG of labels) and ``<name>_overlay.png`` per input image.
+
+    Every input gets its own output names (see :func:`output_stems`). Never writes over an
+    input image (also not through a hard link); refuses existing outputs unless ``overwrite``.
+    Returns the label-map paths.
+    """
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    from stegoseg.evaluation.crf import crf_pool
+    from stegoseg.preflight import check_writable
+    from stegoseg.reporting.figures import make_palette, overlay, save_label_png
+
+    if probe == "linear" and model.linear_probe is None:
+        raise StegosegError("--probe linear: this checkpoint has no linear probe (trained without labels); use --probe cluster")
+    paths = expand_inputs(inputs)
+    out_dir = check_writable(out_dir)
+    input_files = {(st.st_dev, st.st_ino) for st in (os.stat(p) for p in paths)}
+    targets = []
+    for p, stem in zip(paths, output_stems(paths)):
+        label_path, overlay_path = out_dir / f"{stem}.png", out_dir / f"{stem}_overlay.png"
+        for t in (label_path, overlay_path):
+            if t.exists():
+                st = os.stat(t)
+                if (st.st_dev, st.st_ino) in input_files:
+                    raise StegosegError(f"output {t} is an input image (or a link to one): choose another --out")
+                if not overwrite:
+                    raise StegosegError(f"{t} exists: choose another --out or pass --overwrite")
+        targets.append((label_path, overlay_path))
+    names = [t.name.lower() for pair in targets for t in pair]
+    if len(set(names)) != len(names):
+        clash = next(n for n in names if names.count(n) > 1)
+        raise StegosegError(f"two inputs would both write {out_dir / clash}: rename one, or segment them into "
+                            "different --out folders")
+    if not resolution:
+        warn_large_images(paths, model.backbone.patch_size)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n_colours = max(model.n_clusters, model.n_classes or 0)
+    palette = make_palette(n_colours)
+    loader = torch.utils.data.DataLoader(
+        _ImageFiles(paths), batch_size=None, num_workers=min(num_workers, len(paths)), shuffle=False
+    )
+    written = []
+    bar = tqdm(total=len(paths), desc="segment", disable=not progress, unit="img")
+
+    def flush(buffer):
+        images = [im for im, _ in buffer]
+        for (image, (label_path, overlay_path)), labels in zip(
+            buffer, model.segment_batch(images, crf=crf, flip=flip, resolution=resolution, probe=probe, crf_pool=pool,
+                                        crf_params=crf_params)
+        ):
+            atomic_write_png(lambda tmp: save_label_png(labels, tmp, palette), label_path)
+            atomic_write_png(lambda tmp: Image.fromarray(overlay(np.asarray(image), labels, palette)).save(tmp, format="PNG"),
+                              overlay_path)
+            written.append(label_path)
+        bar.update(len(buffer))
+
+    pool = crf_pool(crf_workers) if crf and crf_workers > 1 else None
+    try:
+        buffer = []
+        for image, target in zip(loader, targets):
+            buffer.append((image, target))
+            if len(buffer) == batch_size:
+                flush(buffer)
+                buffer = []
+        if buffer:
+            flush(buffer)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.shutdown()
+    return written
+
+
+class _ImageFiles(torch.utils.data.Dataset):
+    """Decodes images in loader workers (parallel to the network)."""
+
+    def __init__(self, paths):
+        self.paths = list(paths)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from stegoseg.data.io import load_image
+
+        return load_image(self.paths[i])
