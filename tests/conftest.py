@@ -62,3 +62,31 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+#: Fast settings for command-line tests (tiny random ViT-S/8, small crops, few steps); a
+#: command takes the subset it offers: see :func:`tiny_cli`.
+TINY_CLI = [
+    "--no-pretrained", "--tiny", "--resolution", "32", "--n-neighbors", "8", "--knn-topk", "3",
+    "--dim", "16", "--batch-size", "8", "--n-samples", "5", "--num-workers", "0", "--no-progress",
+    "--eval-resolution", "48", "--eval-batch-size", "4", "--kmeans-iters", "5", "--linear-epochs", "1",
+    "--accelerator", "cpu", "--device", "cpu", "--crf-workers", "1",
+]
+
+
+def tiny_cli(command: str, *extra: str) -> list:
+    """TINY_CLI followed by ``extra``, keeping only the options ``stegoseg COMMAND`` offers
+    (each command lists only the options it reads)."""
+    from stegoseg.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    accepted = set(sub._option_string_actions)
+    tokens, out, i = list(TINY_CLI) + list(extra), [], 0
+    while i < len(tokens):
+        has_value = i + 1 < len(tokens) and not tokens[i + 1].startswith("--")
+        item = tokens[i : i + (2 if has_value else 1)]
+        if tokens[i] in accepted:
+            out += item
+        i += len(item)
+    return out

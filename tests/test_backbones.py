@@ -127,6 +127,32 @@ def test_vit_drops_prefix_tokens():
     assert torch.allclose(feats[0, :, 1, 2], tokens[0, 5 + 3 + 2])
 
 
+def _forward_features_path(backbone: Backbone, x: torch.Tensor) -> torch.Tensor:
+    """The ViT path forward() used before timm's forward_intermediates: forward_features,
+    drop the prefix (CLS + register) tokens, reshape the patch tokens to (B, C, h, w)."""
+    batch, _, height, width = x.shape
+    p = backbone.patch_size
+    tokens = backbone.model.forward_features(x)[:, backbone.model.num_prefix_tokens:]
+    return tokens.reshape(batch, height // p, width // p, tokens.shape[-1]).permute(0, 3, 1, 2).contiguous()
+
+
+@pytest.mark.parametrize("name,pos_embed", [
+    ("dino_vits8", "timm"), ("dino_vits8", "dino"), ("dino_vits16", "dino"), ("dinov2_vits14_reg", "timm"),
+])
+def test_vit_features_are_bit_identical_to_the_forward_features_path(name, pos_embed):
+    backbone = tiny(name, pos_embed=pos_embed)
+    assert backbone.model.num_prefix_tokens == (5 if "reg" in name else 1)
+    for h_patches, w_patches in [(3, 5), (4, 4), (7, 2)]:
+        x = backbone.normalize(images(backbone, h_patches, w_patches))
+        feats = backbone(x)
+        assert feats.shape == (2, backbone.embed_dim, h_patches, w_patches) and feats.is_contiguous()
+        assert torch.equal(feats, _forward_features_path(backbone, x))
+    if pos_embed == "dino":
+        # forward() goes through the instance's DINO _pos_embed: off the stored 28x28 /
+        # 14x14 grid it differs from the same weights in timm mode
+        assert_different_features(backbone, tiny(name))
+
+
 def test_forward_rejects_non_multiple_size():
     backbone = tiny("dino_vits8")
     with pytest.raises(StegosegError, match="multiple of the patch size 8"):
@@ -427,6 +453,21 @@ def test_cached_download_is_used_without_network(monkeypatch, tmp_path):
     monkeypatch.setattr(bb, "_cached_url_file", lambda url: str(fake))
     path, source = bb.download_weights(get_backbone_preset("mocov2_resnet50"))
     assert path == fake and source.startswith("url:https://dl.fbaipublicfiles.com/moco/")
+
+
+def test_hub_cache_lookup_reads_the_hub_cache(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    repo = tmp_path / "models--timm--vit_small_patch8_224.dino"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "snapshots" / "abc123" / "pytorch_model.bin").write_bytes(b"x")
+    assert bb._cached_hub_file("timm/vit_small_patch16_224.dino") is None
+    assert bb._cached_hub_file("timm/vit_small_patch8_224.dino").endswith("abc123/pytorch_model.bin")
+    (repo / "snapshots" / "abc123" / "model.safetensors").write_bytes(b"y")  # preferred
+    assert bb._cached_hub_file("timm/vit_small_patch8_224.dino").endswith("abc123/model.safetensors")
 
 
 def test_network_probe_is_bounded(monkeypatch):

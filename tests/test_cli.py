@@ -7,14 +7,9 @@ from PIL import Image
 
 import stegoseg
 import stegoseg.errors
+from conftest import tiny_cli
 from stegoseg.cli import main
 
-TINY = [
-    "--no-pretrained", "--tiny", "--resolution", "32", "--n-neighbors", "8", "--knn-topk", "3",
-    "--dim", "16", "--batch-size", "8", "--n-samples", "5", "--num-workers", "0", "--no-progress",
-    "--eval-resolution", "48", "--eval-batch-size", "4", "--kmeans-iters", "5", "--linear-epochs", "1",
-    "--accelerator", "cpu", "--device", "cpu", "--crf-workers", "1",
-]
 
 
 def test_help_of_every_subcommand(capsys):
@@ -27,7 +22,7 @@ def test_help_of_every_subcommand(capsys):
 
 def test_baseline_command_end_to_end(synthetic_root, tmp_path, capsys):
     out = tmp_path / "baseline"
-    assert main(["baseline", "--out", str(out), "--data-root", str(synthetic_root), *TINY]) == 0
+    assert main(["baseline", "--out", str(out), "--data-root", str(synthetic_root), *tiny_cli("baseline")]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     for mode in ("parity", "strict"):
         assert 0 <= metrics["cluster"][mode]["miou"] <= 100
@@ -36,13 +31,13 @@ def test_baseline_command_end_to_end(synthetic_root, tmp_path, capsys):
     for name in ("config.yaml", "checkpoint.pt", "confusion_cluster.png", "confusion_linear.png", "predictions.png"):
         assert (out / name).exists(), name
     # a second run into the same folder refuses to overwrite
-    assert main(["baseline", "--out", str(out), "--data-root", str(synthetic_root), *TINY]) == 2
+    assert main(["baseline", "--out", str(out), "--data-root", str(synthetic_root), *tiny_cli("baseline")]) == 2
     assert "--overwrite" in capsys.readouterr().err
 
 
 def test_main_job_then_evaluate_and_segment(synthetic_root, tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["run", "--out", str(out), "--data-root", str(synthetic_root), "--steps", "6", "--crf", *TINY]
+    args = ["run", "--out", str(out), "--data-root", str(synthetic_root), "--steps", "6", "--crf", *tiny_cli("run")]
     assert main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) == {"STEGO", "raw features (k-means / linear)"}
@@ -85,7 +80,7 @@ def test_main_job_then_evaluate_and_segment(synthetic_root, tmp_path, capsys):
 
 
 def test_clear_errors_for_bad_input(tmp_path, capsys):
-    assert main(["baseline", "--out", str(tmp_path / "x"), "--data-root", str(tmp_path / "missing"), *TINY]) == 2
+    assert main(["baseline", "--out", str(tmp_path / "x"), "--data-root", str(tmp_path / "missing"), *tiny_cli("baseline")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "missing" in err[0]
     assert main(["baseline", "--out", str(tmp_path / "x"), "--backbone", "nope", "--data-root", str(tmp_path)]) == 2
@@ -118,8 +113,8 @@ def test_label_free_run_gives_cluster_maps_only(tmp_path):
     root = make_synthetic_dataset(tmp_path / "data", n_train=12, n_val=4, size=(48, 64), with_labels=False)
     out = tmp_path / "run"
     # without labels the number of clusters must be given
-    assert main(["run", "--out", str(out), "--data-root", str(root), "--steps", "3", *TINY]) == 2
-    assert main(["run", "--out", str(out), "--data-root", str(root), "--steps", "3", "--n-classes", "3", *TINY]) == 0
+    assert main(["run", "--out", str(out), "--data-root", str(root), "--steps", "3", *tiny_cli("run")]) == 2
+    assert main(["run", "--out", str(out), "--data-root", str(root), "--steps", "3", "--n-classes", "3", *tiny_cli("run")]) == 0
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
     assert "cluster" not in metrics and metrics["n_images"] == 4
     assert (out / "eval" / "predictions.png").exists()
@@ -132,6 +127,6 @@ def test_label_free_run_gives_cluster_maps_only(tmp_path):
 def test_class_names_option(synthetic_root, tmp_path):
     out = tmp_path / "b"
     names = "a,b,c,d"
-    assert main(["baseline", "--out", str(out), "--data-root", str(synthetic_root), "--class-names", names, *TINY]) == 0
+    assert main(["baseline", "--out", str(out), "--data-root", str(synthetic_root), "--class-names", names, *tiny_cli("baseline")]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert list(metrics["cluster"]["strict"]["per_class_iou"]) == ["a", "b", "c", "d"]

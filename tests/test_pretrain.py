@@ -1,4 +1,5 @@
 import json
+import math
 
 import lightning as L
 import pytest
@@ -29,6 +30,38 @@ def test_schedule_shape():
     assert cosine_with_warmup(0, 100, 10, 1.0, 0.0) == 0.0
     assert cosine_with_warmup(10, 100, 10, 1.0, 0.0) == pytest.approx(1.0)
     assert cosine_with_warmup(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
+
+
+def _old_cosine_with_warmup(step, total, warmup, base, final):
+    """The hand-written schedule that ``cosine_with_warmup`` (now on lightly) replaced."""
+    if step < warmup:
+        return base * step / max(1, warmup)
+    t = (step - warmup) / max(1, total - warmup)
+    return final + 0.5 * (base - final) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+@pytest.mark.parametrize("total,warmup,base,final", [
+    (100, 10, 1.0, 0.0), (100, 10, 1.0, 0.1), (37, 5, 5e-4 * 64 / 256, 1e-6), (12, 0, 0.04, 0.4), (6, 6, 0.5, 0.0),
+])
+def test_schedule_is_closed_form_and_bit_identical_to_the_old_one(total, warmup, base, final):
+    def closed_form(step):
+        if step < warmup:
+            return base * step / warmup
+        return final + (base - final) * (1 + math.cos(math.pi * (step - warmup) / (total - warmup))) / 2
+
+    steps = {0, warmup - 1, warmup, (warmup + total) // 2, total - 1, total} - {-1}
+    for step in sorted(steps):
+        value = cosine_with_warmup(step, total, warmup, base, final)
+        assert type(value) is float
+        if step < total or warmup < total:
+            assert value == pytest.approx(closed_form(step), rel=1e-12, abs=1e-15), step
+        assert value == _old_cosine_with_warmup(step, total, warmup, base, final), step  # bit-identical
+    # every step of a run, and past its end
+    args = (total, warmup, base, final)
+    for step in range(total + 3):
+        assert cosine_with_warmup(step, *args) == _old_cosine_with_warmup(step, *args)
+    # at the end: final, except a schedule that is all warm-up (then still base there, as before)
+    assert cosine_with_warmup(total, *args) == (base if warmup == total else final)
 
 
 def test_pretrain_changes_weights_exports_a_loadable_backbone(synthetic_root, tmp_path):

@@ -107,7 +107,7 @@ def test_crf_reference_input_reaches_the_crf(root, tmp_path, monkeypatch):
     from stegoseg.methods.common import eval_config, evaluate_checkpoint_model
 
     cfg = tiny_config(root, crf=True, crf_reference_input=True, max_eval_images=2)
-    assert eval_config(cfg).crf_reference_input is True
+    assert eval_config(cfg).crf_params.reference_input is True
     model = fit_feature_baseline(cfg, tmp_path / "b")
     seen = []
     original = type(model).predict
@@ -154,3 +154,14 @@ def test_reference_protocol_trains_fp32_and_selects_by_val_miou(root, tmp_path):
     assert sel["mode"] == "val-miou" and all("val_cluster_miou" in r for r in sel["candidates"].values())
     best = max(sel["candidates"].values(), key=lambda r: r["val_cluster_miou"])
     assert sel["chosen_step"] == best["step"]
+
+
+def test_crf_settings_are_config_options_recorded_in_the_checkpoint(root):
+    from stegoseg.evaluation.crf import CRFParams, crf_params_from
+    from stegoseg.methods.common import eval_config
+
+    assert crf_params_from({}) == CRFParams()  # the published settings by default
+    cfg = tiny_config(root, crf_iterations=3, crf_bi_rgb_std=5.0, crf_reference_input=True)
+    params = eval_config(cfg).crf_params
+    assert (params.iterations, params.bi_rgb_std, params.reference_input, params.pos_w) == (3, 5.0, True, 3.0)
+    assert crf_params_from(cfg.to_dict()) == params  # what `segment` reads from a checkpoint's config

@@ -16,19 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import tiny_cli, tiny_config
 from PIL import Image
 
 from stegoseg.cli import main
 from stegoseg.errors import StegosegError
 
-TINY = [
-    "--no-pretrained", "--tiny", "--resolution", "32", "--n-neighbors", "8", "--knn-topk", "3",
-    "--dim", "16", "--batch-size", "8", "--n-samples", "5", "--num-workers", "0", "--no-progress",
-    "--eval-resolution", "48", "--eval-batch-size", "4", "--kmeans-iters", "5", "--linear-epochs", "1",
-    "--accelerator", "cpu", "--device", "cpu", "--no-crf", "--shifts", "fixed", "--cluster-fit", "online",
-    "--steps", "4", "--ckpt-every", "2", "--log-every", "1",
-]
+TINY = ["--no-crf", "--shifts", "fixed", "--cluster-fit", "online", "--steps", "4", "--ckpt-every", "2",
+        "--log-every", "1"]  # on top of conftest's TINY_CLI
 
 
 @pytest.fixture
@@ -60,7 +55,7 @@ def put_label_value(label_path: Path, value: int) -> None:
 @pytest.mark.parametrize("option", [["--class-names", "a,b"], ["--n-classes", "2"]])
 def test_label_value_above_the_class_count_is_refused_before_any_work(data, tmp_path, capsys, option):
     out = tmp_path / "t"
-    assert main(["train", "--data-root", str(data), "--out", str(out), *TINY, *option]) == 2
+    assert main(["train", "--data-root", str(data), "--out", str(out), *tiny_cli("train", *TINY), *option]) == 2
     line = one_error_line(capsys)
     assert "holds the value 3" in line and "there are 2 classes" in line and option[0] in line
     assert "labels/train/" in line
@@ -71,7 +66,7 @@ def test_stray_value_in_labels_with_classes_txt_is_refused(data, tmp_path, capsy
     (data / "classes.txt").write_text("a\nb\nc\nd\n")
     victim = sorted((data / "labels" / "train").glob("*.png"))[3]
     put_label_value(victim, 50)
-    assert main(["train", "--data-root", str(data), "--out", str(tmp_path / "t"), *TINY]) == 2
+    assert main(["train", "--data-root", str(data), "--out", str(tmp_path / "t"), *tiny_cli("train", *TINY)]) == 2
     line = one_error_line(capsys)
     assert victim.name in line and "value 50" in line and "classes.txt" in line
 
@@ -80,7 +75,7 @@ def test_stray_value_without_classes_txt_does_not_invent_classes(data, tmp_path,
     (data / "classes.txt").unlink(missing_ok=True)
     victim = sorted((data / "labels" / "train").glob("*.png"))[2]
     put_label_value(victim, 50)
-    assert main(["train", "--data-root", str(data), "--out", str(tmp_path / "t"), *TINY]) == 2
+    assert main(["train", "--data-root", str(data), "--out", str(tmp_path / "t"), *tiny_cli("train", *TINY)]) == 2
     line = one_error_line(capsys)
     assert "cannot infer the number of classes" in line and victim.name in line and "--n-classes" in line
 
@@ -89,7 +84,7 @@ def test_out_of_range_value_in_val_is_refused_before_training(data, tmp_path, ca
     victim = sorted((data / "labels" / "val").glob("*.png"))[1]
     put_label_value(victim, 7)
     out = tmp_path / "r"
-    assert main(["run", "--data-root", str(data), "--out", str(out), *TINY]) == 2
+    assert main(["run", "--data-root", str(data), "--out", str(out), *tiny_cli("run", *TINY)]) == 2
     line = one_error_line(capsys)
     assert victim.name in line and "value 7" in line and "val split" in line
     assert not (out / "train").exists()
@@ -150,7 +145,7 @@ def test_rerun_after_deleting_a_corrupt_image_assigns_features_to_the_right_imag
     bad.write_bytes(b"not an image at all")
     shutil.copy(sorted((data / "labels" / "train").iterdir())[0], data / "labels" / "train" / "c_bad.png")
     out = tmp_path / "p"
-    assert main(["prepare", "--data-root", str(data), "--out", str(out), *TINY]) == 2
+    assert main(["prepare", "--data-root", str(data), "--out", str(out), *tiny_cli("prepare", *TINY)]) == 2
     assert "c_bad.png" in one_error_line(capsys)
     bad.unlink()
     (data / "labels" / "train" / "c_bad.png").unlink()
@@ -172,25 +167,25 @@ def test_rerun_after_deleting_a_corrupt_image_assigns_features_to_the_right_imag
 # --------------------------------------------------------------------------- 3. --overwrite / --resume
 def test_overwrite_clears_the_old_run_and_resume_refuses_changed_settings(data, tmp_path, capsys):
     out = tmp_path / "t"
-    assert main(["train", "--data-root", str(data), "--out", str(out), *TINY]) == 0
+    assert main(["train", "--data-root", str(data), "--out", str(out), *tiny_cli("train", *TINY)]) == 0
     (out / "selection.png").write_bytes(b"stale figure of an older run")
     (out / "my_notes.txt").write_text("the user's own file")
-    assert main(["train", "--data-root", str(data), "--out", str(out), *TINY, "--w-knn", "0.5", "--overwrite",
+    assert main(["train", "--data-root", str(data), "--out", str(out), *tiny_cli("train", *TINY), "--w-knn", "0.5", "--overwrite",
                  "--steps", "2"]) == 0
     assert not (out / "selection.png").exists() and (out / "my_notes.txt").exists()
     assert not (out / "lightning" / "step000004.ckpt").exists()  # the 4-step run's files are gone
     assert json.loads((out / "run_config.json").read_text())["w_knn"] == 0.5
     capsys.readouterr()
-    assert main(["train", "--data-root", str(data), "--out", str(out), *TINY, "--w-knn", "0.7", "--resume"]) == 2
+    assert main(["train", "--data-root", str(data), "--out", str(out), *tiny_cli("train", *TINY), "--w-knn", "0.7", "--resume"]) == 2
     line = one_error_line(capsys)
     assert "--w-knn 0.5 -> 0.7" in line and "--overwrite" in line
 
 
 def test_fresh_start_never_trains_on_top_of_an_unfinished_run(data, tmp_path, capsys):
     out = tmp_path / "t"
-    assert main(["train", "--data-root", str(data), "--out", str(out), *TINY]) == 0
+    assert main(["train", "--data-root", str(data), "--out", str(out), *tiny_cli("train", *TINY)]) == 0
     (out / "checkpoint.pt").unlink()  # as if the run had been killed before the end
-    assert main(["train", "--data-root", str(data), "--out", str(out), *TINY]) == 2
+    assert main(["train", "--data-root", str(data), "--out", str(out), *tiny_cli("train", *TINY)]) == 2
     assert "--resume" in one_error_line(capsys)
 
 
@@ -199,8 +194,8 @@ def test_resume_keeps_the_training_log_of_the_steps_before(data, tmp_path):
     import csv
 
     out = tmp_path / "t"
-    assert main(["train", "--data-root", str(data), "--out", str(out), *TINY]) == 0
-    assert main(["train", "--data-root", str(data), "--out", str(out), *TINY, "--steps", "8", "--resume"]) == 0
+    assert main(["train", "--data-root", str(data), "--out", str(out), *tiny_cli("train", *TINY)]) == 0
+    assert main(["train", "--data-root", str(data), "--out", str(out), *tiny_cli("train", *TINY), "--steps", "8", "--resume"]) == 0
     with open(out / "logs" / "metrics.csv") as f:
         steps = sorted({int(r["step"]) for r in csv.DictReader(f) if r["loss/loss"]})
     assert steps == list(range(8))
@@ -210,7 +205,7 @@ def test_resume_keeps_the_training_log_of_the_steps_before(data, tmp_path):
 def test_two_prepares_into_one_cache_take_turns(data, tmp_path):
     cache = tmp_path / "shared-cache"
     cmd = [sys.executable, "-c", "import sys; from stegoseg.cli import main; sys.exit(main(sys.argv[1:]))",
-           "prepare", "--data-root", str(data), "--cache-dir", str(cache), *TINY]
+           "prepare", "--data-root", str(data), "--cache-dir", str(cache), *tiny_cli("prepare", *TINY)]
     procs = [subprocess.Popen(cmd + ["--out", str(tmp_path / f"o{i}")], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE) for i in range(2)]
     results = [p.communicate(timeout=300) for p in procs]
@@ -229,7 +224,7 @@ def checkpoint(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("ck")
     data = make_synthetic_dataset(root / "data", n_train=10, n_val=4, size=(48, 64))
-    assert main(["baseline", "--data-root", str(data), "--out", str(root / "b"), *TINY, "--max-eval-images", "2"]) == 0
+    assert main(["baseline", "--data-root", str(data), "--out", str(root / "b"), *tiny_cli("baseline", *TINY), "--max-eval-images", "2"]) == 0
     return root / "b" / "checkpoint.pt"
 
 
@@ -296,7 +291,7 @@ def test_prepare_into_a_full_disk_fails_before_writing(data, tmp_path, capsys, m
 
     monkeypatch.setattr(preflight, "free_bytes", lambda folder: 1000)
     out = tmp_path / "p"
-    assert main(["prepare", "--data-root", str(data), "--out", str(out), *TINY]) == 2
+    assert main(["prepare", "--data-root", str(data), "--out", str(out), *tiny_cli("prepare", *TINY)]) == 2
     line = one_error_line(capsys)
     assert "not enough disk space for the feature cache" in line and "1.0 KB are free" in line and "--cache-dir" in line
     assert not [p for p in (out / "cache").iterdir() if not p.name.startswith(".")]
@@ -308,7 +303,7 @@ def test_allocation_failure_is_one_line_and_leaves_no_cache(data, tmp_path, caps
 
     monkeypatch.setattr(os, "posix_fallocate", full)
     out = tmp_path / "p"
-    assert main(["prepare", "--data-root", str(data), "--out", str(out), *TINY]) == 2
+    assert main(["prepare", "--data-root", str(data), "--out", str(out), *tiny_cli("prepare", *TINY)]) == 2
     assert "disk full while allocating" in one_error_line(capsys)
     assert not [p for p in (out / "cache").iterdir() if not p.name.startswith(".")]
 
@@ -320,7 +315,7 @@ def test_training_checks_checkpoint_space_first(data, tmp_path, capsys, monkeypa
     out = tmp_path / "t"
     prepare(tiny_config(data), out)  # the cache fits; the checkpoints will not
     monkeypatch.setattr(preflight, "free_bytes", lambda folder: 10_000)
-    assert main(["train", "--data-root", str(data), "--out", str(out), *TINY]) == 2
+    assert main(["train", "--data-root", str(data), "--out", str(out), *tiny_cli("train", *TINY)]) == 2
     assert "training checkpoints" in one_error_line(capsys)
     assert not (out / "lightning").exists()
 
@@ -347,7 +342,7 @@ def test_missing_val_split_is_reported_before_prepare(data, tmp_path, capsys):
     shutil.rmtree(data / "imgs" / "val")
     shutil.rmtree(data / "labels" / "val")
     out = tmp_path / "r"
-    assert main(["run", "--data-root", str(data), "--out", str(out), *TINY]) == 2
+    assert main(["run", "--data-root", str(data), "--out", str(out), *tiny_cli("run", *TINY)]) == 2
     line = one_error_line(capsys)
     assert "validation split 'val'" in line and "--val-split" in line
     assert no_feature_cache(out)
@@ -360,7 +355,7 @@ def test_file_errors_from_the_environment_are_one_line(tmp_path, capsys, monkeyp
         raise PermissionError(errno.EACCES, "Permission denied", "/data/locked/x.npy")
 
     monkeypatch.setattr(pipeline, "prepare", denied)
-    assert main(["prepare", "--dataset", "synthetic", "--out", str(tmp_path / "p"), *TINY]) == 2
+    assert main(["prepare", "--dataset", "synthetic", "--out", str(tmp_path / "p"), *tiny_cli("prepare", *TINY)]) == 2
     line = one_error_line(capsys)
     assert "/data/locked/x.npy" in line and "permission denied" in line.lower()
 
@@ -386,14 +381,14 @@ def test_evaluate_checks_its_output_folder_first(checkpoint, tmp_path, capsys):
 ])
 def test_bad_options_fail_at_once(data, tmp_path, capsys, option, message):
     out = tmp_path / "t"
-    assert main(["train", "--data-root", str(data), "--out", str(out), *TINY, *option]) == 2
+    assert main(["run", "--data-root", str(data), "--out", str(out), *tiny_cli("run", *TINY), *option]) == 2
     assert message in one_error_line(capsys)
     assert not out.exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
 def test_gpu_options_without_a_gpu(data, tmp_path, capsys):
-    assert main(["train", "--data-root", str(data), "--out", str(tmp_path / "t"), *TINY, "--accelerator", "gpu"]) == 2
+    assert main(["train", "--data-root", str(data), "--out", str(tmp_path / "t"), *tiny_cli("train", *TINY), "--accelerator", "gpu"]) == 2
     assert "no CUDA GPU" in one_error_line(capsys)
     assert main(["segment", "x.pt", "y.png", "--device", "cuda"]) == 2
     assert "no CUDA GPU" in one_error_line(capsys)
@@ -401,7 +396,7 @@ def test_gpu_options_without_a_gpu(data, tmp_path, capsys):
 
 def test_dangling_symlink_in_a_dataset_is_named(data, tmp_path, capsys):
     os.symlink(tmp_path / "gone.jpg", data / "imgs" / "train" / "zz.jpg")
-    assert main(["train", "--data-root", str(data), "--out", str(tmp_path / "t"), *TINY]) == 2
+    assert main(["train", "--data-root", str(data), "--out", str(tmp_path / "t"), *tiny_cli("train", *TINY)]) == 2
     line = one_error_line(capsys)
     assert "zz.jpg is a link to a missing file" in line
 
@@ -445,10 +440,10 @@ def test_truncated_last_checkpoint_resumes_from_an_earlier_one(data, tmp_path, c
 
 def test_unreadable_checkpoints_on_resume_end_in_one_line(data, tmp_path, capsys):
     out = tmp_path / "t"
-    assert main(["train", "--data-root", str(data), "--out", str(out), *TINY]) == 0
+    assert main(["train", "--data-root", str(data), "--out", str(out), *tiny_cli("train", *TINY)]) == 0
     for path in (out / "lightning").glob("*.ckpt"):
         path.write_bytes(b"garbage")
-    assert main(["train", "--data-root", str(data), "--out", str(out), *TINY, "--resume"]) == 2
+    assert main(["train", "--data-root", str(data), "--out", str(out), *tiny_cli("train", *TINY), "--resume"]) == 2
     line = one_error_line(capsys)
     assert "no checkpoint in" in line and "weights_only" not in line
 
@@ -459,7 +454,7 @@ def test_resume_after_a_kill_during_prepare_continues(data, tmp_path):
     out = tmp_path / "r"
     cfg = resolve_run_paths(tiny_config(data), out)
     cfg.save(out / "config.yaml")  # what `run` had written when it was killed in prepare
-    args = ["run", "--data-root", str(data), "--out", str(out), *TINY, "--resume", "--no-baseline"]
+    args = ["run", "--data-root", str(data), "--out", str(out), *tiny_cli("run", *TINY), "--resume", "--no-baseline"]
     assert main(args) == 0
     assert (out / "report.md").exists()
 
@@ -508,12 +503,12 @@ def test_checkpoint_errors_never_suggest_weights_only_false(checkpoint, tmp_path
 
 def test_resume_loads_lightning_checkpoints_weights_only(data, tmp_path, capsys):
     out = tmp_path / "t"
-    assert main(["train", "--data-root", str(data), "--out", str(out), *TINY]) == 0
+    assert main(["train", "--data-root", str(data), "--out", str(out), *tiny_cli("train", *TINY)]) == 0
     for path in (out / "lightning").glob("*.ckpt"):
         state = torch.load(path, weights_only=True)
         state["smuggled"] = NotATensor()  # arbitrary objects must never be unpickled on resume
         torch.save(state, path)
-    assert main(["train", "--data-root", str(data), "--out", str(out), *TINY, "--resume"]) == 2
+    assert main(["train", "--data-root", str(data), "--out", str(out), *tiny_cli("train", *TINY), "--resume"]) == 2
     assert "can be read" in one_error_line(capsys)
 
 

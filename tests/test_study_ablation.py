@@ -27,7 +27,7 @@ def test_variants_parse_and_change_one_thing(synthetic_root):
 
 
 def test_ablate_command_writes_the_table(synthetic_root, tmp_path, capsys):
-    from test_cli import TINY
+    from conftest import TINY_CLI as TINY
 
     parser = argparse.ArgumentParser(prog="stegoseg")
     add_cli(parser.add_subparsers(dest="command"))

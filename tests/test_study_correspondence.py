@@ -75,6 +75,44 @@ def test_histogram_ap_matches_exact_and_sklearn():
     assert coarse.average_precision() == pytest.approx(average_precision_exact(binned, positive), abs=1e-10)
 
 
+def test_ap_and_pr_on_a_hand_checked_example():
+    # ranked: + - + -  ->  precision 1, 1/2, 2/3, 1/2 at recall 1/2, 1/2, 1, 1
+    # AP = (1/2 - 0) * 1 + (1 - 1/2) * 2/3 = (1 + 2/3) / 2
+    scores = np.array([0.9, 0.8, 0.7, 0.6])
+    positive = np.array([1, 0, 1, 0], dtype=bool)
+    want = (1 + 2 / 3) / 2
+    assert average_precision_exact(scores, positive) == pytest.approx(want, abs=1e-12)
+    # bins of width 0.001 keep the four scores apart: the binned AP is the same number
+    h = _hist_ap(scores, positive)
+    assert h.average_precision() == pytest.approx(want, abs=1e-12)
+    precision, recall, thresholds = h.pr_curve()
+    np.testing.assert_allclose(precision, [1, 1 / 2, 2 / 3, 1 / 2])
+    np.testing.assert_allclose(recall, [1 / 2, 1 / 2, 1, 1])
+    np.testing.assert_allclose(thresholds, [0.9, 0.8, 0.7, 0.6], atol=1e-3)  # lower bin edges
+    assert np.all(thresholds <= scores + 1e-9) and np.all(np.diff(thresholds) < 0)
+    # tied scores are one threshold: (+, -) tied on top, then (+, -) -> AP = 1/2 * 1/2 + 1/2 * 1/2
+    tied = np.array([0.9, 0.9, 0.5, 0.5])
+    assert average_precision_exact(tied, positive) == pytest.approx(0.5, abs=1e-12)
+    assert _hist_ap(tied, positive).average_precision() == pytest.approx(0.5, abs=1e-12)
+    # no positive: AP undefined, empty PR curve
+    assert np.isnan(average_precision_exact(scores, np.zeros(4, dtype=bool)))
+    empty = _hist_ap(scores, np.zeros(4, dtype=bool))
+    assert np.isnan(empty.average_precision()) and all(len(a) == 0 for a in empty.pr_curve())
+
+
+def test_fine_binned_ap_matches_the_exact_ap():
+    rng = np.random.default_rng(7)
+    positive = rng.random(20000) < 0.25
+    scores = np.clip(rng.normal(0, 0.3, 20000) + 0.25 * positive, -1, 1)
+    exact = average_precision_exact(scores, positive)
+    fine = _hist_ap(scores, positive, bins=20000)  # bins of width 1e-4
+    assert abs(fine.average_precision() - exact) < 1e-3
+    # the binned PR curve ends at full recall with the positive rate as precision
+    precision, recall, _ = fine.pr_curve()
+    assert recall[-1] == pytest.approx(1.0) and precision[-1] == pytest.approx(positive.mean())
+    assert np.all(np.diff(recall) >= 0)
+
+
 def test_crf_kernel_source_is_the_bilateral_kernel():
     src = parse_source("crf", has_checkpoint=False)
     assert (src.sxy, src.srgb) == (67.0, 3.0) and src.metric == "log_kernel"

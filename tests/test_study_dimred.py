@@ -104,7 +104,7 @@ def test_projection_probes_run_and_identity_head_reproduces_the_baseline(synthet
 def test_study_dimred_command_end_to_end(synthetic_root, tmp_path, capsys):
     import argparse
 
-    from test_cli import TINY
+    from conftest import TINY_CLI as TINY
 
     parser = argparse.ArgumentParser(prog="stegoseg")
     add_cli(parser.add_subparsers(dest="command"))

@@ -2,16 +2,20 @@
 
 One class serves every method: the raw-feature baseline has no head (the code is the
 backbone's features), STEGO has its :class:`~stegoseg.nn.heads.SegmentationHead`. A
-checkpoint is one self-contained file (see :meth:`SegmentationModel.save`).
+checkpoint is one self-contained file (see :meth:`SegmentationModel.save`), or a folder
+in the hub-mixin layout of segmentation_models_pytorch and timm, ``config.json`` plus
+``model.safetensors`` (see :meth:`SegmentationModel.save_pretrained`); both hold the same
+checkpoint dict (:meth:`SegmentationModel.state_for_checkpoint`).
 
 Python use::
 
-    model = stegoseg.load("run/checkpoint.pt")
+    model = stegoseg.load("run/checkpoint.pt")   # or a save_pretrained folder
     labels = model.segment(pil_image)            # (H, W) int array, cluster classes
     code = model.code(batch01)                   # (B, K, h, w)
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -23,13 +27,21 @@ from PIL import Image
 
 from stegoseg.backbones.backbone import create_backbone
 from stegoseg.data.base import pil_to_tensor
+from stegoseg.data.transforms import minor_side_size
 from stegoseg.errors import StegosegError
-from stegoseg.evaluation.crf import CRFParams, crf_batch, crf_job
+from stegoseg.evaluation.crf import CRFParams, crf_job, image_to_uint8
+from stegoseg.evaluation.crf import crf_pool as _open_crf_pool
 from stegoseg.nn.heads import build_head
 from stegoseg.nn.probes import ClusterProbe, LinearProbe
 
 CHECKPOINT_FORMAT = "stegoseg"
 CHECKPOINT_VERSION = 1
+# The save_pretrained folder: the checkpoint dict without its tensors, and the tensors.
+PRETRAINED_CONFIG = "config.json"
+PRETRAINED_WEIGHTS = "model.safetensors"
+# Where the checkpoint dict holds state dicts; in a save_pretrained folder each one is
+# replaced by the key prefix of its tensors in model.safetensors ("backbone." etc.).
+_STATE_DICT_SLOTS = (("backbone", "state_dict"), ("head", "state_dict"), ("cluster_probe",), ("linear_probe",))
 
 
 def build_backbone(spec: dict, weights: Optional[str] = None):
@@ -111,6 +123,10 @@ class SegmentationModel(nn.Module):
         return code
 
     # ----------------------------------------------------------------- prediction
+    # ``predict`` and ``segment_batch`` differ only in how the network input is made and at
+    # which size the labels come out; from the ready network input on they share
+    # :meth:`_label_maps` (code -> crop to the image -> bilinear upsample -> probe ->
+    # argmax or dense CRF) and :meth:`_run_crf`.
     def predict(
         self,
         images01: torch.Tensor,
@@ -121,38 +137,93 @@ class SegmentationModel(nn.Module):
         crf_pool=None,
         crf_workers: int = 1,
     ) -> dict:
-        """Hard predictions for a batch of [0, 1] images.
+        """Hard predictions for a batch of [0, 1] images that is already the network input.
 
         Returns {"cluster": (B, H, W) cluster ids, "linear": (B, H, W) class ids or None}
         at ``out_size`` (default: the images' size). The code is upsampled bilinearly to
         that size before the probes, as in the published protocol; with ``crf`` the
         probes' outputs are refined by the dense CRF (which needs ``out_size`` equal to
-        the image size).
+        the image size) on the 8-bit batch (truncated with ``crf_params.reference_input``).
+
+        This is the evaluation entry point: the batch comes from the dataset's transform
+        (:class:`~stegoseg.data.transforms.EvalTransform`) and is not resized here.
+        :meth:`segment_batch` is the same computation for raw images of any size: it
+        resizes each to the network size itself (:func:`_resize_minor`, the geometry of
+        ``EvalTransform(resolution, crop="none", image_resample="bilinear")``) and returns
+        labels at each image's original size, with the CRF on the original image.
         """
         images01 = images01.to(self.device)
-        size = tuple(out_size) if out_size is not None else tuple(images01.shape[-2:])
-        with torch.no_grad():
-            code = self.code(images01, flip=flip)
-            # Crop padding: the features cover ceil(H/p) patches; map exactly onto the image.
-            code = _crop_to_image(code, images01.shape[-2:], self.backbone.patch_size)
-            code = F.interpolate(code, size=size, mode="bilinear", align_corners=False)
-            cluster_logits = self.cluster_probe.log_probs(code)
-            linear_logits = self.linear_probe(code) if self.linear_probe is not None else None
-        if crf:
-            if size != tuple(images01.shape[-2:]):
-                raise StegosegError("the CRF needs predictions at image size: pass out_size=None")
-            images_cpu = images01.cpu()
-            out = {"cluster": crf_batch(images_cpu, cluster_logits.cpu(), crf_params, crf_workers, crf_pool)}
-            out["linear"] = (
-                crf_batch(images_cpu, linear_logits.cpu(), crf_params, crf_workers, crf_pool)
-                if linear_logits is not None
-                else None
-            )
-            return out
+        image_size = tuple(images01.shape[-2:])
+        size = tuple(out_size) if out_size is not None else image_size
+        if crf and size != image_size:
+            raise StegosegError("the CRF needs predictions at image size: pass out_size=None")
+        probes = ("cluster", "linear") if self.linear_probe is not None else ("cluster",)
+        crf_images = (
+            [image_to_uint8(image, truncate=crf_params.reference_input) for image in images01.cpu()] if crf else None
+        )
+        outputs = self._label_maps(images01, [size] * len(images01), flip, probes, crf_images, crf_params)
+        self._run_crf(outputs, crf_pool, crf_workers)
         return {
-            "cluster": cluster_logits.argmax(1).cpu(),
-            "linear": linear_logits.argmax(1).cpu() if linear_logits is not None else None,
+            probe: torch.from_numpy(np.stack([out[probe] for out in outputs])) if probe in probes else None
+            for probe in ("cluster", "linear")
         }
+
+    def _label_maps(
+        self,
+        x: torch.Tensor,
+        sizes: Sequence[tuple],
+        flip: bool,
+        probes: Sequence[str],
+        crf_images: Optional[Sequence[np.ndarray]] = None,
+        crf_params: Optional[CRFParams] = None,
+    ) -> list:
+        """The shared path from a ready network input ``x`` (B, 3, h, w) in [0, 1] on the model's device.
+
+        Code (flip-averaged with ``flip``) -> crop the padded grid to the image -> bilinear
+        upsample to ``sizes[i]`` = (H, W) of image i -> each probe of ``probes``. Returns
+        one dict per image, probe -> (H, W) int64 labels, or with ``crf_images`` (one
+        (H, W, 3) uint8 RGB image at ``sizes[i]`` per image) probe -> a pending CRF job
+        that :meth:`_run_crf` turns into labels.
+        """
+        with torch.no_grad():
+            code = _crop_to_image(self.code(x, flip=flip), x.shape[-2:], self.backbone.patch_size)
+        outputs: list = [{} for _ in sizes]
+        groups: dict = {}
+        for i, size in enumerate(sizes):
+            groups.setdefault(tuple(int(v) for v in size), []).append(i)
+        for size, idx in groups.items():  # one upsampling per output size
+            with torch.no_grad():
+                c = code if len(idx) == len(sizes) else code[idx]
+                c = F.interpolate(c, size=size, mode="bilinear", align_corners=False)
+                for probe in probes:
+                    logits = self.cluster_probe.log_probs(c) if probe == "cluster" else self.linear_probe(c)
+                    if crf_images is None:
+                        labels = logits.argmax(1).cpu().numpy().astype(np.int64)
+                        for j, i in enumerate(idx):
+                            outputs[i][probe] = labels[j]
+                    else:
+                        for j, i in enumerate(idx):
+                            # RGB uint8 (read-only views are fine: dense_crf copies); BGR flip there
+                            outputs[i][probe] = (crf_images[i], logits[j].float().cpu().numpy(), crf_params)
+        return outputs
+
+    @staticmethod
+    def _run_crf(outputs: list, pool=None, workers: int = 1) -> None:
+        """Replace the pending CRF jobs in ``outputs`` (from :meth:`_label_maps`) by their labels,
+        in ``pool`` if given, else in ``workers`` processes (1 = inline)."""
+        slots = [(out, probe) for out in outputs for probe, value in out.items() if isinstance(value, tuple)]
+        if not slots:
+            return
+        jobs = [out[probe] for out, probe in slots]
+        if pool is not None:
+            refined = list(pool.map(crf_job, jobs))
+        elif workers > 1:
+            with _open_crf_pool(workers) as ex:
+                refined = list(ex.map(crf_job, jobs))
+        else:
+            refined = [crf_job(job) for job in jobs]
+        for (out, probe), labels in zip(slots, refined):
+            out[probe] = labels
 
     def segment(
         self,
@@ -199,7 +270,14 @@ class SegmentationModel(nn.Module):
     ) -> list:
         """Label maps for several images of any sizes; images whose network size agrees run as one batch.
 
-        Each image may be anything :meth:`segment` accepts; ``crf_params`` as there.
+        Each image may be anything :meth:`segment` accepts; ``crf_params`` as there. The one
+        intended difference from :meth:`predict`: here each image is resized to the network
+        size by :func:`_resize_minor` (bilinear, minor side ``resolution``, long side
+        truncated as in the evaluation transform) and labels come back at its original
+        size, the CRF running on the original image; :meth:`predict` takes a batch that is
+        already the network input. So ``segment_batch([im], resolution=r)`` equals
+        ``predict(EvalTransform(r, crop="none", image_resample="bilinear")(im)[0][None],
+        out_size=(H, W))`` for an image of size (H, W), flip and CRF settings alike.
         """
         from stegoseg.data.io import image_from_array_or_pil
 
@@ -217,28 +295,16 @@ class SegmentationModel(nn.Module):
         groups: dict = {}
         for i, net in enumerate(nets):
             groups.setdefault(net.size, []).append(i)
-        results: list = [None] * len(pil)
-        crf_jobs: list = []
+        outputs: list = [None] * len(pil)
         for idx in groups.values():
             x = torch.stack([pil_to_tensor(nets[i]) for i in idx]).to(self.device)
-            with torch.no_grad():
-                code = _crop_to_image(self.code(x, flip=flip), x.shape[-2:], self.backbone.patch_size)
-            for j, i in enumerate(idx):
-                w, h = pil[i].size
-                with torch.no_grad():
-                    c = F.interpolate(code[j : j + 1], size=(h, w), mode="bilinear", align_corners=False)
-                    logits = self.cluster_probe.log_probs(c) if probe == "cluster" else self.linear_probe(c)
-                if crf:
-                    # RGB uint8 (read-only view: dense_crf copies it); BGR flip there with reference_input
-                    crf_jobs.append((i, (np.asarray(pil[i], dtype=np.uint8), logits[0].float().cpu().numpy(), params)))
-                else:
-                    results[i] = logits.argmax(1)[0].cpu().numpy().astype(np.int64)
-        if crf_jobs:
-            order, jobs = zip(*crf_jobs)
-            refined = crf_pool.map(crf_job, jobs) if crf_pool is not None else map(crf_job, jobs)
-            for i, labels in zip(order, refined):
-                results[i] = labels
-        return results
+            sizes = [(pil[i].height, pil[i].width) for i in idx]
+            # the CRF gets the original 8-bit RGB image (read-only view: dense_crf copies it)
+            crf_images = [np.asarray(pil[i], dtype=np.uint8) for i in idx] if crf else None
+            for i, out in zip(idx, self._label_maps(x, sizes, flip, (probe,), crf_images, params)):
+                outputs[i] = out
+        self._run_crf(outputs, crf_pool)  # all groups' CRF jobs in one round
+        return [out[probe] for out in outputs]
 
     # ----------------------------------------------------------------- persistence
     def state_for_checkpoint(self, include_backbone: Optional[bool] = None) -> dict:
@@ -288,6 +354,93 @@ class SegmentationModel(nn.Module):
                                 "or choose another --out); nothing was written") from None
         return path
 
+    def save_pretrained(self, directory, include_backbone: Optional[bool] = None) -> Path:
+        """Save the model as a folder in the hub-mixin layout (segmentation_models_pytorch, timm).
+
+        ``config.json``: the checkpoint dict of :meth:`state_for_checkpoint` without its
+        tensors (format tag and version, method, backbone spec with weights source and
+        SHA-256 and ``weights_stored``, head kind and sizes, n_clusters, n_classes,
+        class_names, the run config); each state dict is replaced by the key prefix of its
+        tensors in ``model.safetensors`` ("backbone.", "head.", "cluster_probe.",
+        "linear_probe."), or null where there is none. ``include_backbone`` as in
+        :meth:`save`: by default the backbone's weights are stored unless they can be
+        rebuilt from the hub. Load with :meth:`from_pretrained` or :func:`load`.
+
+        JSON has no tuples: tuples of the run config come back as lists.
+        """
+        directory = Path(directory)
+        config, tensors = _split_checkpoint(self.state_for_checkpoint(include_backbone))
+        weights_path, config_path = directory / PRETRAINED_WEIGHTS, directory / PRETRAINED_CONFIG
+        tmp_weights = weights_path.with_name(weights_path.name + ".tmp")
+        tmp_config = config_path.with_name(config_path.name + ".tmp")
+        try:
+            text = json.dumps(config, indent=2) + "\n"
+        except (TypeError, ValueError) as exc:
+            raise StegosegError(f"cannot save the model to {directory}: its config is not JSON ({exc}); "
+                                "nothing was written") from None
+        from safetensors.torch import save_file
+
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            # Without config.json the folder reads as incomplete: drop the old one before
+            # replacing the tensors, write the new one last.
+            config_path.unlink(missing_ok=True)
+            save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
+            tmp_config.write_text(text)
+            tmp_weights.replace(weights_path)
+            tmp_config.replace(config_path)
+        except (OSError, RuntimeError, ValueError) as exc:
+            tmp_weights.unlink(missing_ok=True)
+            tmp_config.unlink(missing_ok=True)
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise StegosegError(f"cannot write the model folder {directory}: {first} (free disk space or choose "
+                                "another folder); no complete model was written there") from None
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory, weights: Optional[str] = None, device: str = "cpu") -> "SegmentationModel":
+        """Load a folder written by :meth:`save_pretrained`, with the checks of :func:`load`.
+
+        ``weights``: a local backbone weights file, for folders saved without the backbone
+        whose spec names hub weights (or to replace the stored backbone).
+        """
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise StegosegError(f"model folder {directory} does not exist: pass a folder written by save_pretrained")
+        config_path, weights_path = directory / PRETRAINED_CONFIG, directory / PRETRAINED_WEIGHTS
+        if not config_path.is_file():
+            raise StegosegError(f"model folder {directory} has no {PRETRAINED_CONFIG} (an incomplete copy, or not a "
+                                "folder written by save_pretrained)")
+        try:
+            config = json.loads(config_path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise StegosegError(f"cannot read {PRETRAINED_CONFIG} of model folder {directory} ({reason}): use a "
+                                "folder written by save_pretrained") from None
+        if not isinstance(config, dict) or config.get("format") != CHECKPOINT_FORMAT:
+            raise StegosegError(f"model folder {directory} is not a stegoseg model ({PRETRAINED_CONFIG} has no "
+                                f"'format': '{CHECKPOINT_FORMAT}' tag): pass a folder written by save_pretrained")
+        version = config.get("version")
+        if not isinstance(version, int) or version > CHECKPOINT_VERSION:
+            raise StegosegError(f"model folder {directory} has format version {version!r}; this stegoseg reads "
+                                f"version {CHECKPOINT_VERSION} and older (written by a newer stegoseg?)")
+        if not weights_path.is_file():
+            raise StegosegError(f"model folder {directory} has no {PRETRAINED_WEIGHTS} (an incomplete copy?): use "
+                                "the whole folder save_pretrained wrote")
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(str(weights_path), device="cpu")
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+            reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise StegosegError(f"cannot read {PRETRAINED_WEIGHTS} of model folder {directory} ({reason}): the file "
+                                "is truncated or corrupt (an interrupted copy or a full disk?)") from None
+        return _checked_model(
+            lambda: cls.from_checkpoint(_join_checkpoint(config, tensors), weights=weights, device=device),
+            what=f"model folder {directory}",
+            remedy="use the folder save_pretrained wrote",
+        )
+
     @classmethod
     def from_checkpoint(cls, ckpt: dict, weights: Optional[str] = None, device: str = "cpu") -> "SegmentationModel":
         bb = ckpt["backbone"]
@@ -325,11 +478,21 @@ def _build_head(entry: dict) -> nn.Module:
 
 
 def _resize_minor(image: Image.Image, resolution: Optional[int]) -> Image.Image:
+    """The network input of :meth:`SegmentationModel.segment_batch`: ``image`` resized
+    bilinearly so that its minor side is ``resolution`` (None or 0: unchanged).
+
+    The size is :func:`~stegoseg.data.transforms.minor_side_size`'s, the evaluation
+    transform's (the minor side exactly ``resolution``, the long side truncated like
+    torchvision's ``Resize``), so an image segmented here and the same image through
+    ``EvalTransform(resolution, crop="none")`` reach the network at the same size.
+    (Rounding the long side instead, as before, gave a network input one pixel longer
+    for e.g. a 31 x 20 image at resolution 16: 25 x 16 against the transform's 24 x 16.)
+    """
     if not resolution:
         return image
-    w, h = image.size
-    scale = resolution / min(w, h)
-    return image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
+    size = minor_side_size(image.width, image.height, int(resolution))
+    size = (max(1, size[0]), max(1, size[1]))
+    return image if size == image.size else image.resize(size, Image.BILINEAR)
 
 
 def _crop_to_image(code: torch.Tensor, image_size, patch: int) -> torch.Tensor:
@@ -348,34 +511,101 @@ def _crop_to_image(code: torch.Tensor, image_size, patch: int) -> torch.Tensor:
 
 
 def load(path, weights: Optional[str] = None, device: str = "cpu") -> SegmentationModel:
-    """Load a stegoseg checkpoint file (needs no config files).
+    """Load a stegoseg checkpoint file, or a folder written by
+    :meth:`SegmentationModel.save_pretrained` (needs no config files).
 
     ``weights``: a local backbone weights file, for checkpoints that name hub weights
     when there is no network.
     """
     path = Path(path)
+    if path.is_dir():
+        return SegmentationModel.from_pretrained(path, weights=weights, device=device)
     if not path.is_file():
-        raise StegosegError(f"checkpoint {path} does not exist: pass the .pt file a `stegoseg train` run wrote")
+        raise StegosegError(f"checkpoint {path} does not exist: pass the .pt file a `stegoseg train` run wrote "
+                            "(or a folder written by save_pretrained)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling problem is a bad file
         raise StegosegError(f"cannot read checkpoint {path}: {_load_failure(exc)}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise StegosegError(f"{path} is not a stegoseg checkpoint (no format tag): pass a file written by stegoseg")
+    return _checked_model(
+        lambda: SegmentationModel.from_checkpoint(ckpt, weights=weights, device=device),
+        what=f"checkpoint {path}",
+        remedy="use the file a stegoseg run wrote",
+    )
+
+
+def _checked_model(build, what: str, remedy: str) -> SegmentationModel:
+    """``build()`` (a model from a checkpoint dict) with the checks both saved formats share:
+    a dict that does not fit the model, or NaN/inf weights, is one StegosegError line
+    naming ``what`` (the file or folder)."""
     try:
-        model = SegmentationModel.from_checkpoint(ckpt, weights=weights, device=device)
+        model = build()
     except StegosegError:
         raise
-    except (KeyError, RuntimeError, TypeError, ValueError) as exc:
+    except (KeyError, RuntimeError, TypeError, ValueError, AttributeError) as exc:
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise StegosegError(f"checkpoint {path} is damaged or was edited ({reason}): use the file a stegoseg run "
-                            "wrote") from None
+        raise StegosegError(f"{what} is damaged or was edited ({reason}): {remedy}") from None
     bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
-        raise StegosegError(f"checkpoint {path} holds NaN or infinite weights ({bad[0]}"
+        raise StegosegError(f"{what} holds NaN or infinite weights ({bad[0]}"
                             f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}): the run that wrote it diverged "
                             "or the file is damaged")
     return model
+
+
+def _split_checkpoint(ckpt: dict) -> tuple:
+    """A checkpoint dict -> (its JSON part, its tensors): each state dict (see
+    ``_STATE_DICT_SLOTS``) becomes the key prefix of its tensors, or stays None; the
+    backbone entry also records ``weights_stored``. Inverse: :func:`_join_checkpoint`."""
+    config = dict(ckpt)
+    tensors: dict = {}
+    for slot in _STATE_DICT_SLOTS:
+        parent = config
+        for key in slot[:-1]:
+            if parent.get(key) is None:
+                break
+            parent[key] = dict(parent[key])  # copy: the caller's dict stays as it was
+            parent = parent[key]
+        else:
+            state = parent.get(slot[-1])
+            prefix = f"{slot[0]}."
+            if state is not None:
+                for name, tensor in state.items():
+                    tensors[prefix + name] = tensor.detach().cpu().contiguous()
+            parent[slot[-1]] = prefix if state is not None else None
+    config["backbone"]["weights_stored"] = config["backbone"]["state_dict"] is not None
+    return config, tensors
+
+
+def _join_checkpoint(config: dict, tensors: dict) -> dict:
+    """The checkpoint dict of a save_pretrained folder's ``config.json`` and tensors."""
+    ckpt = dict(config)
+    used = set()
+    for slot in _STATE_DICT_SLOTS:
+        parent = ckpt
+        for key in slot[:-1]:
+            if parent.get(key) is None:
+                break
+            parent[key] = dict(parent[key])
+            parent = parent[key]
+        else:
+            prefix = parent.get(slot[-1])
+            if prefix is None:
+                continue
+            if prefix != f"{slot[0]}.":
+                raise ValueError(f"{'.'.join(slot)} names tensors {prefix!r}, expected '{slot[0]}.'")
+            state = {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
+            used.update(prefix + name for name in state)
+            parent[slot[-1]] = state
+    backbone = ckpt["backbone"]
+    if backbone.pop("weights_stored", None) not in (None, backbone.get("state_dict") is not None):
+        raise ValueError("backbone.weights_stored disagrees with backbone.state_dict")
+    unknown = sorted(set(tensors) - used)
+    if unknown:
+        raise ValueError(f"{PRETRAINED_WEIGHTS} holds tensors no part of the model takes ({unknown[0]})")
+    return ckpt
 
 
 def _load_failure(exc: Exception) -> str:

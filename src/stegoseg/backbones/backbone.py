@@ -201,7 +201,7 @@ class Backbone(nn.Module):
         """
         if x.dim() != 4:
             raise ValueError(f"expected a batch of shape (B, 3, H, W), got {tuple(x.shape)}")
-        batch, _, height, width = x.shape
+        height, width = x.shape[-2:]
         p = self.patch_size
         if height % p or width % p:
             raise StegosegError(
@@ -210,10 +210,13 @@ class Backbone(nn.Module):
                 f"that is a multiple of {p}"
             )
         if self.family == "vit":
-            tokens = self.model.forward_features(x)  # (B, prefix + h*w, C), after final norm
-            tokens = tokens[:, self.model.num_prefix_tokens:]  # drop CLS + register tokens
-            grid_h, grid_w = height // p, width // p
-            return tokens.reshape(batch, grid_h, grid_w, tokens.shape[-1]).permute(0, 3, 1, 2).contiguous()
+            # timm: the last block's patch tokens after the final norm (CLS and register
+            # tokens dropped) as a (B, C, h, w) map; it goes through model._pos_embed, so
+            # pos_embed="dino" applies. Bit-identical to forward_features + drop + reshape.
+            (feats,) = self.model.forward_intermediates(
+                x, indices=1, norm=True, output_fmt="NCHW", intermediates_only=True
+            )
+            return feats
         model = self.model
         x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
         x = model.layer1(x)

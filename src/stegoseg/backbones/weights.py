@@ -180,15 +180,11 @@ def _env_flag(name: str) -> bool:
 
 
 def _hub_offline() -> bool:
-    """True when the user asked the Hugging Face hub client to stay offline."""
-    if _env_flag("HF_HUB_OFFLINE") or _env_flag("TRANSFORMERS_OFFLINE"):
-        return True
-    try:
-        from huggingface_hub import constants
+    """The hub's offline flag; its environment variables are read again here because
+    ``huggingface_hub.constants.HF_HUB_OFFLINE`` is fixed when huggingface_hub is imported."""
+    from huggingface_hub import constants
 
-        return bool(getattr(constants, "HF_HUB_OFFLINE", False))
-    except Exception:
-        return False
+    return _env_flag("HF_HUB_OFFLINE") or _env_flag("TRANSFORMERS_OFFLINE") or bool(constants.HF_HUB_OFFLINE)
 
 
 def _probe_timeout_s() -> float:
@@ -231,26 +227,19 @@ def _network_available(url: str) -> tuple[bool, str]:
 
 def _cached_hub_file(repo_id: str) -> str | None:
     """Path of the preset's weights in the local Hugging Face cache, or None (no network)."""
-    try:
-        from huggingface_hub import hf_hub_download
-    except ImportError:
-        return None
+    from huggingface_hub import try_to_load_from_cache
+
     for filename in _HF_WEIGHT_FILES:
-        try:
-            return hf_hub_download(repo_id, filename, local_files_only=True)
-        except Exception:
-            continue
+        path = try_to_load_from_cache(repo_id, filename)
+        if isinstance(path, str):  # not None / _CACHED_NO_EXIST
+            return path
     return None
 
 
 def _download_hub_file(repo_id: str) -> str:
     """Download the preset's weights from the Hugging Face hub (safetensors preferred)."""
     from huggingface_hub import hf_hub_download
-
-    try:
-        from huggingface_hub.errors import EntryNotFoundError
-    except ImportError:  # huggingface_hub < 0.23
-        from huggingface_hub.utils import EntryNotFoundError
+    from huggingface_hub.utils import EntryNotFoundError
 
     for filename in _HF_WEIGHT_FILES[:-1]:
         try:

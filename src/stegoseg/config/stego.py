@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import typing
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Optional
 
 from stegoseg.config.base import (
@@ -96,6 +97,13 @@ class Config(ConfigBase):
     max_eval_images: Optional[int] = None
     n_grid: int = 6
     bf16_inference: bool = False  # evaluate/segment with bfloat16 autocast on CUDA
+    # the dense CRF (published STEGO settings)
+    crf_iterations: int = 10
+    crf_pos_w: float = 3.0  # Gaussian (position) kernel weight
+    crf_pos_xy_std: float = 1.0
+    crf_bi_w: float = 4.0  # bilateral (position + colour) kernel weight
+    crf_bi_xy_std: float = 67.0
+    crf_bi_rgb_std: float = 3.0
     # ---- misc
     device: str = "auto"  # for prepare / evaluate / segment: auto | cpu | cuda | cuda:N
     progress: bool = True
@@ -127,39 +135,16 @@ class Config(ConfigBase):
         return values
 
 
-PRESETS = {
-    # Paper Table 6 (CocoStuff column), ViT-S/8 as in the ablations.
-    "cocostuff27": dict(
-        dataset="cocostuff27", backbone="dino_vits8", dim=70, shifts="fixed", cluster_fit="online",
-        w_self=0.10, w_knn=1.00, w_rand=0.15, b_self=0.12, b_knn=0.20, b_rand=1.00,
-    ),
-    # Released CocoStuff ViT-B/8 checkpoint: K = 90.
-    "cocostuff27-vitb8": dict(
-        dataset="cocostuff27", backbone="dino_vitb8", dim=90, shifts="fixed", cluster_fit="online",
-        w_self=0.10, w_knn=1.00, w_rand=0.15, b_self=0.12, b_knn=0.20, b_rand=1.00,
-    ),
-    # Paper Table 6 (Cityscapes column); released ViT-B/8 checkpoint: K = 100, pointwise off.
-    "cityscapes27": dict(
-        dataset="cityscapes27", backbone="dino_vitb8", dim=100, pointwise=False, shifts="fixed", cluster_fit="online",
-        w_self=1.00, w_knn=0.58, w_rand=0.91, b_self=0.46, b_knn=0.18, b_rand=0.31,
-    ),
-    # Released Potsdam ViT-S/8 checkpoint.
-    "potsdam3": dict(
-        dataset="potsdam3", backbone="dino_vits8", dim=70, pointwise=True, shifts="fixed", cluster_fit="online",
-        w_self=0.67, w_knn=0.25, w_rand=0.63, b_self=0.08, b_knn=0.02, b_rand=0.76,
-    ),
-    # A user's own folder: the CocoStuff term weights, shifts calibrated without labels
-    # (--shifts auto), the checkpoint chosen without labels (--select label-free), the
-    # cluster probe refitted by k-means on the trained code (stable between runs).
-    "directory": dict(dataset="directory", shifts="auto", cluster_fit="kmeans"),
-    # The no-download demo of the README: generated images, short schedule sized for a CPU,
-    # a user's-folder run otherwise (CocoStuff term weights, --shifts auto, --select
-    # label-free among the checkpoints every 50 steps).
-    "demo": dict(
-        dataset="synthetic", backbone="dino_vits8", resolution=112, steps=300, batch_size=8,
-        eval_resolution=160, log_every=10, ckpt_every=50, shifts="auto", cluster_fit="kmeans",
-    ),
-}
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+
+
+def load_presets(folder: Path = PRESETS_DIR) -> dict:
+    """The named presets: one YAML file per preset in ``config/presets/`` (the paper's settings
+    with where each number comes from, the user's-folder defaults, the demo)."""
+    return {p.stem: load_yaml(p) for p in sorted(Path(folder).glob("*.yaml"))}
+
+
+PRESETS = load_presets()
 
 
 _FIELD_HELP = {
@@ -194,30 +179,64 @@ _FIELD_HELP = {
 }
 
 
+#: The config's fields by stage; a command's --help lists only the groups it reads (every
+#: field can still come from --config YAML).
+FIELD_GROUPS = {
+    "data": ("dataset", "data_root", "train_split", "val_split", "ignore_index", "class_names", "n_classes"),
+    "backbone": ("backbone", "weights", "pretrained", "tiny", "pos_embed"),
+    "features": ("resolution", "five_crop", "n_neighbors", "knn_backend", "cache_dir", "extract_batch_size",
+                 "num_workers", "knn_dropout", "crop_jpeg", "train_resample"),
+    "loss": ("dim", "extra_clusters", "feature_dropout", "n_samples", "shifts", "calibration_batches", "auto_centring",
+             "w_self", "w_knn", "w_rand", "b_self", "b_knn", "b_rand", "n_random", "knn_topk", "pointwise",
+             "zero_clamp", "stabilize", "w_potts", "b_potts"),
+    "training": ("steps", "batch_size", "lr", "probe_lr", "cluster_fit", "select", "selection_batches", "seed",
+                 "live_backbone", "accelerator", "devices", "strategy", "num_nodes", "precision", "ckpt_every",
+                 "log_every"),
+    "probes": ("kmeans_iters", "linear_epochs"),
+    "evaluation": ("eval_resolution", "eval_crop", "eval_resample", "flip", "crf", "crf_workers", "eval_batch_size",
+                   "max_eval_images", "n_grid", "bf16_inference", "crf_reference_input", "crf_iterations", "crf_pos_w",
+                   "crf_pos_xy_std", "crf_bi_w", "crf_bi_xy_std", "crf_bi_rgb_std"),
+    "run": ("device", "progress", "protocol"),
+}
+
+
 def _cls_and_presets(cls, presets: Optional[dict]):
     """The config class (default :class:`Config`) and its presets (default: PRESETS for Config, none otherwise)."""
     cls = cls or Config
     return cls, (PRESETS if presets is None and cls is Config else (presets or {}))
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls=None, presets: Optional[dict] = None) -> None:
-    """Add ``--preset`` (if any), ``--config`` and one option per field of ``cls`` (default: not given)."""
+def add_config_arguments(parser: argparse.ArgumentParser, cls=None, presets: Optional[dict] = None,
+                         groups: Optional[tuple] = None) -> None:
+    """Add ``--preset`` (if any), ``--config`` and one option per field of ``cls`` (default: not
+    given); with ``groups`` (names of :data:`FIELD_GROUPS`) only those groups' options, each
+    group under its own heading in --help."""
     cls, presets = _cls_and_presets(cls, presets)
     if presets:
-        parser.add_argument("--preset", choices=sorted(presets), help="named settings (the paper's presets)")
-    parser.add_argument("--config", metavar="YAML", help="YAML file of config values")
+        parser.add_argument("--preset", choices=sorted(presets), help="named settings (config/presets/*.yaml)")
+    parser.add_argument("--config", metavar="YAML", help="YAML file of config values (any field of the config)")
     hints = typing.get_type_hints(cls)
-    group = parser.add_argument_group("config (every value of the resolved config)")
-    for f in fields(cls):
-        tp = hints[f.name]
-        base = base_type(tp)
-        flag = "--" + f.name.replace("_", "-")
-        help_text = _FIELD_HELP.get(f.name, "") + f" (default: {f.default})"
-        if base is bool:
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            kind = parse_optional(base) if tp is not base else base
-            group.add_argument(flag, dest=f.name, type=kind, default=None, metavar=f.name.upper(), help=help_text)
+    names = {f.name: f for f in fields(cls)}
+    if cls is Config:
+        sections = [(g, FIELD_GROUPS[g]) for g in (groups or FIELD_GROUPS)]
+    else:
+        sections = [("config", tuple(names))]
+    for title, members in sections:
+        group = parser.add_argument_group(f"{title} options")
+        for name in members:
+            _add_field(group, names[name], hints[name])
+
+
+def _add_field(group, f, tp) -> None:
+    """One ``--field-name`` option (booleans also ``--no-field-name``; optional values accept ``none``)."""
+    base = base_type(tp)
+    flag = "--" + f.name.replace("_", "-")
+    help_text = _FIELD_HELP.get(f.name, "") + f" (default: {f.default})"
+    if base is bool:
+        group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+    else:
+        kind = parse_optional(base) if tp is not base else base
+        group.add_argument(flag, dest=f.name, type=kind, default=None, metavar=f.name.upper(), help=help_text)
 
 
 def resolve_config(args: argparse.Namespace, cls=None, presets: Optional[dict] = None, **overrides):
@@ -295,6 +314,8 @@ def validate(cfg: Config) -> None:
         (cfg.eval_batch_size >= 1, "--eval-batch-size must be >= 1"),
         (cfg.num_workers >= 0, "--num-workers must be >= 0"),
         (cfg.crf_workers >= 1, "--crf-workers must be >= 1"),
+        (cfg.crf_iterations >= 1, "--crf-iterations must be >= 1"),
+        (min(cfg.crf_pos_xy_std, cfg.crf_bi_xy_std, cfg.crf_bi_rgb_std) > 0, "--crf-*-std values must be > 0"),
         (cfg.ckpt_every >= 1, "--ckpt-every must be >= 1"),
         (cfg.log_every >= 1, "--log-every must be >= 1"),
         (cfg.kmeans_iters >= 1, "--kmeans-iters must be >= 1"),

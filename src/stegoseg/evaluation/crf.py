@@ -42,6 +42,21 @@ class CRFParams:
     reference_input: bool = False
 
 
+def crf_params_from(values: dict) -> CRFParams:
+    """The CRF settings of a run config (a dict with ``crf_*`` entries; missing ones keep the
+    published defaults), e.g. a checkpoint's recorded config."""
+    defaults = CRFParams()
+    return CRFParams(
+        iterations=int(values.get("crf_iterations", defaults.iterations)),
+        pos_w=float(values.get("crf_pos_w", defaults.pos_w)),
+        pos_xy_std=float(values.get("crf_pos_xy_std", defaults.pos_xy_std)),
+        bi_w=float(values.get("crf_bi_w", defaults.bi_w)),
+        bi_xy_std=float(values.get("crf_bi_xy_std", defaults.bi_xy_std)),
+        bi_rgb_std=float(values.get("crf_bi_rgb_std", defaults.bi_rgb_std)),
+        reference_input=bool(values.get("crf_reference_input", defaults.reference_input)),
+    )
+
+
 def _densecrf():
     try:
         import pydensecrf.densecrf as dcrf

@@ -45,7 +45,7 @@ class EvalConfig:
     num_workers: int = 0
     max_images: Optional[int] = None
     n_grid: int = 6
-    crf_reference_input: bool = False  # the reference's CRF input: BGR, uint8 by truncation
+    crf_params: CRFParams = CRFParams()  # kernel settings and input convention of the dense CRF
 
 
 def _collate(samples):
@@ -100,7 +100,7 @@ def evaluate_model(
     seen = 0
     t0 = time.perf_counter()
     pool = crf_pool(config.crf_workers) if config.crf and config.crf_workers > 1 else None
-    crf_params = CRFParams(reference_input=config.crf_reference_input)
+    crf_params = config.crf_params
     try:
         bar = tqdm(loader, desc="evaluate", disable=not progress, unit="batch")
         for batch in bar:

@@ -16,6 +16,7 @@ from stegoseg.config.stego import Config, replace, selection_mode
 from stegoseg.data import build_dataset
 from stegoseg.data.datasets import parse_class_names
 from stegoseg.errors import StegosegError
+from stegoseg.evaluation.crf import crf_params_from
 from stegoseg.evaluation.protocol import EvalConfig, evaluate_model
 from stegoseg.features.cache import FeatureCache, extract_features
 from stegoseg.features.knn import config_neighbors
@@ -215,7 +216,7 @@ def eval_config(cfg: Config) -> EvalConfig:
         batch_size=cfg.eval_batch_size,
         max_images=cfg.max_eval_images,
         n_grid=cfg.n_grid,
-        crf_reference_input=cfg.crf_reference_input,
+        crf_params=crf_params_from(cfg.to_dict()),
     )
 
 

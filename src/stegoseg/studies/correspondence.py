@@ -59,6 +59,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.metrics import average_precision_score, precision_recall_curve
 
 from stegoseg.data.base import IGNORE_INDEX
 from stegoseg.errors import StegosegError, refuse_overwrite
@@ -137,35 +138,45 @@ class ScoreHistogram:
         return pr_from_counts(self.pos, self.neg, self.edges[:-1])
 
     def average_precision(self) -> float:
-        precision, recall, _ = self.pr_curve()
-        return _step_ap(precision, recall)
+        """AP of the pairs with their scores rounded down to the bin's lower edge
+        (scikit-learn's ``average_precision_score``, each bin weighted by its counts)."""
+        y, score, weight = _weighted_bins(self.pos, self.neg, self.edges[:-1])
+        if not (y * weight).any():
+            return float("nan")
+        return float(average_precision_score(y, score, sample_weight=weight))
+
+
+def _weighted_bins(pos: np.ndarray, neg: np.ndarray, thresholds: np.ndarray) -> tuple:
+    """Per-bin counts as weighted samples: (labels, scores, weights), one positive and one
+    negative sample per bin (empty ones dropped), scored by the bin's threshold."""
+    pos = np.asarray(pos, dtype=np.float64)
+    neg = np.asarray(neg, dtype=np.float64)
+    thresholds = np.asarray(thresholds, dtype=np.float64)
+    y = np.concatenate([np.ones(len(pos), dtype=np.int64), np.zeros(len(neg), dtype=np.int64)])
+    score = np.concatenate([thresholds, thresholds])
+    weight = np.concatenate([pos, neg])
+    keep = weight > 0
+    return y[keep], score[keep], weight[keep]
 
 
 def pr_from_counts(pos: np.ndarray, neg: np.ndarray, thresholds: np.ndarray) -> tuple:
-    """PR points from per-bin positive/negative counts (bins in increasing score order)."""
-    pos = np.asarray(pos, dtype=np.float64)[::-1]
-    neg = np.asarray(neg, dtype=np.float64)[::-1]
-    thresholds = np.asarray(thresholds)[::-1]
-    keep = (pos + neg) > 0
-    tp = np.cumsum(pos)[keep]
-    fp = np.cumsum(neg)[keep]
-    total = pos.sum()
-    if total == 0:
+    """PR points from per-bin positive/negative counts (bins in increasing score order).
+
+    scikit-learn's ``precision_recall_curve`` on the bins as weighted samples, returned from
+    the highest threshold down, one point per non-empty bin (without scikit-learn's
+    closing point precision 1, recall 0); empty arrays when there is no positive.
+    """
+    y, score, weight = _weighted_bins(pos, neg, thresholds)
+    if not (y * weight).any():
         return np.zeros(0), np.zeros(0), np.zeros(0)
-    return tp / (tp + fp), tp / total, thresholds[keep]
-
-
-def _step_ap(precision: np.ndarray, recall: np.ndarray) -> float:
-    if len(recall) == 0:
-        return float("nan")
-    return float(np.sum(np.diff(np.concatenate([[0.0], recall])) * precision))
+    precision, recall, thr = precision_recall_curve(y, score, sample_weight=weight)
+    return precision[:-1][::-1], recall[:-1][::-1], thr[::-1]
 
 
 def average_precision_exact(scores, positive) -> float:
-    """Exact average precision of arrays (scikit-learn's definition, ties grouped).
-
-    AP = sum over distinct score thresholds t (descending) of (R(t) - R(t_prev)) P(t).
-    NaN when there is no positive.
+    """Exact average precision of arrays: scikit-learn's ``average_precision_score``
+    (ties grouped), ``sum_k (R_k - R_{k-1}) P_k`` over distinct thresholds. NaN when there
+    is no positive.
     """
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
     y = np.asarray(positive, dtype=bool).reshape(-1)
@@ -173,12 +184,7 @@ def average_precision_exact(scores, positive) -> float:
         raise ValueError(f"{s.size} scores but {y.size} labels")
     if not y.any():
         return float("nan")
-    order = np.argsort(-s, kind="mergesort")
-    s, y = s[order], y[order]
-    last = np.concatenate([np.flatnonzero(np.diff(s) != 0), [len(s) - 1]])
-    tp = np.cumsum(y)[last].astype(np.float64)
-    fp = (last + 1) - tp
-    return _step_ap(tp / (tp + fp), tp / y.sum())
+    return float(average_precision_score(y.astype(np.int64), s))
 
 
 # --------------------------------------------------------------------------- sources

@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import random
 from dataclasses import dataclass
 from datetime import timedelta
@@ -125,11 +124,20 @@ def build_student(cfg: PretrainConfig):
 
 
 def cosine_with_warmup(step: int, total: int, warmup: int, base: float, final: float) -> float:
-    """Linear warm-up from 0 to ``base`` over ``warmup`` steps, then cosine to ``final``."""
+    """Linear warm-up from 0 (step 0) to ``base`` (step ``warmup``), then cosine to ``final`` (step ``total``).
+
+    The cosine is lightly's ``cosine_schedule``, evaluated at the progress
+    ``t = (step - warmup) / (total - warmup)`` of a schedule with ``max_steps=2`` (its
+    denominator ``max_steps - 1`` is then 1, so it computes ``cos(pi * t)`` exactly as
+    before). lightly's integer-step form is not used: it reaches ``final`` one step early
+    (at ``max_steps - 1``) and rounds ``pi * step / n`` differently. Neither is the warm-up
+    of ``cosine_warmup_schedule``: it starts at ``base / warmup`` (it uses ``step + 1``).
+    """
+    from lightly.utils.scheduler import cosine_schedule
+
     if step < warmup:
         return base * step / max(1, warmup)
-    t = (step - warmup) / max(1, total - warmup)
-    return final + 0.5 * (base - final) * (1 + math.cos(math.pi * min(1.0, t)))
+    return cosine_schedule(min(1.0, (step - warmup) / max(1, total - warmup)), 2, base, final)
 
 
 class MultiCropBatches(torch.utils.data.IterableDataset):

@@ -1,0 +1,137 @@
+"""The pipeline's commands: run (the main job), prepare, train, baseline, evaluate."""
+from __future__ import annotations
+
+import argparse
+
+from stegoseg.cli.common import out_arg, print_summary
+from stegoseg.config.stego import add_config_arguments
+from stegoseg.preflight import check_writable, prepare_out
+
+
+def cmd_run(args) -> int:
+    from stegoseg.config.stego import resolve_config
+    from stegoseg.methods.common import check_before_work
+    from stegoseg.methods.run import run_all
+
+    cfg = resolve_config(args)
+    out = prepare_out(args.out, "run", "report.md", args.overwrite, resume=args.resume)
+    check_before_work(cfg, out, evaluate=True)
+    summary = run_all(cfg, out, resume=args.resume, baseline=args.baseline)
+    if summary is not None:
+        for name, rows in summary.items():
+            print(name + ": " + ", ".join(f"{k} {v:.1f}" for k, v in rows.items()))
+        print(f"report: {out / 'report.md'}")
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from stegoseg.config.stego import resolve_config
+    from stegoseg.methods.common import check_before_work, prepare
+
+    cfg = resolve_config(args)
+    out = check_writable(args.out)
+    check_before_work(cfg, out)
+    cache = prepare(cfg, out)
+    print(f"feature cache: {cache.path} ({cache.n} items, complete={cache.complete})")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from stegoseg.config.stego import resolve_config
+    from stegoseg.methods.common import check_before_work
+    from stegoseg.methods.stego import train_stego
+
+    cfg = resolve_config(args)
+    out = prepare_out(args.out, "train", "checkpoint.pt", args.overwrite, resume=args.resume)
+    check_before_work(cfg, out)
+    path = train_stego(cfg, out, resume=args.resume)
+    if path is not None:
+        print(f"checkpoint: {path}")
+    return 0
+
+
+def cmd_baseline(args) -> int:
+    from stegoseg.config.stego import resolve_config
+    from stegoseg.methods.baseline import run_feature_baseline
+    from stegoseg.methods.common import check_before_work
+
+    cfg = resolve_config(args)
+    out = prepare_out(args.out, "baseline", "metrics.json", args.overwrite)
+    check_before_work(cfg, out, evaluate=True)
+    result = run_feature_baseline(cfg, out)
+    print_summary(result, out)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from stegoseg.config.stego import explicit_values
+    from stegoseg.evaluation.protocol import summary_rows
+    from stegoseg.methods.common import (
+        check_eval_labels,
+        config_for_checkpoint,
+        evaluate_checkpoint_model,
+        resolve_device,
+    )
+    from stegoseg.model import load
+    from stegoseg.preflight import check_accelerator
+
+    model = load(args.checkpoint, weights=explicit_values(args).get("weights"), device="cpu")
+    cfg = config_for_checkpoint(model, args)
+    check_accelerator(cfg.accelerator, cfg.device)
+    model.to(resolve_device(cfg.device))
+    out = prepare_out(args.out, "evaluate", "metrics.json", args.overwrite)
+    check_eval_labels(cfg, model, out, split=args.split)
+    result = evaluate_checkpoint_model(cfg, model, out, split=args.split)
+    result["summary"] = summary_rows(result)
+    print_summary(result, out)
+    return 0
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser(
+        "run",
+        help="the main job: prepare -> train -> evaluate -> segment (+ raw-feature baseline) -> report.md",
+        description="Run everything for one dataset into one folder: feature cache, STEGO training, evaluation "
+        "(parity and strict), the raw-feature baseline on the same backbone, example segmentations and "
+        "report.md. With --dataset synthetic and no --data-root, images are generated (no downloads).",
+    )
+    out_arg(p, "runs/main")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run's outputs in --out")
+    p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
+                   help="also fit and evaluate the raw-feature baseline (default: on)")
+    add_config_arguments(p)
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("prepare", help="five-crop, extract and cache backbone features, compute nearest neighbours",
+                       description="Resumable: an interrupted run continues where it stopped; finished items are never recomputed.")
+    out_arg(p, "runs/prepare")
+    add_config_arguments(p, groups=("data", "backbone", "features", "run"))
+    p.set_defaults(func=cmd_prepare)
+    p = sub.add_parser("train", help="train the STEGO head and probes on cached features (Lightning)",
+                       description="Writes checkpoint.pt (one self-contained file), lightning/ checkpoints every "
+                       "--ckpt-every steps, logs/metrics.csv, similarity_histogram.png, training_curves.png.")
+    out_arg(p, "runs/train")
+    p.add_argument("--resume", action="store_true", help="continue from --out/lightning/last.ckpt")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run's outputs in --out")
+    add_config_arguments(p, groups=("data", "backbone", "features", "loss", "training", "probes", "run"))
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser(
+        "baseline",
+        help="raw backbone features: k-means cluster probe + linear probe, evaluated (the 'DINO baseline')",
+        description="Cache the training split's backbone features, fit a spherical k-means cluster probe "
+        "(and a linear probe when labels exist) straight on them, and evaluate on the validation split. "
+        "Writes config.yaml, checkpoint.pt, metrics.json, confusion_*.png and predictions.png under --out.",
+    )
+    out_arg(p, "runs/baseline")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run's outputs in --out")
+    add_config_arguments(p, groups=("data", "backbone", "features", "probes", "evaluation", "run"))
+    p.set_defaults(func=cmd_baseline)
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint with the published protocol (parity + strict)",
+                       description="Uses the checkpoint's own config; any option given here overrides it "
+                       "(e.g. --no-crf, --eval-resolution, --data-root).")
+    p.add_argument("checkpoint", help="checkpoint.pt written by train / baseline / run")
+    p.add_argument("--split", default=None, help="split to evaluate (default: the config's val split)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in --out")
+    out_arg(p, "runs/eval")
+    add_config_arguments(p, groups=("data", "backbone", "evaluation", "run"))
+    p.set_defaults(func=cmd_evaluate)

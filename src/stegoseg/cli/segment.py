@@ -1,0 +1,57 @@
+"""``stegoseg segment``: label maps and overlays for image files."""
+from __future__ import annotations
+
+import argparse
+
+from stegoseg.cli.common import out_arg
+
+
+def cmd_segment(args) -> int:
+    from stegoseg.config.base import raise_first_failure
+    from stegoseg.evaluation.crf import crf_params_from
+    from stegoseg.methods.common import resolve_device
+    from stegoseg.model import load
+    from stegoseg.preflight import check_accelerator
+    from stegoseg.segment import segment_images
+
+    raise_first_failure([
+        (args.resolution >= 0, f"--resolution must be >= 0 (0: original size), got {args.resolution}"),
+        (args.batch_size >= 1, "--batch-size must be >= 1"),
+        (args.num_workers >= 0, "--num-workers must be >= 0"),
+        (args.crf_workers >= 1, "--crf-workers must be >= 1"),
+    ])
+    check_accelerator(device=args.device)
+    model = load(args.checkpoint, weights=args.weights, device=resolve_device(args.device))
+    if args.bf16:
+        import torch
+
+        model.autocast_dtype = torch.bfloat16
+    written = segment_images(
+        model, args.inputs, args.out, crf=args.crf, flip=args.flip,
+        resolution=None if args.resolution == 0 else args.resolution, probe=args.probe,
+        overwrite=args.overwrite, progress=not args.quiet, num_workers=args.num_workers,
+        batch_size=args.batch_size, crf_workers=args.crf_workers,
+        crf_params=crf_params_from(model.config),
+    )
+    print(f"wrote {len(written)} label maps (+ overlays) to {args.out}")
+    return 0
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("segment", help="segment images, folders or globs into palette PNGs + overlays")
+    p.add_argument("checkpoint", help="checkpoint.pt")
+    p.add_argument("inputs", nargs="+", help="image files, folders, or glob patterns (quoted)")
+    out_arg(p, "segmented")
+    p.add_argument("--crf", action=argparse.BooleanOptionalAction, default=True, help="dense CRF refinement")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True, help="flip averaging")
+    p.add_argument("--resolution", type=int, default=320, help="network input minor side (0: original size)")
+    p.add_argument("--probe", choices=("cluster", "linear"), default="cluster")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--weights", default=None, help="local backbone weights if the checkpoint names hub weights")
+    p.add_argument("--num-workers", type=int, default=2, help="image-decoding workers")
+    p.add_argument("--batch-size", type=int, default=8, help="images per network batch (same-size images batch together)")
+    p.add_argument("--crf-workers", type=int, default=2, help="processes for the CRF")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast on CUDA (faster; no effect on CPU)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_segment)
