@@ -3,13 +3,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_cli
 from PIL import Image
 
 import stegoseg
 import stegoseg.errors
-from conftest import tiny_cli
 from stegoseg.cli import main
-
 
 
 def test_help_of_every_subcommand(capsys):

@@ -34,7 +34,7 @@ from stegoseg.data import (
     load_image,
     load_label,
 )
-from stegoseg.data.datasets import COCO_COARSE_TO_FINE, FINE_TO_COARSE27
+from stegoseg.data.cocostuff import COCO_COARSE_TO_FINE, FINE_TO_COARSE27
 from stegoseg.data.io import check_same_size, list_images
 from stegoseg.data.transforms import pad_to_multiple
 from stegoseg.errors import StegosegError

@@ -27,6 +27,7 @@ from PIL import Image
 
 from stegoseg.backbones.backbone import create_backbone
 from stegoseg.data.base import pil_to_tensor
+from stegoseg.data.io import image_from_array_or_pil
 from stegoseg.data.transforms import minor_side_size
 from stegoseg.errors import StegosegError
 from stegoseg.evaluation.crf import CRFParams, crf_job, image_to_uint8
@@ -279,7 +280,6 @@ class SegmentationModel(nn.Module):
         ``predict(EvalTransform(r, crop="none", image_resample="bilinear")(im)[0][None],
         out_size=(H, W))`` for an image of size (H, W), flip and CRF settings alike.
         """
-        from stegoseg.data.io import image_from_array_or_pil
 
         if probe == "linear" and self.linear_probe is None:
             raise StegosegError("this checkpoint has no linear probe (trained without labels): use probe='cluster'")

@@ -10,8 +10,12 @@ from typing import Optional
 import numpy as np
 import torch
 
+from stegoseg.data.io import list_images, load_image
 from stegoseg.errors import StegosegError
+from stegoseg.evaluation.crf import crf_pool
 from stegoseg.model import SegmentationModel
+from stegoseg.preflight import check_writable
+from stegoseg.reporting.figures import make_palette, overlay, save_label_png
 
 log = logging.getLogger("stegoseg")
 
@@ -25,7 +29,6 @@ def expand_inputs(inputs) -> list:
     glob patterns -> a list of image paths, each file once."""
     import glob
 
-    from stegoseg.data.io import list_images
 
     paths = []
     for item in inputs:
@@ -145,9 +148,6 @@ def segment_images(
     from PIL import Image
     from tqdm.auto import tqdm
 
-    from stegoseg.evaluation.crf import crf_pool
-    from stegoseg.preflight import check_writable
-    from stegoseg.reporting.figures import make_palette, overlay, save_label_png
 
     if probe == "linear" and model.linear_probe is None:
         raise StegosegError("--probe linear: this checkpoint has no linear probe (trained without labels); use --probe cluster")
@@ -220,6 +220,5 @@ class _ImageFiles(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        from stegoseg.data.io import load_image
 
         return load_image(self.paths[i])

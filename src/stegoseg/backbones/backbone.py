@@ -56,9 +56,9 @@ from stegoseg.backbones.presets import BackbonePreset, get_backbone_preset
 from stegoseg.backbones.weights import (
     download_weights,
     extract_state_dict,
+    file_sha256,
     load_weights_into,
     read_weights_file,
-    file_sha256,
 )
 from stegoseg.errors import StegosegError
 

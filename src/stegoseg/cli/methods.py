@@ -1,7 +1,6 @@
 """Other methods: DINO pretraining on your images, DatUS^2, and comparing runs."""
 from __future__ import annotations
 
-
 from stegoseg.cli.common import out_arg, print_summary
 from stegoseg.config.stego import add_config_arguments
 from stegoseg.preflight import prepare_out

@@ -15,8 +15,8 @@ from stegoseg.config.base import (
     EXPLICIT_NONE,
     ConfigBase,
     base_type,
-    parse_optional,
     load_yaml,
+    parse_optional,
     raise_first_failure,
 )
 from stegoseg.errors import StegosegError

@@ -5,20 +5,13 @@ Every dataset yields ``{"image": FloatTensor (3, H, W) in [0, 1], "label": LongT
 pixels; build one by name with :func:`build_dataset` (kinds listed in ``DATASETS``).
 """
 from stegoseg.data.base import IGNORE_INDEX, RawSample, SegmentationDataset
-from stegoseg.data.datasets import (
-    DATASETS,
-    VOC2012,
-    Cityscapes27,
-    CocoStuff,
-    CocoStuff3,
-    CocoStuff15,
-    CocoStuff27,
-    DirectoryDataset,
-    Potsdam3,
-    Suim,
-    build_dataset,
-)
+from stegoseg.data.cityscapes import Cityscapes27
+from stegoseg.data.cocostuff import CocoStuff, CocoStuff3, CocoStuff15, CocoStuff27
+from stegoseg.data.directory import DirectoryDataset
 from stegoseg.data.io import check_same_size, list_images, load_image, load_label
+from stegoseg.data.potsdam import Potsdam3
+from stegoseg.data.registry import DATASETS, build_dataset
+from stegoseg.data.suim import Suim
 from stegoseg.data.transforms import (
     EvalTransform,
     TrainTransform,
@@ -26,6 +19,7 @@ from stegoseg.data.transforms import (
     five_crop_boxes,
     pad_to_multiple,
 )
+from stegoseg.data.voc import VOC2012
 
 __all__ = [
     "IGNORE_INDEX",

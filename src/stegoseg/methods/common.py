@@ -12,17 +12,32 @@ from typing import Optional
 import torch
 
 from stegoseg.backbones.backbone import create_backbone
-from stegoseg.config.stego import Config, replace, selection_mode
+from stegoseg.backbones.presets import get_backbone_preset
+from stegoseg.config.base import load_yaml
+from stegoseg.config.stego import (
+    Config,
+    explicit_values,
+    make_config,
+    replace,
+    selection_mode,
+)
 from stegoseg.data import build_dataset
-from stegoseg.data.datasets import parse_class_names
+from stegoseg.data.registry import parse_class_names
+from stegoseg.data.synthetic import make_synthetic_dataset
 from stegoseg.errors import StegosegError
 from stegoseg.evaluation.crf import crf_params_from
 from stegoseg.evaluation.protocol import EvalConfig, evaluate_model
 from stegoseg.features.cache import FeatureCache, extract_features
 from stegoseg.features.knn import config_neighbors
-from stegoseg.model import SegmentationModel
+from stegoseg.model import SegmentationModel, load
 from stegoseg.nn.kmeans import spherical_kmeans
 from stegoseg.nn.probes import set_centroids, train_linear_probe
+from stegoseg.preflight import (
+    check_accelerator,
+    check_label_range,
+    check_writable,
+    label_values,
+)
 
 log = logging.getLogger("stegoseg")
 
@@ -44,7 +59,6 @@ def resolve_device(device: str) -> str:
 def data_root(cfg: Config, out: Optional[Path] = None) -> str:
     """The dataset folder; for dataset=synthetic without a root, generate one under ``out``."""
     if cfg.dataset == "synthetic":
-        from stegoseg.data.synthetic import make_synthetic_dataset
 
         root = Path(cfg.data_root) if cfg.data_root else Path(out or ".") / "synthetic-data"
         if not (root / "imgs").exists():
@@ -125,13 +139,6 @@ def check_before_work(cfg: Config, out: Path, evaluate: bool = False, train: boo
     splits the command reads is a class id (the class count comes from the config, the
     dataset's class list, or the training labels). Returns the number of classes (None
     for an unlabelled training split without --n-classes when ``train`` is False)."""
-    from stegoseg.backbones.presets import get_backbone_preset
-    from stegoseg.preflight import (
-        check_accelerator,
-        check_label_range,
-        check_writable,
-        label_values,
-    )
 
     check_writable(out)
     check_accelerator(cfg.accelerator, cfg.device)
@@ -163,7 +170,6 @@ def check_before_work(cfg: Config, out: Path, evaluate: bool = False, train: boo
 
 def check_eval_labels(cfg: Config, model: SegmentationModel, out: Path, split: Optional[str] = None) -> None:
     """``evaluate``: the split exists and its label values are ids of the checkpoint's classes."""
-    from stegoseg.preflight import check_label_range, label_values
 
     name = split or cfg.val_split
     val = build_split(cfg, name, out, class_names=model.class_names)
@@ -305,12 +311,9 @@ def config_for_checkpoint(model: SegmentationModel, args=None) -> Config:
     """The checkpoint's own config with explicit command-line values on top."""
     from dataclasses import fields
 
-    from stegoseg.config.stego import make_config
 
     values = {k: v for k, v in (model.config or {}).items() if k in {f.name for f in fields(Config)}}
     if args is not None:
-        from stegoseg.config.base import load_yaml
-        from stegoseg.config.stego import explicit_values
 
         if getattr(args, "config", None):
             values.update(load_yaml(args.config))
@@ -319,7 +322,6 @@ def config_for_checkpoint(model: SegmentationModel, args=None) -> Config:
 
 
 def load_model_for(checkpoint, cfg: Config) -> SegmentationModel:
-    from stegoseg.model import load
 
     return load(checkpoint, device=resolve_device(cfg.device))
 

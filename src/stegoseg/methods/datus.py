@@ -47,6 +47,13 @@ from stegoseg.evaluation.metrics import (
     plot_confusion,
     save_metrics_json,
 )
+from stegoseg.evaluation.protocol import summary_rows
+from stegoseg.methods.common import (
+    build_backbone_from_config,
+    build_split,
+    n_classes_for,
+    resolve_device,
+)
 from stegoseg.nn.kmeans import spherical_kmeans
 from stegoseg.reporting.figures import make_palette, prediction_grid
 
@@ -157,12 +164,6 @@ def run_datus(cfg, out, params: Optional[DatusParams] = None, split: Optional[st
     """DatUS^2 on a dataset split (default: the config's val split): discovery, pseudo-labels,
     optional de-noising, evaluation (parity + strict). Writes metrics.json, confusion and
     prediction PNGs, config.yaml under ``out``."""
-    from stegoseg.methods.common import (
-        build_backbone_from_config,
-        build_split,
-        n_classes_for,
-        resolve_device,
-    )
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -280,7 +281,6 @@ def _denoise(kind, backbone, ds, pseudo, k, device, epochs, seed):
 def compare_runs(run_dirs, out_md=None) -> str:
     """A markdown table of headline metrics from several run folders' metrics.json
     (e.g. STEGO eval/, baseline/, DatUS^2)."""
-    from stegoseg.evaluation.protocol import summary_rows
 
     lines = ["| run | method | cluster acc (strict) | cluster mIoU (strict) | cluster acc (parity) | cluster mIoU (parity) | linear acc | linear mIoU |",
              "|---|---|---|---|---|---|---|---|"]

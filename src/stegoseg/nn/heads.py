@@ -8,6 +8,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from stegoseg.errors import StegosegError
+
 
 class SegmentationHead(nn.Module):
     """STEGO's head (paper Sec. 3.2): code = linear(f) + MLP(f), two 1x1-convolution branches."""
@@ -71,7 +73,6 @@ HEADS = {"stego": SegmentationHead, "projection": ProjectionHead}
 
 def build_head(kind: str, in_dim: int, dim: int) -> nn.Module:
     """A head of a registered kind (see :data:`HEADS`)."""
-    from stegoseg.errors import StegosegError
 
     if kind not in HEADS:
         raise StegosegError(f"unknown head kind {kind!r} (known: {', '.join(HEADS)}): written by a newer stegoseg?")

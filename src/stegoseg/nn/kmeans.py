@@ -18,6 +18,9 @@ from tqdm.auto import tqdm
 # FAISS subsamples its training set to max_points_per_centroid * k (default 256) anyway:
 # the sample drawn from the stream is at most this many vectors per centroid.
 POINTS_PER_CENTROID = 256
+# FAISS restarts (nredo): the clustering of the sample is run this many times from different
+# seeded k-means++ initialisations and the one with the best objective is kept.
+RESTARTS = 10
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
@@ -83,7 +86,7 @@ def _faiss_kmeans(sample: np.ndarray, k: int, n_iter: int, seed: int, tol: float
     """FAISS spherical k-means (k-means++ seeding where the installed FAISS has it) on the
     whole sample; (k, D) float32 unit centroids."""
     n, d = sample.shape
-    params = dict(niter=int(n_iter), spherical=True, seed=int(seed) & 0x7FFFFFFF, verbose=False,
+    params = dict(niter=int(n_iter), nredo=RESTARTS, spherical=True, seed=int(seed) & 0x7FFFFFFF, verbose=False,
                   max_points_per_centroid=math.ceil(n / k),  # the sample is already bounded: no resampling
                   min_points_per_centroid=1)  # small samples are fine (FAISS would only warn)
     cp = faiss.ClusteringParameters()

@@ -34,11 +34,11 @@ from __future__ import annotations
 import colorsys
 import math
 from pathlib import Path
-from typing import Optional
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image
+
 
 
 def plot_log_curves(csv_path, png_path, panels: dict, reference_lines: Optional[dict] = None) -> bool:
@@ -232,7 +232,6 @@ def plot_selection(rows: dict, chosen: str, path: Path) -> None:
 
 
 def save_similarity_samples(samples: dict, path: Path, chosen) -> None:
-    from stegoseg.reporting.figures import histogram_png
 
     values = {f"{'KNN' if k == 'knn' else 'random'} pairs": v for k, v in samples.items() if len(v)}
     if values:

@@ -33,8 +33,18 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from stegoseg.config.stego import Config, replace
+from stegoseg.config.stego import Config, add_config_arguments, replace, resolve_config
 from stegoseg.errors import StegosegError, refuse_overwrite
+from stegoseg.evaluation.protocol import summary_rows
+from stegoseg.methods.common import (
+    RANDOM_BACKBONE_WARNING,
+    build_backbone_from_config,
+    evaluate_checkpoint_model,
+    prepare,
+    resolve_device,
+    resolve_run_paths,
+)
+from stegoseg.methods.stego import train_stego
 from stegoseg.studies.dimred import (
     METRIC_COLUMNS,
     METRIC_KEYS,
@@ -88,16 +98,6 @@ def run_ablation(cfg: Config, out, variants=None) -> dict:
 
     ``no-crf`` needs the full model: ``full`` is trained (and listed) whenever it is asked for.
     """
-    from stegoseg.evaluation.protocol import summary_rows
-    from stegoseg.methods.common import (
-        RANDOM_BACKBONE_WARNING,
-        build_backbone_from_config,
-        evaluate_checkpoint_model,
-        prepare,
-        resolve_device,
-        resolve_run_paths,
-    )
-    from stegoseg.methods.stego import train_stego
 
     names = parse_variants(variants)
     for name in list(names):
@@ -222,7 +222,6 @@ def plot_ablation(rows: Sequence[dict], path: Path, title: str = "") -> None:
 
 
 def cmd_ablate(args) -> int:
-    from stegoseg.config.stego import resolve_config
 
     cfg = resolve_config(args)
     out = Path(args.out)
@@ -235,7 +234,6 @@ def cmd_ablate(args) -> int:
 
 def add_cli(subparsers) -> argparse.ArgumentParser:
     """Register ``stegoseg ablate``."""
-    from stegoseg.config.stego import add_config_arguments
 
     p = subparsers.add_parser(
         "ablate",

@@ -44,8 +44,23 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from stegoseg.config.stego import Config, replace
+from stegoseg.config.stego import Config, add_config_arguments, replace, resolve_config
 from stegoseg.errors import StegosegError, refuse_overwrite
+from stegoseg.evaluation.protocol import summary_rows
+from stegoseg.methods.baseline import fit_feature_baseline
+from stegoseg.methods.common import (
+    RANDOM_BACKBONE_WARNING,
+    build_backbone_from_config,
+    build_split,
+    evaluate_checkpoint_model,
+    fit_probes,
+    n_classes_for,
+    prepare,
+    resolve_device,
+    resolve_run_paths,
+)
+from stegoseg.methods.stego import train_stego
+from stegoseg.model import load
 from stegoseg.nn.heads import ProjectionHead
 
 log = logging.getLogger("stegoseg")
@@ -199,7 +214,6 @@ def unwrap_backbone(backbone: nn.Module) -> nn.Module:
 def load_with_backbone(checkpoint, backbone: nn.Module, device: str):
     """Load a checkpoint and put ``backbone`` (e.g. a :class:`SharedFeatures`) in place of its own
     backbone, after checking that the weights are the same."""
-    from stegoseg.model import load
 
     model = load(checkpoint, device="cpu")
     if not same_weights(model.backbone, unwrap_backbone(backbone)):
@@ -226,7 +240,6 @@ def fit_probes_with_head(cfg: Config, cache, head: nn.Module, backbone, n_classe
     """Cluster and linear probes fitted on ``head(features)`` of the cached training features:
     :func:`stegoseg.methods.common.fit_probes`, the raw-feature baseline's recipe, with a head (with an
     identity head it gives that baseline's probes exactly)."""
-    from stegoseg.methods.common import fit_probes
 
     return fit_probes(cfg, cache, backbone, n_classes, class_names=class_names, head=head, method=method)
 
@@ -269,7 +282,6 @@ def resolve_dims(dims, width: int) -> list:
 
 
 def _row(method: str, dim: int, result: dict, seconds: float, out_dir: Path, root: Path) -> dict:
-    from stegoseg.evaluation.protocol import summary_rows
 
     summary = summary_rows(result)
     row = {"method": method, "label": METHOD_LABELS.get(method, method), "dim": int(dim)}
@@ -370,18 +382,6 @@ def run_dimred_study(
     (:func:`row_key`: projection rows ignore STEGO's training options). Returns {"rows", "table1",
     "explained_variance", "dims", "meta"}.
     """
-    from stegoseg.methods.baseline import fit_feature_baseline
-    from stegoseg.methods.common import (
-        RANDOM_BACKBONE_WARNING,
-        build_backbone_from_config,
-        build_split,
-        evaluate_checkpoint_model,
-        n_classes_for,
-        prepare,
-        resolve_device,
-        resolve_run_paths,
-    )
-    from stegoseg.methods.stego import train_stego
 
     methods = [m.strip().lower() for m in methods if m.strip()]
     for m in methods:
@@ -636,7 +636,6 @@ def argument_type(parse):
 
 
 def cmd_study_dimred(args) -> int:
-    from stegoseg.config.stego import resolve_config
 
     cfg = resolve_config(args)
     out = Path(args.out)
@@ -656,7 +655,6 @@ def cmd_study_dimred(args) -> int:
 
 def add_cli(subparsers) -> argparse.ArgumentParser:
     """Register ``stegoseg study-dimred``."""
-    from stegoseg.config.stego import add_config_arguments
 
     p = subparsers.add_parser(
         "study-dimred",

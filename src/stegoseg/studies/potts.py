@@ -9,6 +9,7 @@ import torch
 
 from stegoseg.evaluation.crf import CRFParams
 from stegoseg.losses.potts import potts_kernel, potts_loss
+from stegoseg.reporting.figures import colorize, make_palette
 
 
 def optimise_potts(image: np.ndarray, n_codes: int = 8, size: int = 48, steps: int = 300, lr: float = 0.1,
@@ -53,7 +54,6 @@ def save_potts_figure(result: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from stegoseg.reporting.figures import colorize, make_palette
 
     code = result["code"]
     k, h, w = code.shape

@@ -38,9 +38,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from stegoseg.backbones.backbone import Backbone, build_vit
+from stegoseg.backbones.presets import get_backbone_preset
+from stegoseg.backbones.weights import file_sha256
 from stegoseg.config.base import ConfigBase, raise_first_failure
+from stegoseg.data import build_dataset
+from stegoseg.data.registry import parse_class_names
+from stegoseg.data.transforms import EvalTransform
 from stegoseg.errors import StegosegError
+from stegoseg.evaluation.metrics import ConfusionAccumulator
 from stegoseg.reporting.figures import plot_dino_curves, plot_readout
+from stegoseg.training.resume import (
+    keep_log_before_resume,
+    merge_resumed_log,
+    resumed_step,
+)
+from stegoseg.training.stego import batch_indices, step_seed
+from stegoseg.training.trainer import build_trainer
 
 log = logging.getLogger("stegoseg")
 
@@ -113,8 +127,6 @@ class PretrainConfig(ConfigBase):
 
 def build_student(cfg: PretrainConfig):
     """(timm ViT returning the CLS embedding, its preset) — trainable, randomly initialised."""
-    from stegoseg.backbones.backbone import build_vit
-    from stegoseg.backbones.presets import get_backbone_preset
 
     preset = get_backbone_preset(cfg.arch)
     if preset.family != "vit":
@@ -149,7 +161,6 @@ class MultiCropBatches(torch.utils.data.IterableDataset):
         self.start_step, self.total_steps, self.rank, self.world = start_step, total_steps, rank, world
 
     def batch(self, step: int) -> dict:
-        from stegoseg.training.stego import batch_indices
 
         idx = batch_indices(len(self.dataset), self.batch_size, step, self.seed, self.rank, self.world)
         views_per_item = []
@@ -249,7 +260,6 @@ class DinoPretrainModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         from lightly.models.utils import update_momentum
 
-        from stegoseg.training.stego import step_seed
 
         step = int(batch["step"])
         if step != self.global_step:
@@ -286,7 +296,6 @@ class DinoPretrainModule(L.LightningModule):
 
 def teacher_as_backbone(module: DinoPretrainModule):
     """A frozen :class:`~stegoseg.backbones.Backbone` view of (a copy of) the current teacher."""
-    from stegoseg.backbones.backbone import Backbone
 
     p = module.preset
     model = copy.deepcopy(module.teacher).float()
@@ -301,8 +310,6 @@ def patch_knn_readout(backbone, train_ds, val_ds, n_images: int, resolution: int
     """Dense k-NN readout: each labelled val patch takes the similarity-weighted vote of its
     k nearest labelled train patches (cosine); patch labels are the labels at patch centres.
     Returns accuracy and mIoU (percent). A quick, label-using probe of feature quality."""
-    from stegoseg.data.transforms import EvalTransform
-    from stegoseg.evaluation.metrics import ConfusionAccumulator
 
     tf = EvalTransform(resolution=resolution, crop="center", image_resample="bilinear")
     n_classes = train_ds.n_classes
@@ -403,9 +410,6 @@ def pretrain(cfg: PretrainConfig, out, resume: bool = False, callbacks: Optional
     import json
     import time
 
-    from stegoseg.data import build_dataset
-    from stegoseg.data.datasets import parse_class_names
-    from stegoseg.training.trainer import build_trainer
 
     out = Path(out)
     if not cfg.data_root:
@@ -432,7 +436,6 @@ def pretrain(cfg: PretrainConfig, out, resume: bool = False, callbacks: Optional
     history: list = []
     history_path = out / "readout_history.json"
     if resume:
-        from stegoseg.training.resume import keep_log_before_resume, resumed_step
 
         step = resumed_step(ckpt_path)
         if history_path.exists():  # the readouts before the interruption (later ones are run again)
@@ -452,11 +455,9 @@ def pretrain(cfg: PretrainConfig, out, resume: bool = False, callbacks: Optional
                 weights_only=True)
     if not trainer.is_global_zero:
         return None
-    from stegoseg.training.resume import merge_resumed_log
 
     merge_resumed_log(out / "logs")
     path = module.export_backbone(out / "backbone.pt")
-    from stegoseg.backbones.weights import file_sha256
 
     summary = {"backbone_file": str(path), "sha256": file_sha256(path), "arch": module.preset.name,
                "tiny": cfg.tiny, "steps": int(trainer.global_step), "seconds": time.perf_counter() - t0,

@@ -23,9 +23,12 @@ import torch.nn as nn
 from stegoseg.config.stego import Config
 from stegoseg.features.cache import CropView, FeatureCache
 from stegoseg.features.knn import config_neighbors
+from stegoseg.losses.potts import potts_term
 from stegoseg.losses.stego import LossWeights, stego_loss
 from stegoseg.model import SegmentationModel
 from stegoseg.nn.heads import build_head
+from stegoseg.preflight import check_free_space
+from stegoseg.reporting.figures import histogram_png
 from stegoseg.training.resume import (
     RUN_CONFIG,
     keep_log_before_resume,
@@ -194,7 +197,6 @@ class StegoModule(L.LightningModule):
         code_knn = self.head(feats_knn, self.dropout)
         out = stego_loss(self.dropout(feats), self.dropout(feats_knn), code, code_knn, self.weights, generator=gen)
         if self.cfg.w_potts > 0:
-            from stegoseg.losses.potts import potts_term
 
             out["potts"] = potts_term(code, batch["thumb"], self.cfg.b_potts, self.cfg.n_samples,
                                       image_size=self.cfg.resolution, generator=gen)
@@ -265,7 +267,6 @@ class _SimilarityHistogram(L.Callback):
 
 
 def save_similarity_histogram(module: StegoModule, path: Path, step: int) -> None:
-    from stegoseg.reporting.figures import histogram_png
 
     values = {
         f"{name} pairs": torch.cat(v).numpy() for name, v in (("KNN", module.sim_samples["knn"]), ("random", module.sim_samples["rand"])) if v
@@ -317,7 +318,6 @@ def fit_stego(cfg: Config, out, cache: FeatureCache, n_classes: int, has_labels:
 def check_checkpoint_space(module: StegoModule, out: Path, cfg: Config) -> None:
     """Lightning's checkpoints (weights + Adam's two moments) every ``ckpt_every`` steps plus
     last.ckpt must fit on the disk before training starts."""
-    from stegoseg.preflight import check_free_space
 
     params = sum(p.numel() for p in module.parameters())
     per_ckpt = params * 4 * 3 + 64 * 1024
