@@ -23,9 +23,9 @@ def test_baseline_command_end_to_end(synthetic_root, tmp_path, capsys):
     out = tmp_path / "baseline"
     assert main(["baseline", "--out", str(out), "--data-root", str(synthetic_root), *tiny_cli("baseline")]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    for mode in ("parity", "strict"):
-        assert 0 <= metrics["cluster"][mode]["miou"] <= 100
-    assert 0 <= metrics["linear"]["accuracy"] <= 100
+    # no extra clusters: parity and strict counting agree; the linear probe beats chance (4 classes)
+    assert metrics["cluster"]["parity"]["miou"] == pytest.approx(metrics["cluster"]["strict"]["miou"])
+    assert metrics["linear"]["accuracy"] > 50
     assert metrics["method"] == "features"
     for name in ("config.yaml", "checkpoint.pt", "confusion_cluster.png", "confusion_linear.png", "predictions.png"):
         assert (out / name).exists(), name

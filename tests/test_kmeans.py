@@ -111,10 +111,14 @@ def test_objective_beats_random_centroids_and_the_full_data_step_helps():
 
 def test_final_pass_averages_all_vectors_not_just_the_sample():
     # init_sample = k: FAISS only sees 2 sampled vectors (its centroids are those vectors);
-    # the streamed pass then moves each centroid to the normalised mean of all its members
-    x, labels = _planted(n=4000, k=2, d=16, sigma=0.2, seed=9)
+    # the streamed pass then moves each centroid to the normalised mean of all the vectors
+    # assigned to it
+    x, _ = _planted(n=4000, k=2, d=16, sigma=0.2, seed=9)
     c = _fit(x, 2, chunk=333, n_iter=10, seed=0, init_sample=2)
-    assign = (x @ c.T).argmax(1)
+    sample, _ = km._stream_sample(lambda: iter(x.split(333)), 2, 0, False)
+    faiss_only = torch.from_numpy(km._faiss_kmeans(sample.numpy(), 2, 10, 0, 1e-5))
+    torch.testing.assert_close(faiss_only @ sample.T, torch.eye(2), rtol=0, atol=1e-5)
+    assign = (x @ faiss_only.T).argmax(1)
     means = torch.stack([F.normalize(x[assign == j].sum(0), dim=0) for j in range(2)])
     torch.testing.assert_close(c, means, rtol=0, atol=1e-5)
     assert (x @ c.T).max(0).values.max() < 0.999  # no centroid is a data vector any more

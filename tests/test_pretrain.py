@@ -77,7 +77,8 @@ def test_pretrain_changes_weights_exports_a_loadable_backbone(synthetic_root, tm
     assert len(changed) > len(before) // 2
     # the periodic readout runs at the end on the labelled val split
     readout = json.loads((tmp_path / "p" / "readout.json").read_text())["readout"]
-    assert readout and 0 <= readout[-1]["acc"] <= 100
+    assert [r["step"] for r in readout][0] == 0 and readout[-1]["step"] > 0  # the start and the end
+    assert readout[-1]["acc"] > 100 / 4  # a k-NN vote on 4 generated classes beats chance
     assert (tmp_path / "p" / "readout.png").exists() and (tmp_path / "p" / "training_curves.png").exists()
 
 
