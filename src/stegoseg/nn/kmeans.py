@@ -155,7 +155,7 @@ def spherical_kmeans(
         keep = torch.topk(far_sim, min(k, far_sim.numel()), largest=False).indices
         far_sim, far_vec = far_sim[keep], far_vec[keep]
         bar.set_postfix(mean_cos=f"{obj / max(n, 1):.4f}")
-    new = centroids.clone()
+    new = F.normalize(sums, dim=1).float()
     empty = torch.nonzero(counts == 0).flatten()
     if len(empty):
         order = torch.argsort(far_sim)  # farthest first
