@@ -9,10 +9,10 @@ import argparse
 import errno
 import logging
 import sys
+from typing import Optional
 
 from stegoseg.cli import methods, pipeline, segment, tools
 from stegoseg.errors import StegosegError
-from stegoseg.studies import ablation, correspondence, dimred
 
 log = logging.getLogger("stegoseg")
 
@@ -29,7 +29,23 @@ _FILE_ERRNOS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: The studies' commands: their modules (which import the whole training stack) are imported
+#: only when the command runs, so `stegoseg --help` and the other commands start fast.
+STUDIES = {
+    "study-correspondence": ("stegoseg.studies.correspondence", "do feature correspondences predict label "
+                             "co-occurrence? PR/AP, correspondence maps, class coupling"),
+    "study-dimred": ("stegoseg.studies.dimred", "STEGO as dimensionality reduction: PCA / random projection / STEGO "
+                     "at equal dimension (Koenig et al. 2023)"),
+    "ablate": ("stegoseg.studies.ablation", "ablate STEGO's components (zero clamp, five-crop, spatial centering, "
+               "CRF, each loss term)"),
+}
+
+
+def build_parser(study: Optional[str] = None) -> argparse.ArgumentParser:
+    """The parser of every command; the study named by ``study`` (or every study with
+    ``study="all"``) gets its full parser, the others a listing entry."""
+    import importlib
+
     parser = argparse.ArgumentParser(
         prog="stegoseg",
         description="Unsupervised semantic segmentation with frozen self-supervised ViTs (STEGO and baselines).",
@@ -38,13 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in (pipeline, segment, methods, tools):
         module.add_commands(sub)
-    for study in (correspondence, dimred, ablation):
-        study.add_cli(sub)
+    for name, (module, help_text) in STUDIES.items():
+        if study in (name, "all"):
+            importlib.import_module(module).add_cli(sub)
+        else:
+            sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
+    words = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(next((w for w in words if w in STUDIES), None))
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"

@@ -8,7 +8,8 @@ from stegoseg.preflight import prepare_out
 
 def cmd_pretrain(args) -> int:
     from stegoseg.config.stego import resolve_config
-    from stegoseg.training.dino import PretrainConfig, pretrain
+    from stegoseg.config.pretrain import PretrainConfig
+    from stegoseg.training.dino import pretrain
 
     cfg = resolve_config(args, cls=PretrainConfig)
     out = prepare_out(args.out, "pretrain", "backbone.pt", args.overwrite, resume=args.resume)
@@ -56,7 +57,7 @@ def add_commands(sub) -> None:
     out_arg(p, "runs/pretrain")
     p.add_argument("--resume", action="store_true", help="continue from --out/lightning/last.ckpt")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run's outputs in --out")
-    from stegoseg.training.dino import PretrainConfig
+    from stegoseg.config.pretrain import PretrainConfig
 
     add_config_arguments(p, cls=PretrainConfig)
     p.set_defaults(func=cmd_pretrain)

@@ -9,8 +9,8 @@ import numpy as np
 
 from stegoseg.data.base import JointTransform
 from stegoseg.data.files import (
-    apply_table,
     FileDataset,
+    apply_table,
     first_missing,
     lookup_table,
     require_dir,

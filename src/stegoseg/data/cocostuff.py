@@ -10,8 +10,8 @@ import numpy as np
 
 from stegoseg.data.base import IGNORE_INDEX, JointTransform
 from stegoseg.data.files import (
-    apply_table,
     FileDataset,
+    apply_table,
     lookup_table,
     read_id_list,
     require_dir,

@@ -10,8 +10,8 @@ from PIL import Image
 
 from stegoseg.data.base import JointTransform
 from stegoseg.data.files import (
-    apply_table,
     FileDataset,
+    apply_table,
     lookup_table,
     read_id_list,
     require_dir,

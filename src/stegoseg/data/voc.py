@@ -9,8 +9,8 @@ import numpy as np
 
 from stegoseg.data.base import JointTransform
 from stegoseg.data.files import (
-    apply_table,
     FileDataset,
+    apply_table,
     lookup_table,
     read_id_list,
     require_dir,

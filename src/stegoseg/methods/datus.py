@@ -56,6 +56,7 @@ from stegoseg.methods.common import (
 )
 from stegoseg.nn.kmeans import spherical_kmeans
 from stegoseg.reporting.figures import make_palette, prediction_grid
+from stegoseg.reporting.tables import metrics_table
 
 log = logging.getLogger("stegoseg")
 
@@ -282,20 +283,14 @@ def compare_runs(run_dirs, out_md=None) -> str:
     """A markdown table of headline metrics from several run folders' metrics.json
     (e.g. STEGO eval/, baseline/, DatUS^2)."""
 
-    lines = ["| run | method | cluster acc (strict) | cluster mIoU (strict) | cluster acc (parity) | cluster mIoU (parity) | linear acc | linear mIoU |",
-             "|---|---|---|---|---|---|---|---|"]
+    rows = []
     for d in run_dirs:
         p = Path(d) / "metrics.json"
         if not p.is_file():
             raise StegosegError(f"{p} not found: pass folders written by run/evaluate/baseline/datus")
         m = json.loads(p.read_text())
-        s = summary_rows(m)
-
-        def f(key):
-            return "-" if s.get(key) is None else f"{s[key]:.1f}"
-
-        lines.append(f"| {Path(d)} | {m.get('method', '?')} | {f('cluster_strict_acc')} | {f('cluster_strict_miou')} | "
-                     f"{f('cluster_parity_acc')} | {f('cluster_parity_miou')} | {f('linear_acc')} | {f('linear_miou')} |")
+        rows.append({"run": str(Path(d)), "method": m.get("method", "?"), **summary_rows(m)})
+    lines = [metrics_table(rows, (("run", "run"), ("method", "method")))]
     text = "\n".join(lines) + "\n"
     if out_md:
         Path(out_md).write_text(text)

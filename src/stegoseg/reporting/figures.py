@@ -40,7 +40,6 @@ import numpy as np
 from PIL import Image
 
 
-
 def plot_log_curves(csv_path, png_path, panels: dict, reference_lines: Optional[dict] = None) -> bool:
     """The one plotter of a Lightning CSV log: ``panels`` maps a panel title to the column
     names (or name prefixes ending in "/") drawn in it against step; ``reference_lines``

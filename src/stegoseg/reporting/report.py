@@ -7,6 +7,7 @@ from pathlib import Path
 
 from stegoseg.config.stego import PRESETS, Config
 from stegoseg.evaluation.protocol import summary_rows
+from stegoseg.reporting.tables import metrics_table
 
 
 # --------------------------------------------------------------------------- main job
@@ -21,20 +22,9 @@ def write_report(out: Path, title: str, results: dict, cfg: Config, notes: list)
         f"({'random init' if not cfg.pretrained and not cfg.weights else cfg.weights or 'pretrained'}); "
         f"{cfg.steps} steps, batch {cfg.batch_size}, K = {cfg.dim}; CRF {'on' if cfg.crf else 'off'}.",
         "",
-        "| method | cluster acc (strict) | cluster mIoU (strict) | cluster acc (parity) | cluster mIoU (parity) | linear acc | linear mIoU |",
-        "|---|---|---|---|---|---|---|",
     ]
-
-    def fmt(v):
-        return "-" if v is None else f"{v:.1f}"
-
-    for name, res in results.items():
-        s = summary_rows(res)
-        lines.append(
-            f"| {name} | {fmt(s.get('cluster_strict_acc'))} | {fmt(s.get('cluster_strict_miou'))} | "
-            f"{fmt(s.get('cluster_parity_acc'))} | {fmt(s.get('cluster_parity_miou'))} | "
-            f"{fmt(s.get('linear_acc'))} | {fmt(s.get('linear_miou'))} |"
-        )
+    rows = [{"method": name, **summary_rows(res)} for name, res in results.items()]
+    lines.append(metrics_table(rows, (("method", "method"),)))
     lines.append("")
     lines += calibration_report_lines(out / "train")
     for caption, rel in (

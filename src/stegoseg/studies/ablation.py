@@ -45,13 +45,12 @@ from stegoseg.methods.common import (
     resolve_run_paths,
 )
 from stegoseg.methods.stego import train_stego
+from stegoseg.reporting.tables import METRIC_COLUMNS, markdown_table
 from stegoseg.studies.dimred import (
-    METRIC_COLUMNS,
     METRIC_KEYS,
     SharedFeatures,
     argument_type,
     load_with_backbone,
-    markdown_table,
 )
 
 log = logging.getLogger("stegoseg")

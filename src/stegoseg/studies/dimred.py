@@ -62,6 +62,7 @@ from stegoseg.methods.common import (
 from stegoseg.methods.stego import train_stego
 from stegoseg.model import load
 from stegoseg.nn.heads import ProjectionHead
+from stegoseg.reporting.tables import METRIC_COLUMNS, fmt, markdown_table
 
 log = logging.getLogger("stegoseg")
 
@@ -293,30 +294,6 @@ def _row(method: str, dim: int, result: dict, seconds: float, out_dir: Path, roo
     return row
 
 
-def _fmt(v) -> str:
-    return "-" if v is None else f"{v:.1f}"
-
-
-def markdown_table(rows: Sequence[dict], columns: Sequence[tuple]) -> str:
-    """Rows of dicts as a markdown table; ``columns`` = (header, key or callable)."""
-    lines = ["| " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * len(columns)]
-    for r in rows:
-        cells = []
-        for _, key in columns:
-            v = key(r) if callable(key) else r.get(key)
-            cells.append(_fmt(v) if isinstance(v, (float, type(None))) else str(v))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-METRIC_COLUMNS = (
-    ("cluster acc (strict)", "cluster_strict_acc"),
-    ("cluster mIoU (strict)", "cluster_strict_miou"),
-    ("cluster acc (parity)", "cluster_parity_acc"),
-    ("cluster mIoU (parity)", "cluster_parity_miou"),
-    ("linear acc", "linear_acc"),
-    ("linear mIoU", "linear_miou"),
-)
 
 
 # Config fields that only STEGO training reads: a backbone-only or projection row does not depend on them.
@@ -421,7 +398,7 @@ def run_dimred_study(
         result = evaluate_checkpoint_model(cfg, model, folder)
         row = dict(_row(method, dim, result, fit_seconds, folder, out), **extra)
         rows.append(row)
-        log.info("%s d=%d: %s", method, dim, ", ".join(f"{k} {_fmt(row[k])}" for k in METRIC_KEYS))
+        log.info("%s d=%d: %s", method, dim, ", ".join(f"{k} {fmt(row[k])}" for k in METRIC_KEYS))
         write_dimred_table(rows, ev, out, meta())
         return row
 
