@@ -208,7 +208,6 @@ def test_segment_batch_error_names_the_bad_image(one_thread):
 @needs_crf
 def test_segment_path_with_crf_works_and_forwards_params(tmp_path, monkeypatch, one_thread):
     """The README example `model.segment(path, crf=True)` (read-only PIL buffer)."""
-    import stegoseg.model as model_module
 
     x_u8 = np.round(two_region_image() * 255).astype(np.uint8)
     Image.fromarray(x_u8).save(tmp_path / "img.png")
@@ -223,7 +222,9 @@ def test_segment_path_with_crf_works_and_forwards_params(tmp_path, monkeypatch, 
         seen.append(job)
         return crf_job(job)
 
-    monkeypatch.setattr(model_module, "crf_job", spy)
+    import stegoseg.evaluation.crf as crf_module
+
+    monkeypatch.setattr(crf_module, "crf_job", spy)
     params = CRFParams(iterations=3, reference_input=True)
     model.segment(str(tmp_path / "img.png"), crf=True, resolution=None, crf_params=params)
     image, _, used = seen[0]

@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_cli
 
 from stegoseg.cli import main
 from stegoseg.errors import StegosegError
@@ -14,8 +15,6 @@ from stegoseg.methods.datus import (
     paint,
     segment_crops,
 )
-
-TINY = ["--no-pretrained", "--tiny", "--eval-resolution", "48", "--no-progress", "--device", "cpu"]
 
 
 def _blobs(sizes=(30, 25, 20), dim=16, noise=0.05, seed=0):
@@ -63,13 +62,13 @@ def test_paint_and_crops():
 
 def test_datus_cli_end_to_end_and_compare(synthetic_root, tmp_path, capsys):
     out = tmp_path / "datus"
-    assert main(["datus", "--out", str(out), "--data-root", str(synthetic_root), *TINY]) == 0
+    assert main(["datus", "--out", str(out), "--data-root", str(synthetic_root), *tiny_cli("datus")]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["n_segments"] >= m["n_clusters"] == 4
     assert m["cluster"]["parity"]["miou"] == pytest.approx(m["cluster"]["strict"]["miou"])  # K = classes
     assert (out / "predictions.png").exists() and (out / "confusion_cluster.png").exists()
     assert main(["datus", "--out", str(tmp_path / "dn"), "--data-root", str(synthetic_root), "--denoise", "light",
-                 "--denoise-epochs", "2", *TINY]) == 0
+                 "--denoise-epochs", "2", *tiny_cli("datus")]) == 0
     assert json.loads((tmp_path / "dn" / "metrics.json").read_text())["method"] == "datus2+light"
     capsys.readouterr()
     assert main(["compare", str(out), str(tmp_path / "dn")]) == 0
@@ -80,7 +79,7 @@ def test_datus_cli_end_to_end_and_compare(synthetic_root, tmp_path, capsys):
 def test_datus_bad_inputs(synthetic_root, tmp_path, capsys):
     # more clusters than segments
     assert main(["datus", "--out", str(tmp_path / "a"), "--data-root", str(synthetic_root), "--clusters", "5000",
-                 *TINY]) == 2
+                 *tiny_cli("datus")]) == 2
     assert "segments" in capsys.readouterr().err
     # an image smaller than one patch
     assert main(["datus", "--out", str(tmp_path / "b"), "--data-root", str(synthetic_root),

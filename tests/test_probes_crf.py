@@ -45,6 +45,7 @@ def test_crf_on_a_two_colour_image_snaps_a_blurry_boundary_to_the_colour_edge():
 
 def test_feature_extraction_with_loader_workers_keeps_the_item_order(tmp_path):
     from conftest import tiny_config
+
     from stegoseg.data.synthetic import make_synthetic_dataset
     from stegoseg.features.cache import extract_features
     from stegoseg.methods.common import build_backbone_from_config, build_split

@@ -30,8 +30,7 @@ from stegoseg.data.base import pil_to_tensor
 from stegoseg.data.io import image_from_array_or_pil
 from stegoseg.data.transforms import minor_side_size
 from stegoseg.errors import StegosegError
-from stegoseg.evaluation.crf import CRFParams, crf_job, image_to_uint8
-from stegoseg.evaluation.crf import crf_pool as _open_crf_pool
+from stegoseg.evaluation.crf import CRFParams, image_to_uint8, run_crf_jobs
 from stegoseg.nn.heads import build_head
 from stegoseg.nn.probes import ClusterProbe, LinearProbe
 
@@ -215,14 +214,7 @@ class SegmentationModel(nn.Module):
         slots = [(out, probe) for out in outputs for probe, value in out.items() if isinstance(value, tuple)]
         if not slots:
             return
-        jobs = [out[probe] for out, probe in slots]
-        if pool is not None:
-            refined = list(pool.map(crf_job, jobs))
-        elif workers > 1:
-            with _open_crf_pool(workers) as ex:
-                refined = list(ex.map(crf_job, jobs))
-        else:
-            refined = [crf_job(job) for job in jobs]
+        refined = run_crf_jobs([out[probe] for out, probe in slots], pool, workers)
         for (out, probe), labels in zip(slots, refined):
             out[probe] = labels
 

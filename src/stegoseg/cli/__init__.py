@@ -69,6 +69,9 @@ def main(argv=None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
+    # Lightning prints through its own handler; without this its lines would also reach ours (twice in logs)
+    logging.getLogger("lightning").propagate = False
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing is not news
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -7,8 +7,8 @@ from stegoseg.preflight import prepare_out
 
 
 def cmd_pretrain(args) -> int:
-    from stegoseg.config.stego import resolve_config
     from stegoseg.config.pretrain import PretrainConfig
+    from stegoseg.config.stego import resolve_config
     from stegoseg.training.dino import pretrain
 
     cfg = resolve_config(args, cls=PretrainConfig)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -138,14 +138,18 @@ def crf_batch(
         (image_to_uint8(img, truncate=params.reference_input), lg.cpu().numpy(), params)
         for img, lg in zip(images, logits)
     ]
+    return torch.from_numpy(np.stack(run_crf_jobs(jobs, pool, workers)))
+
+
+def run_crf_jobs(jobs: Sequence, pool: Optional[ProcessPoolExecutor] = None, workers: int = 1) -> list:
+    """Labels of :func:`crf_job` jobs, in order: in ``pool`` if given, else in ``workers``
+    processes that end with this one (1 = inline)."""
     if pool is not None:
-        results = list(pool.map(crf_job, jobs))
-    elif workers > 1:
+        return list(pool.map(crf_job, jobs))
+    if workers > 1:
         with crf_pool(workers) as ex:
-            results = list(ex.map(crf_job, jobs))
-    else:
-        results = [crf_job(j) for j in jobs]
-    return torch.from_numpy(np.stack(results))
+            return list(ex.map(crf_job, jobs))
+    return [crf_job(job) for job in jobs]
 
 
 def _die_with_parent() -> None:

@@ -1,34 +1,5 @@
-"""DINO self-distillation pretraining of a ViT on the user's own images.
-
-The output is a backbone weights file (``backbone.pt``, format ``stegoseg-backbone``)
-that ``create_backbone(name, weights=PATH)`` / ``--weights PATH`` loads, so every method
-of the project can run on a backbone that has seen the user's domain.
-
-Built from lightly's DINO components (``DINOProjectionHead``, ``DINOLoss`` with its
-centring and teacher-temperature warm-up, ``DINOTransform`` multi-crop augmentation,
-``update_momentum`` and ``cosine_schedule``) and a timm ViT; Lightning gives devices,
-bf16, DDP and checkpoints.
-
-Schedule (DINO defaults, counted in epochs so they scale with the dataset): AdamW with
-base lr 5e-4 x batch/256, linear warm-up over 10 of 100 epochs then cosine to 1e-6;
-weight decay cosine 0.04 -> 0.4 (not on biases and norms); teacher momentum cosine
-0.996 -> 1; teacher temperature 0.04 (warm-up from ``warmup_teacher_temp`` over 30 epochs,
-a no-op at the defaults, as in the ViT-S/16 recipe); student temperature 0.1; centre momentum 0.9; 2 global
-crops of 224 and 8 local crops of 96; last layer frozen during the first epoch;
-stochastic depth 0.1; gradient clipping 3.0 (Lightning clips the total norm; DINO clips
-per parameter).
-
-Determinism: like STEGO training, every batch (items and augmentation draws) is a pure
-function of (seed, step, rank), so an interrupted run resumed from ``last.ckpt``
-continues bit-identically.
-
-Pictures a person can open: colour palettes, palette PNGs, overlays, prediction grids, histograms.
-
-Library functions behind every command: build datasets and backbones from a Config,
-prepare the feature cache, run the raw-feature baseline, evaluate a checkpoint.
-
-The command-line interface is a thin layer over these; each is usable from Python.
-"""
+"""Pictures a person can open: colour palettes, palette PNGs, overlays, prediction grids,
+histograms, and one plotter of Lightning's CSV logs (STEGO's and DINO pretraining's curves)."""
 from __future__ import annotations
 
 import colorsys
