@@ -177,3 +177,27 @@ def test_ddp_two_cpu_processes(synthetic_root, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "checkpoint.pt").exists()
     assert "Starting with 2 processes" in proc.stderr
+
+
+def test_cache_held_in_memory_trains_exactly_like_reading_the_cache_from_disk(synthetic_root, tmp_path):
+    from stegoseg.features.cache import ResidentFeatures
+    from stegoseg.methods.common import prepare
+    from stegoseg.training.stego import StepBatches, fit_stego, use_resident_cache
+
+    states = {}
+    for mode in ("off", "on"):
+        cfg = tiny_config(synthetic_root, cache_in_memory=mode, steps=6, cache_dir=str(tmp_path / "cache"))
+        cache = prepare(cfg, tmp_path / mode)
+        assert use_resident_cache(cfg, cache) is (mode == "on")
+        module = fit_stego(cfg, tmp_path / mode, cache, 4, True)
+        states[mode] = module.state_dict()
+    assert states["on"].keys() == states["off"].keys()
+    for k in states["off"]:
+        assert torch.equal(states["on"][k], states["off"][k]), k
+    # the indices-only batch gathers exactly the tensors the disk path reads
+    knn = cache.neighbors(cfg.n_neighbors)
+    disk = StepBatches(cache, knn, 8, 0, steps=3)[2]
+    ids = StepBatches(cache, knn, 8, 0, steps=3, indices_only=True)[2]
+    got = ResidentFeatures(cache).batch(ids["index"], ids["partner"])
+    for key in ("feats", "feats_knn", "label"):
+        assert torch.equal(got[key], disk[key]), key

@@ -11,7 +11,7 @@ import logging
 import sys
 from typing import Optional
 
-from stegoseg.cli import methods, pipeline, segment, tools
+from stegoseg.cli import methods, pipeline, segment, serve, tools
 from stegoseg.errors import StegosegError
 
 log = logging.getLogger("stegoseg")
@@ -52,7 +52,7 @@ def build_parser(study: Optional[str] = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (pipeline, segment, methods, tools):
+    for module in (pipeline, segment, serve, methods, tools):
         module.add_commands(sub)
     for name, (module, help_text) in STUDIES.items():
         if study in (name, "all"):

@@ -76,6 +76,7 @@ class Config(ConfigBase):
     selection_batches: int = 24  # batches of sampled pairs the label-free criterion reads per candidate
     seed: int = 0
     live_backbone: bool = False  # run the backbone every step instead of reading the cache
+    cache_in_memory: str = "auto"  # hold the feature cache on the training device: auto (if it fits) | on | off
     accelerator: str = "auto"
     devices: str = "1"
     strategy: str = "auto"
@@ -190,7 +191,7 @@ FIELD_GROUPS = {
              "w_self", "w_knn", "w_rand", "b_self", "b_knn", "b_rand", "n_random", "knn_topk", "pointwise",
              "zero_clamp", "stabilize", "w_potts", "b_potts"),
     "training": ("steps", "batch_size", "lr", "probe_lr", "cluster_fit", "select", "selection_batches", "seed",
-                 "live_backbone", "accelerator", "devices", "strategy", "num_nodes", "precision", "ckpt_every",
+                 "live_backbone", "cache_in_memory", "accelerator", "devices", "strategy", "num_nodes", "precision", "ckpt_every",
                  "log_every"),
     "probes": ("kmeans_iters", "linear_epochs"),
     "evaluation": ("eval_resolution", "eval_crop", "eval_resample", "flip", "crf", "crf_workers", "eval_batch_size",
@@ -329,6 +330,7 @@ def validate(cfg: Config) -> None:
         (_valid_device(cfg.device), f"--device must be auto, cpu, cuda, cuda:N or mps, got {cfg.device!r}"),
         (_valid_devices(cfg.devices), f"--devices must be a count (1), auto, or a list like 0,1; got {cfg.devices!r}"),
         (cfg.num_nodes >= 1, "--num-nodes must be >= 1"),
+        (cfg.cache_in_memory in ("auto", "on", "off"), "--cache-in-memory must be auto, on or off"),
         (cfg.protocol in ("clean", "reference"), f"--protocol must be clean or reference, got {cfg.protocol!r}"),
         (cfg.train_resample in (None, "bilinear", "nearest"), "--train-resample must be bilinear or nearest"),
         (cfg.pos_embed in (None, "timm", "dino"), "--pos-embed must be timm or dino"),

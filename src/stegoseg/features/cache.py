@@ -356,6 +356,40 @@ def extract_features(
     return cache
 
 
+class ResidentFeatures:
+    """A feature cache held in memory on one device (the GPU during GPU training): features
+    (float16, as stored), labels and thumbnails as tensors, so that a training step gathers
+    its batch with one indexing op on the device instead of reading memory maps on the host
+    and copying. The values are the cache's, so training gives the same result either way."""
+
+    def __init__(self, cache: FeatureCache, with_thumbs: bool = False):
+        self.features = torch.from_numpy(np.ascontiguousarray(cache.features[:]))
+        self.labels = torch.from_numpy(np.ascontiguousarray(cache.labels[:])) if cache.has_labels else None
+        self.thumbs = torch.from_numpy(np.ascontiguousarray(cache.thumbs[:])) if with_thumbs else None
+
+    @staticmethod
+    def nbytes(cache: FeatureCache, with_thumbs: bool = False) -> int:
+        total = cache.features.nbytes + (cache.labels.nbytes if cache.has_labels else 0)
+        return total + (cache.thumbs.nbytes if with_thumbs else 0)
+
+    def to(self, device) -> "ResidentFeatures":
+        for name in ("features", "labels", "thumbs"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.to(device, non_blocking=True))
+        return self
+
+    def batch(self, index: torch.Tensor, partner: torch.Tensor) -> dict:
+        """The tensors a cached training step reads, gathered on the device (float32 features)."""
+        index, partner = index.to(self.features.device), partner.to(self.features.device)
+        out = {"feats": self.features[index].float(), "feats_knn": self.features[partner].float()}
+        if self.labels is not None:
+            out["label"] = self.labels[index].long()
+        if self.thumbs is not None:
+            out["thumb"] = self.thumbs[index].float()
+        return out
+
+
 def dataset_fingerprint(dataset: SegmentationDataset) -> str:
     """Fingerprint of the files a dataset reads (see :func:`~stegoseg.preflight.files_fingerprint`);
     datasets without file lists are identified by their ids."""

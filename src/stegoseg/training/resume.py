@@ -23,7 +23,7 @@ RUN_CONFIG = "run_config.json"  # next to lightning/: the config its checkpoints
 # Fields a resumed run may change: they do not enter the steps already taken (output,
 # speed, evaluation and selection settings; a larger --steps continues the same run).
 RESUME_MAY_CHANGE = {
-    "steps", "progress", "num_workers", "device", "accelerator", "extract_batch_size", "cache_dir", "data_root",
+    "steps", "progress", "num_workers", "cache_in_memory", "device", "accelerator", "extract_batch_size", "cache_dir", "data_root",
     "log_every", "ckpt_every", "select", "selection_batches", "eval_resolution", "eval_crop", "eval_resample", "flip",
     "crf", "crf_workers", "eval_batch_size", "max_eval_images", "n_grid", "bf16_inference", "crf_reference_input",
     "kmeans_iters", "linear_epochs", "weights",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -21,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from stegoseg.config.stego import Config
-from stegoseg.features.cache import CropView, FeatureCache
+from stegoseg.features.cache import CropView, FeatureCache, ResidentFeatures
 from stegoseg.features.knn import config_neighbors
 from stegoseg.losses.potts import potts_term
 from stegoseg.losses.stego import LossWeights, stego_loss
@@ -82,8 +83,10 @@ class StepBatches(torch.utils.data.Dataset):
         world: int = 1,
         crop_view: Optional[CropView] = None,
         with_thumbs: bool = False,
+        indices_only: bool = False,
     ):
         self.cache, self.knn = cache, knn
+        self.indices_only = indices_only  # the features are resident on the device: the batch is its indices
         self.batch_size, self.seed, self.topk = batch_size, seed, min(knn_topk, knn.shape[1])
         self.start_step, self.steps, self.rank, self.world = start_step, steps, rank, world
         self.crop_view = crop_view
@@ -102,6 +105,9 @@ class StepBatches(torch.utils.data.Dataset):
         step = self.start_step + i
         idx, partner = self.indices(step)
         out = {"step": torch.tensor(step), "index": torch.from_numpy(idx)}
+        if self.indices_only:
+            out["partner"] = torch.from_numpy(np.asarray(partner, dtype=np.int64))
+            return out
         if self.crop_view is None:
             out["feats"] = self.cache.feature_batch(idx)
             out["feats_knn"] = self.cache.feature_batch(partner)
@@ -148,6 +154,7 @@ class StegoModule(L.LightningModule):
                                        n_classes=n_classes, method="stego", config=cfg.to_dict())
         self.dropout = nn.Dropout2d(cfg.feature_dropout)
         self.weights = loss_weights(cfg)
+        self.resident = None  # a ResidentFeatures when the cache is held on the device (--cache-in-memory)
         self._backbone = [backbone]  # a list: not a registered submodule, never saved in checkpoints
         self.sim_samples = {"knn": [], "rand": []}
 
@@ -187,10 +194,16 @@ class StegoModule(L.LightningModule):
         with torch.no_grad():
             return backbone(backbone.normalize(image)).float()
 
+    def on_fit_start(self) -> None:
+        if self.resident is not None:
+            self.resident.to(self.device)
+
     def compute_losses(self, batch: dict, step: int) -> dict:
         """All losses of one batch, with every random draw seeded by (seed, step, rank)."""
         torch.manual_seed(step_seed(self.cfg.seed, step, self.global_rank, 2))
         gen = torch.Generator().manual_seed(step_seed(self.cfg.seed, step, self.global_rank, 3))
+        if "partner" in batch:  # indices only: gather the batch from the resident cache
+            batch = {**batch, **self.resident.batch(batch["index"], batch["partner"])}
         feats = self.features_of(batch, "feats").float()
         feats_knn = self.features_of(batch, "feats_knn").float()
         code = self.head(feats, self.dropout)
@@ -234,19 +247,21 @@ class StegoModule(L.LightningModule):
 class _StegoData(L.LightningDataModule):
     """Builds the step-indexed loader once the trainer knows the restored step, rank and world size."""
 
-    def __init__(self, cfg: Config, cache: FeatureCache, knn: np.ndarray, crop_view: Optional[CropView]):
+    def __init__(self, cfg: Config, cache: FeatureCache, knn: np.ndarray, crop_view: Optional[CropView],
+                 indices_only: bool = False):
         super().__init__()
         self.cfg, self.cache, self.knn, self.crop_view = cfg, cache, knn, crop_view
+        self.indices_only = indices_only
 
     def train_dataloader(self):
         t = self.trainer
         ds = StepBatches(
             self.cache, self.knn, self.cfg.batch_size, self.cfg.seed, self.cfg.knn_topk,
             start_step=t.global_step, steps=self.cfg.steps, rank=t.global_rank, world=t.world_size,
-            crop_view=self.crop_view, with_thumbs=self.cfg.w_potts > 0,
+            crop_view=self.crop_view, with_thumbs=self.cfg.w_potts > 0, indices_only=self.indices_only,
         )
         return torch.utils.data.DataLoader(
-            StepStream(ds), batch_size=None, num_workers=self.cfg.num_workers,
+            StepStream(ds), batch_size=None, num_workers=0 if self.indices_only else self.cfg.num_workers,
             persistent_workers=False, pin_memory=torch.cuda.is_available(),
         )
 
@@ -273,6 +288,29 @@ def save_similarity_histogram(module: StegoModule, path: Path, step: int) -> Non
     }
     if values:
         histogram_png(values, path, title=f"code similarity S (step {step})", xlabel="cosine similarity of codes")
+
+
+# --cache-in-memory auto: hold the cache on the training device when it takes at most this
+# fraction of the device's free memory
+RESIDENT_MEMORY_FRACTION = 0.4
+
+
+def use_resident_cache(cfg: Config, cache: FeatureCache) -> bool:
+    """Whether training reads the cache from memory on its device (``--cache-in-memory``)."""
+    if cfg.live_backbone or cfg.cache_in_memory == "off":
+        return False
+    if cfg.cache_in_memory == "on":
+        return True
+    need = ResidentFeatures.nbytes(cache, with_thumbs=cfg.w_potts > 0)
+    accelerator = cfg.accelerator
+    if torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda"):
+        free = torch.cuda.mem_get_info()[0]
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    use = need <= RESIDENT_MEMORY_FRACTION * free
+    log.info("feature cache %s: %.2f GB, %.1f GB free on the training device (--cache-in-memory auto)",
+             "held in memory" if use else "read from disk", need / 1e9, free / 1e9)
+    return use
 
 
 def fit_stego(cfg: Config, out, cache: FeatureCache, n_classes: int, has_labels: bool, resume: bool = False,
@@ -307,8 +345,12 @@ def fit_stego(cfg: Config, out, cache: FeatureCache, n_classes: int, has_labels:
     log_dir = out / "logs"
     if ckpt_path is not None:
         keep_log_before_resume(log_dir, resumed_step(ckpt_path))
-    trainer.fit(module, datamodule=_StegoData(cfg, cache, knn, crop_view if cfg.live_backbone else None),
-                ckpt_path=ckpt_path, weights_only=True)
+    resident = use_resident_cache(cfg, cache)
+    if resident:
+        module.resident = ResidentFeatures(cache, with_thumbs=cfg.w_potts > 0)
+    data = _StegoData(cfg, cache, knn, crop_view if cfg.live_backbone else None, indices_only=resident)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+    module.resident = None
     if trainer.is_global_zero:
         merge_resumed_log(log_dir)
     module.is_global_zero = trainer.is_global_zero
