@@ -59,3 +59,29 @@ def test_feature_extraction_with_loader_workers_keeps_the_item_order(tmp_path):
     assert one.ids == two.ids
     assert np.array_equal(np.asarray(one.features), np.asarray(two.features))
     assert np.array_equal(np.asarray(one.labels), np.asarray(two.labels))
+
+
+def test_crf_in_worker_processes_equals_the_crf_inline():
+    from stegoseg.evaluation.crf import crf_batch, crf_pool
+
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(3, 3, 20, 24, generator=gen)
+    logits = torch.randn(3, 4, 10, 12, generator=gen)
+    inline = crf_batch(images, logits, CRFParams(), workers=1)
+    assert torch.equal(crf_batch(images, logits, CRFParams(), workers=2), inline)
+    with crf_pool(2) as pool:
+        assert torch.equal(crf_batch(images, logits, CRFParams(), pool=pool), inline)
+
+
+def test_evaluation_with_crf_workers_equals_one_process(tmp_path):
+    from conftest import tiny_config
+    from stegoseg.data.synthetic import make_synthetic_dataset
+    from stegoseg.methods.baseline import fit_feature_baseline
+    from stegoseg.methods.common import evaluate_checkpoint_model, replace
+
+    root = make_synthetic_dataset(tmp_path / "d", n_train=8, n_val=4, size=(40, 48))
+    cfg = tiny_config(root, crf=True, crf_workers=1)
+    model = fit_feature_baseline(cfg, tmp_path / "b")
+    one = evaluate_checkpoint_model(cfg, model, tmp_path / "e1")
+    two = evaluate_checkpoint_model(replace(cfg, crf_workers=2), model, tmp_path / "e2")
+    assert one["cluster"]["strict"]["confusion"] == two["cluster"]["strict"]["confusion"]

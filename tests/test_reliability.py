@@ -524,3 +524,60 @@ def test_nan_or_reshaped_weights_are_refused(checkpoint, tmp_path, capsys):
     for path, reason in ((nan, "NaN or infinite"), (shaped, "damaged or was edited")):
         assert main(["segment", str(path), str(path), "--out", str(tmp_path / "s")]) == 2
         assert reason in one_error_line(capsys)
+
+
+def test_overwrite_keeps_the_previous_run_when_the_new_one_is_refused(data, tmp_path, capsys):
+    out = tmp_path / "t"
+    assert main(["train", "--data-root", str(data), "--out", str(out), *tiny_cli("train", *TINY)]) == 0
+    before = (out / "checkpoint.pt").read_bytes()
+    assert main(["train", "--data-root", str(data), "--out", str(out), *tiny_cli("train", *TINY), "--n-classes", "2",
+                 "--overwrite"]) == 2
+    assert "holds the value 3" in one_error_line(capsys)
+    assert (out / "checkpoint.pt").read_bytes() == before  # refused before anything was removed
+
+
+def test_label_scan_is_redone_when_the_ignore_value_changes(data, tmp_path, capsys):
+    victim = sorted((data / "labels" / "train").glob("*.png"))[0]
+    put_label_value(victim, 7)
+    out = tmp_path / "p"
+    assert main(["train", "--data-root", str(data), "--out", str(out), *tiny_cli("train", *TINY),
+                 "--n-classes", "4"]) == 2
+    assert "holds the value 7" in one_error_line(capsys)
+    from stegoseg.methods.common import check_before_work
+
+    # the message's advice works on the rerun: 7 marked unlabelled is accepted (same scan folder)
+    assert check_before_work(tiny_config(data, n_classes=4, ignore_index=7), out) == 4
+
+
+def test_yaml_numbers_written_as_strings_are_numbers_and_bad_ones_name_the_option(tmp_path, capsys):
+    import argparse
+
+    from stegoseg.config.stego import add_config_arguments, resolve_config
+
+    p = argparse.ArgumentParser()
+    add_config_arguments(p)
+    good = tmp_path / "good.yaml"
+    good.write_text("lr: 5e-4\nsteps: '12'\nfive_crop: 'false'\n")
+    cfg = resolve_config(p.parse_args(["--config", str(good)]))
+    assert (cfg.lr, cfg.steps, cfg.five_crop) == (5e-4, 12, False)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: fast\n")
+    with pytest.raises(StegosegError, match="option lr: 'fast' is not a valid float"):
+        resolve_config(p.parse_args(["--config", str(bad)]))
+
+
+def test_protocol_on_the_command_line_replaces_the_quirks_of_a_yaml_or_checkpoint_config(tmp_path):
+    import argparse
+
+    from stegoseg.config.stego import Config, add_config_arguments, resolve_config
+
+    p = argparse.ArgumentParser()
+    add_config_arguments(p)
+    Config(protocol="reference").save(tmp_path / "ref.yaml")
+    ref = resolve_config(p.parse_args(["--config", str(tmp_path / "ref.yaml")]))
+    assert ref.knn_dropout is True and ref.pos_embed == "dino"
+    clean = resolve_config(p.parse_args(["--config", str(tmp_path / "ref.yaml"), "--protocol", "clean"]))
+    assert (clean.knn_dropout, clean.crop_jpeg, clean.pos_embed, clean.crf_reference_input) == (False, False, "timm", False)
+    mixed = resolve_config(p.parse_args(["--config", str(tmp_path / "ref.yaml"), "--protocol", "clean",
+                                         "--crop-jpeg"]))
+    assert mixed.crop_jpeg is True and mixed.knn_dropout is False

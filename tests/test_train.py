@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from stegoseg.features.cache import CropView, extract_features
+from stegoseg.features.cache import CropView, FeatureCache, extract_features
 from stegoseg.methods.common import (
     build_backbone_from_config,
     build_split,
@@ -143,7 +143,7 @@ def test_prepare_resumes_without_recomputing(synthetic_root, tmp_path):
     done = cache.done
     done[::2] = False
     np.save(cache.path / "done.npy", done)
-    cache.features[::2] = 0
+    FeatureCache(cache.path, writable=True).features[::2] = 0  # (readers open the cache read-only)
     cache.features.flush()
     calls = []
     original = backbone.forward

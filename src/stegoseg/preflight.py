@@ -114,7 +114,9 @@ def label_values(dataset, scan_dir: Optional[Path] = None, progress: bool = True
     paths = list(getattr(dataset, "label_paths", None) or [])
     cache_file = None
     if scan_dir is not None and paths:
-        cache_file = Path(scan_dir) / f"labels-{files_fingerprint(paths)[:16]}.json"
+        mapping = f"{type(dataset).__name__}:{getattr(dataset, 'label_ignore_index', '')}"  # what map_label depends on
+        key = hashlib.sha1((files_fingerprint(paths) + mapping).encode()).hexdigest()[:16]
+        cache_file = Path(scan_dir) / f"labels-{key}.json"
         if cache_file.exists():
             return {int(k): v for k, v in json.loads(cache_file.read_text()).items()}
     first: dict = {}
@@ -171,20 +173,24 @@ OUTPUTS = {
 
 
 def prepare_out(out, command: str, marker: str, overwrite: bool, resume: bool = False) -> Path:
-    """The output folder of ``command``, checked before any work: writable; an earlier run's
-    output (``marker``) refused unless ``--overwrite``, which removes that command's outputs
-    (and only those) so nothing stale stays beside the new ones. ``resume`` keeps everything."""
+    """The output folder of ``command``, checked before any work: writable, and an earlier
+    run's output (``marker``) refused unless ``--overwrite`` or ``--resume``. Nothing is
+    removed here: :func:`clear_outputs` runs after the other checks passed, so a command that
+    stops on bad input never destroys the previous run."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise StegosegError(f"--out {out}: a file of that name exists; choose a folder path")
-    if not resume:
-        if (out / marker).exists() and not overwrite:
-            raise StegosegError(f"{out / marker} exists: choose another --out or pass --overwrite")
-        if overwrite:
-            for name in OUTPUTS[command]:
-                target = out / name
-                if target.is_dir() and not target.is_symlink():
-                    shutil.rmtree(target)
-                elif target.exists() or target.is_symlink():
-                    target.unlink()
+    if not resume and (out / marker).exists() and not overwrite:
+        raise StegosegError(f"{out / marker} exists: choose another --out or pass --overwrite")
     return check_writable(out)
+
+
+def clear_outputs(out, command: str) -> None:
+    """``--overwrite``: remove what ``command`` writes in ``out`` (and only that), so that no
+    output of the earlier run stays beside the new ones."""
+    for name in OUTPUTS[command]:
+        target = Path(out) / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()

@@ -13,6 +13,7 @@ import torch
 from stegoseg.data.io import list_images, load_image
 from stegoseg.errors import StegosegError
 from stegoseg.evaluation.crf import crf_pool
+from stegoseg.features.cache import default_file_mode
 from stegoseg.model import SegmentationModel
 from stegoseg.preflight import check_writable
 from stegoseg.reporting.figures import make_palette, overlay, save_label_png
@@ -95,6 +96,7 @@ def atomic_write_png(save, path: Path) -> None:
     os.close(fd)
     try:
         save(tmp)
+        os.chmod(tmp, default_file_mode())  # mkstemp makes 0600; outputs get the usual mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -15,6 +15,7 @@ import json
 import logging
 import tempfile
 import threading
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -91,7 +92,7 @@ class Neighbours:
         return len(self.thumbs)
 
     @classmethod
-    def from_cache(cls, model: SegmentationModel, cache_dir, limit: int = 2000) -> Optional["Neighbours"]:
+    def from_cache(cls, model: SegmentationModel, cache_dir, limit: int = 500) -> Optional["Neighbours"]:
         """The training cache of this checkpoint's backbone under ``cache_dir``, if one exists."""
         root = Path(cache_dir)
         if not root.is_dir():
@@ -106,7 +107,8 @@ class Neighbours:
                 continue
             idx = np.linspace(0, cache.n - 1, min(limit, cache.n)).round().astype(int)
             thumbs = [np.ascontiguousarray(cache.thumbs[i].transpose(1, 2, 0)) for i in idx]
-            return cls(thumbs, cache.feature_batch(idx), f"training cache {meta.parent.name} ({len(idx)} crops)")
+            feats = torch.from_numpy(np.array(cache.features[idx]))  # float16, as stored
+            return cls(thumbs, feats, f"training cache {meta.parent.name} ({len(idx)} crops)")
         return None
 
     @classmethod
@@ -123,7 +125,7 @@ class Neighbours:
             f = F.interpolate(f, size=(NEIGHBOUR_RESOLUTION // 8, NEIGHBOUR_RESOLUTION // 8), mode="bilinear",
                               align_corners=False)
             thumbs.append(np.asarray(image))
-            feats.append(f[0].cpu())
+            feats.append(f[0].cpu().half())
         return cls(thumbs, torch.stack(feats), f"folder {folder} ({len(paths)} images)")
 
     def nearest(self, descriptor: torch.Tensor, k: int) -> list:
@@ -209,14 +211,18 @@ class Viewer:
         if not (0 <= x < w and 0 <= y < h):
             raise StegosegError(f"the point ({x}, {y}) is outside the {w}x{h} image")
         with self.lock, torch.no_grad():
-            feats = self.model.features(self.network_input(image, resolution))[0].cpu()
+            x01 = self.network_input(image, resolution)
+            hn, wn = x01.shape[-2:]
+            p = self.model.backbone.patch_size
+            feats = self.model.features(x01)[0].cpu()  # the padded grid: ceil(hn/p) x ceil(wn/p) cells
             code = self.model.code_from_features(feats[None].to(self.model.device))[0].float().cpu()
             gh, gw = feats.shape[-2:]
-            r, c = min(int(y / h * gh), gh - 1), min(int(x / w * gw), gw - 1)
+            r, c = min(int(y * hn / h) // p, gh - 1), min(int(x * wn / w) // p, gw - 1)
+            area = (hn / (gh * p), wn / (gw * p))  # the part of the padded grid that covers the image
             rgb = np.asarray(image.convert("RGB"))
             panels = [(mark(rgb, x, y), "clicked point")]
-            panels.append((heat(rgb, similarity(feats, feats[:, r, c])), "backbone features: same image"))
-            panels.append((heat(rgb, similarity(code, code[:, r, c])), "trained code: same image"))
+            panels.append((heat(rgb, similarity(feats, feats[:, r, c]), area), "backbone features: same image"))
+            panels.append((heat(rgb, similarity(code, code[:, r, c]), area), "trained code: same image"))
             if self.neighbours is not None and len(self.neighbours):
                 for j in self.neighbours.nearest(feats.mean(dim=(1, 2)), n_neighbours):
                     nf = self.neighbours.features[j].float()
@@ -232,13 +238,17 @@ def similarity(feats: torch.Tensor, query: torch.Tensor) -> np.ndarray:
     return torch.einsum("chw,c->hw", F.normalize(feats.float(), dim=0), F.normalize(query.float(), dim=0)).numpy()
 
 
-def heat(image: np.ndarray, sim: np.ndarray, alpha: float = 0.6) -> np.ndarray:
-    """A similarity map (upsampled to the image) in a colour map over the greyed image: 0 and
-    below dark, 1 bright."""
+def heat(image: np.ndarray, sim: np.ndarray, area: tuple = (1.0, 1.0), alpha: float = 0.6) -> np.ndarray:
+    """A similarity map in a colour map over the greyed image (0 and below dark, 1 bright).
+    ``area``: the fraction (rows, columns) of the map that covers the image (a padded grid's
+    last cells partly cover padding); that part is upsampled to the image."""
     import matplotlib
 
     h, w = image.shape[:2]
-    up = F.interpolate(torch.from_numpy(sim)[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+    gh, gw = sim.shape
+    fine = F.interpolate(torch.from_numpy(sim)[None, None], scale_factor=8, mode="bilinear", align_corners=False)
+    fine = fine[..., : max(1, round(gh * 8 * area[0])), : max(1, round(gw * 8 * area[1]))]
+    up = F.interpolate(fine, size=(h, w), mode="bilinear", align_corners=False)[0, 0]
     colours = matplotlib.colormaps["inferno"](up.clamp(0, 1).numpy())[..., :3] * 255
     grey = image.astype(np.float32).mean(axis=2, keepdims=True)
     return (alpha * colours + (1 - alpha) * grey).round().clip(0, 255).astype(np.uint8)
@@ -280,7 +290,7 @@ def build_page(viewer: Viewer, folder: Optional[Path] = None, title: str = "steg
                 image = check_upload(path)
                 result = viewer.segment(image, name=name, crf=crf, flip=flip, resolution=int(resolution),
                                         linear=linear)
-                viewer.save_files(result, work / f"{id(session)}-{len(results)}")
+                viewer.save_files(result, work / uuid.uuid4().hex)  # a folder per request: sessions never share files
                 results.append((result, image))
             except StegosegError as exc:
                 problems.append(str(exc))
@@ -362,9 +372,13 @@ def serve(checkpoint, host: str = "127.0.0.1", port: int = 7860, images=None, we
 
     model = load(checkpoint, weights=weights, device=device)
     neighbours = None
-    cache_dir = (model.config or {}).get("cache_dir")
-    if cache_dir:
-        neighbours = Neighbours.from_cache(model, cache_dir)
+    here = Path(checkpoint).resolve().parent
+    recorded = (model.config or {}).get("cache_dir")
+    candidates = [Path(recorded), here / recorded] if recorded else []
+    for cache_dir in [*candidates, here / "cache", here.parent / "cache"]:  # train/ and run/ layouts
+        neighbours = Neighbours.from_cache(model, cache_dir) if cache_dir.is_dir() else None
+        if neighbours is not None:
+            break
     if neighbours is None and images:
         neighbours = Neighbours.from_folder(model, images)
     if host not in ("127.0.0.1", "localhost", "::1"):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from stegoseg.cli.common import out_arg, print_summary
 from stegoseg.config.stego import add_config_arguments
-from stegoseg.preflight import prepare_out
+from stegoseg.preflight import clear_outputs, prepare_out
 
 
 def cmd_pretrain(args) -> int:
@@ -13,6 +13,8 @@ def cmd_pretrain(args) -> int:
 
     cfg = resolve_config(args, cls=PretrainConfig)
     out = prepare_out(args.out, "pretrain", "backbone.pt", args.overwrite, resume=args.resume)
+    if args.overwrite and not args.resume:
+        clear_outputs(out, "pretrain")
     summary = pretrain(cfg, out, resume=args.resume)
     if summary is not None:
         last = summary["readout"][-1] if summary["readout"] else None
@@ -28,6 +30,8 @@ def cmd_datus(args) -> int:
 
     cfg = resolve_config(args)
     out = prepare_out(args.out, "datus", "metrics.json", args.overwrite)
+    if args.overwrite:
+        clear_outputs(out, "datus")
     params = DatusParams(knn=args.graph_knn, min_similarity=args.min_similarity, resolution=args.louvain_resolution,
                          min_patches=args.min_patches, crop_size=args.crop_size, n_clusters=args.clusters, seed=cfg.seed)
     result = run_datus(cfg, out, params, split=args.split, denoise=args.denoise, denoise_epochs=args.denoise_epochs)
@@ -82,7 +86,7 @@ def add_commands(sub) -> None:
                    help="train a network on the pseudo masks: light (1x1 conv on the frozen backbone) or deeplabv3")
     p.add_argument("--denoise-epochs", type=int, default=20)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run's outputs in --out")
-    add_config_arguments(p, groups=("data", "backbone", "evaluation", "run"))
+    add_config_arguments(p, groups=("data", "backbone", "evaluation", "run"), extra=("seed",))
     p.set_defaults(func=cmd_datus)
     p = sub.add_parser("compare", help="markdown table of several runs' metrics (STEGO vs DatUS^2 vs raw features)")
     p.add_argument("runs", nargs="+", help="folders holding metrics.json (e.g. RUN/eval RUN/baseline DATUS)")

@@ -5,7 +5,7 @@ import argparse
 
 from stegoseg.cli.common import out_arg, print_summary
 from stegoseg.config.stego import add_config_arguments
-from stegoseg.preflight import check_writable, prepare_out
+from stegoseg.preflight import check_writable, clear_outputs, prepare_out
 
 
 def cmd_run(args) -> int:
@@ -16,6 +16,8 @@ def cmd_run(args) -> int:
     cfg = resolve_config(args)
     out = prepare_out(args.out, "run", "report.md", args.overwrite, resume=args.resume)
     check_before_work(cfg, out, evaluate=True)
+    if args.overwrite and not args.resume:
+        clear_outputs(out, "run")
     summary = run_all(cfg, out, resume=args.resume, baseline=args.baseline)
     if summary is not None:
         for name, rows in summary.items():
@@ -30,7 +32,7 @@ def cmd_prepare(args) -> int:
 
     cfg = resolve_config(args)
     out = check_writable(args.out)
-    check_before_work(cfg, out)
+    check_before_work(cfg, out, train=False)
     cache = prepare(cfg, out)
     print(f"feature cache: {cache.path} ({cache.n} items, complete={cache.complete})")
     return 0
@@ -44,6 +46,8 @@ def cmd_train(args) -> int:
     cfg = resolve_config(args)
     out = prepare_out(args.out, "train", "checkpoint.pt", args.overwrite, resume=args.resume)
     check_before_work(cfg, out)
+    if args.overwrite and not args.resume:
+        clear_outputs(out, "train")
     path = train_stego(cfg, out, resume=args.resume)
     if path is not None:
         print(f"checkpoint: {path}")
@@ -58,6 +62,8 @@ def cmd_baseline(args) -> int:
     cfg = resolve_config(args)
     out = prepare_out(args.out, "baseline", "metrics.json", args.overwrite)
     check_before_work(cfg, out, evaluate=True)
+    if args.overwrite:
+        clear_outputs(out, "baseline")
     result = run_feature_baseline(cfg, out)
     print_summary(result, out)
     return 0
@@ -77,10 +83,12 @@ def cmd_evaluate(args) -> int:
 
     model = load(args.checkpoint, weights=explicit_values(args).get("weights"), device="cpu")
     cfg = config_for_checkpoint(model, args)
-    check_accelerator(cfg.accelerator, cfg.device)
+    check_accelerator(device=cfg.device)  # evaluation runs on --device; the training accelerator does not matter
     model.to(resolve_device(cfg.device))
     out = prepare_out(args.out, "evaluate", "metrics.json", args.overwrite)
     check_eval_labels(cfg, model, out, split=args.split)
+    if args.overwrite:
+        clear_outputs(out, "evaluate")
     result = evaluate_checkpoint_model(cfg, model, out, split=args.split)
     result["summary"] = summary_rows(result)
     print_summary(result, out)
@@ -105,7 +113,7 @@ def add_commands(sub) -> None:
     p = sub.add_parser("prepare", help="five-crop, extract and cache backbone features, compute nearest neighbours",
                        description="Resumable: an interrupted run continues where it stopped; finished items are never recomputed.")
     out_arg(p, "runs/prepare")
-    add_config_arguments(p, groups=("data", "backbone", "features", "run"))
+    add_config_arguments(p, groups=("data", "backbone", "features", "run"), extra=("seed", "feature_dropout"))
     p.set_defaults(func=cmd_prepare)
     p = sub.add_parser("train", help="train the STEGO head and probes on cached features (Lightning)",
                        description="Writes checkpoint.pt (one self-contained file), lightning/ checkpoints every "
@@ -113,7 +121,7 @@ def add_commands(sub) -> None:
     out_arg(p, "runs/train")
     p.add_argument("--resume", action="store_true", help="continue from --out/lightning/last.ckpt")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run's outputs in --out")
-    add_config_arguments(p, groups=("data", "backbone", "features", "loss", "training", "probes", "run"))
+    add_config_arguments(p, groups=("data", "backbone", "features", "loss", "training", "probes", "evaluation", "run"))
     p.set_defaults(func=cmd_train)
     p = sub.add_parser(
         "baseline",
@@ -124,7 +132,8 @@ def add_commands(sub) -> None:
     )
     out_arg(p, "runs/baseline")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run's outputs in --out")
-    add_config_arguments(p, groups=("data", "backbone", "features", "probes", "evaluation", "run"))
+    add_config_arguments(p, groups=("data", "backbone", "features", "probes", "evaluation", "run"),
+                         extra=("seed", "extra_clusters", "batch_size", "probe_lr", "accelerator"))
     p.set_defaults(func=cmd_baseline)
     p = sub.add_parser("evaluate", help="evaluate a checkpoint with the published protocol (parity + strict)",
                        description="Uses the checkpoint's own config; any option given here overrides it "
@@ -133,5 +142,5 @@ def add_commands(sub) -> None:
     p.add_argument("--split", default=None, help="split to evaluate (default: the config's val split)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in --out")
     out_arg(p, "runs/eval")
-    add_config_arguments(p, groups=("data", "backbone", "evaluation", "run"))
+    add_config_arguments(p, groups=("data", "evaluation", "run"), extra=("weights",))
     p.set_defaults(func=cmd_evaluate)

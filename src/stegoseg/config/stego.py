@@ -208,7 +208,7 @@ def _cls_and_presets(cls, presets: Optional[dict]):
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls=None, presets: Optional[dict] = None,
-                         groups: Optional[tuple] = None) -> None:
+                         groups: Optional[tuple] = None, extra: tuple = ()) -> None:
     """Add ``--preset`` (if any), ``--config`` and one option per field of ``cls`` (default: not
     given); with ``groups`` (names of :data:`FIELD_GROUPS`) only those groups' options, each
     group under its own heading in --help."""
@@ -220,6 +220,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls=None, presets: Opt
     names = {f.name: f for f in fields(cls)}
     if cls is Config:
         sections = [(g, FIELD_GROUPS[g]) for g in (groups or FIELD_GROUPS)]
+        shown = {n for _, members in sections for n in members}
+        if [n for n in extra if n not in shown]:
+            sections.append(("other", tuple(n for n in extra if n not in shown)))
     else:
         sections = [("config", tuple(names))]
     for title, members in sections:
@@ -249,11 +252,12 @@ def resolve_config(args: argparse.Namespace, cls=None, presets: Optional[dict] =
     given = {}  # values the user wrote (YAML file, command line), not the preset's
     if getattr(args, "config", None):
         given.update(load_yaml(args.config))
-    given.update(explicit_values(args, cls))
+    command_line = explicit_values(args, cls)
+    given.update(command_line)
     values.update(given)
     values.update({k: v for k, v in overrides.items() if v is not None})
     if cls is Config:
-        values = apply_protocol(values, given)
+        values = apply_protocol(values, command_line)
     cfg = make_config(values, cls)
     if getattr(cfg, "shifts", None) == "auto":
         mine = [k for k in SHIFT_FIELDS if k in given]
@@ -377,19 +381,46 @@ CLEAN_PROTOCOL = dict(knn_dropout=False, crop_jpeg=False, train_resample="biline
 
 
 def apply_protocol(values: dict, given: dict) -> dict:
-    """``values`` with the protocol's settings filled in below what the user gave explicitly
-    (``given``): ``--protocol reference`` turns on every reference quirk, ``clean`` none."""
+    """``values`` with the protocol's settings filled in below the options given on the command
+    line (``given``): ``--protocol reference`` turns on every reference quirk (and the
+    reference's training choices), ``clean`` none. A protocol given on the command line also
+    replaces the quirk values a preset, YAML file or checkpoint config brought."""
     protocol = values.get("protocol", "clean")
     table = REFERENCE_PROTOCOL if protocol == "reference" else CLEAN_PROTOCOL
+    force = "protocol" in given
     out = dict(values)
     for name, value in table.items():
-        if name not in given and (protocol == "reference" or out.get(name) is None):
+        if name not in given and (force or protocol == "reference" or out.get(name) is None):
             out[name] = value
     return out
 
 
 def replace(cfg: Config, **changes) -> Config:
     return dataclasses.replace(cfg, **changes)
+
+
+def coerce_types(values: dict, cls) -> dict:
+    """YAML values as the fields' types: PyYAML reads ``5e-4`` as a string, and a quoted number
+    is still a number; anything that does not convert is a one-line error naming the option."""
+    hints = typing.get_type_hints(cls)
+    out = dict(values)
+    for name, value in values.items():
+        kind = base_type(hints[name])
+        if value is None or kind not in (int, float, bool) or isinstance(value, kind) and not (
+                kind is int and isinstance(value, bool)):
+            continue
+        try:
+            if kind is bool:
+                if str(value).lower() not in ("true", "false", "yes", "no", "1", "0"):
+                    raise ValueError
+                out[name] = str(value).lower() in ("true", "yes", "1")
+            elif kind is int and isinstance(value, float) and value.is_integer():
+                out[name] = int(value)
+            else:
+                out[name] = kind(value)
+        except (TypeError, ValueError):
+            raise StegosegError(f"option {name}: {value!r} is not a valid {kind.__name__}") from None
+    return out
 
 
 def make_config(values: dict, cls=None):
@@ -399,6 +430,7 @@ def make_config(values: dict, cls=None):
     unknown = sorted(set(values) - names)
     if unknown:
         raise StegosegError(f"unknown config option(s): {', '.join(unknown)} (see the command's --help)")
+    values = coerce_types(values, cls)
     cfg = cls(**values)
     cfg.validate()  # every config class checks its own values
     return cfg

@@ -138,11 +138,19 @@ def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             np.save(f, array)
+        os.chmod(tmp, default_file_mode())  # mkstemp makes 0600; a shared cache must stay readable
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def default_file_mode() -> int:
+    """0666 minus the process's umask: the mode ``open()`` would give a new file."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 @contextlib.contextmanager
@@ -184,28 +192,29 @@ def _allocate(path: Path, nbytes: int) -> None:
 class FeatureCache:
     """A finished or partial feature cache on disk (see the module docstring)."""
 
-    def __init__(self, path):
+    def __init__(self, path, writable: bool = False):
         self.path = Path(path)
+        mode = "r+" if writable else "r"  # readers never need write access (a shared, read-only cache works)
         meta_path = self.path / "meta.json"
         if not meta_path.exists():
             raise StegosegError(f"no feature cache at {self.path}: run `stegoseg prepare` first")
         self.meta = json.loads(meta_path.read_text())
         self.n = self.meta["n_items"]
         c, h, w = self.meta["feature_shape"]
-        self.features = np.memmap(self.path / "features.f16", dtype=np.float16, mode="r+", shape=(self.n, c, h, w))
+        self.features = np.memmap(self.path / "features.f16", dtype=np.float16, mode=mode, shape=(self.n, c, h, w))
         self.labels = None
         if self.meta.get("label_shape"):
             lh, lw = self.meta["label_shape"]
-            self.labels = np.memmap(self.path / "labels.u8", dtype=np.uint8, mode="r+", shape=(self.n, lh, lw))
+            self.labels = np.memmap(self.path / "labels.u8", dtype=np.uint8, mode=mode, shape=(self.n, lh, lw))
         t = self.meta["thumb_size"]
-        self.thumbs = np.memmap(self.path / "thumbs.u8", dtype=np.uint8, mode="r+", shape=(self.n, 3, t, t))
+        self.thumbs = np.memmap(self.path / "thumbs.u8", dtype=np.uint8, mode=mode, shape=(self.n, 3, t, t))
 
     def __getstate__(self):
         # Re-open the memory maps in worker processes instead of pickling their contents.
-        return {"path": str(self.path)}
+        return {"path": str(self.path), "writable": self.features.mode == "r+"}
 
     def __setstate__(self, state):
-        self.__init__(state["path"])
+        self.__init__(state["path"], state.get("writable", False))
 
     @property
     def spec(self) -> dict:
@@ -347,13 +356,12 @@ def extract_features(
                 shutil.rmtree(path)
         if not (path / "meta.json").exists():
             _create_cache(path, spec, dataset, ids, files, n, backbone.embed_dim, h, w, resolution)
-        cache = FeatureCache(path)
-        done = cache.done
+        done = np.load(path / "done.npy")
         todo = np.flatnonzero(~done)
-        if len(todo) == 0:
-            return cache
-        _extract_into(cache, view, todo, done, backbone, batch_size, num_workers, device, progress, spec.split)
-    return cache
+        if len(todo):
+            _extract_into(FeatureCache(path, writable=True), view, todo, done, backbone, batch_size, num_workers,
+                          device, progress, spec.split)
+    return FeatureCache(path)
 
 
 class ResidentFeatures:
@@ -363,9 +371,10 @@ class ResidentFeatures:
     and copying. The values are the cache's, so training gives the same result either way."""
 
     def __init__(self, cache: FeatureCache, with_thumbs: bool = False):
-        self.features = torch.from_numpy(np.ascontiguousarray(cache.features[:]))
-        self.labels = torch.from_numpy(np.ascontiguousarray(cache.labels[:])) if cache.has_labels else None
-        self.thumbs = torch.from_numpy(np.ascontiguousarray(cache.thumbs[:])) if with_thumbs else None
+        # copies (np.array), not views of the memory maps: the cache is read from disk once
+        self.features = torch.from_numpy(np.array(cache.features))
+        self.labels = torch.from_numpy(np.array(cache.labels)) if cache.has_labels else None
+        self.thumbs = torch.from_numpy(np.array(cache.thumbs)) if with_thumbs else None
 
     @staticmethod
     def nbytes(cache: FeatureCache, with_thumbs: bool = False) -> int:

@@ -16,6 +16,7 @@ from stegoseg.backbones.presets import get_backbone_preset
 from stegoseg.config.base import load_yaml
 from stegoseg.config.stego import (
     Config,
+    apply_protocol,
     explicit_values,
     make_config,
     replace,
@@ -154,7 +155,7 @@ def check_before_work(cfg: Config, out: Path, evaluate: bool = False, train: boo
             values = label_values(train_split, scan_dir, cfg.progress)
             check_label_range(values, n_classes, cfg.train_split, class_count_source(cfg, train_split))
             names = train_split.class_names
-    if evaluate or selection_mode(cfg) == "val-miou":
+    if evaluate or (train and selection_mode(cfg) == "val-miou"):
         try:
             val = build_split(cfg, cfg.val_split, out, class_names=names)
         except StegosegError as exc:
@@ -317,7 +318,10 @@ def config_for_checkpoint(model: SegmentationModel, args=None) -> Config:
 
         if getattr(args, "config", None):
             values.update(load_yaml(args.config))
-        values.update(explicit_values(args))
+        command_line = explicit_values(args)
+        values.update(command_line)
+        if "protocol" in command_line:  # e.g. `evaluate --protocol clean` on a reference-mode checkpoint
+            values = apply_protocol(values, command_line)
     return make_config(values)
 
 

@@ -343,7 +343,7 @@ def fit_stego(cfg: Config, out, cache: FeatureCache, n_classes: int, has_labels:
     if cfg.live_backbone and crop_view is None:
         raise ValueError("live_backbone needs the dataset's crop view")
     log_dir = out / "logs"
-    if ckpt_path is not None:
+    if ckpt_path is not None and trainer.is_global_zero:  # one process rewrites the log
         keep_log_before_resume(log_dir, resumed_step(ckpt_path))
     resident = use_resident_cache(cfg, cache)
     if resident:
