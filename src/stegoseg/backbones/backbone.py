@@ -1,7 +1,7 @@
 """Frozen feature extractors ("backbones") that turn images into dense patch features.
 
 One factory, :func:`create_backbone`, builds every supported backbone from a named
-preset. The presets are data (:data:`BACKBONE_PRESETS`), not code branches: each row
+preset. The presets are data (:data:`~stegoseg.backbones.presets.BACKBONE_PRESETS`), not code branches: each row
 says which architecture to build, its patch size (output stride), width, input
 normalisation, where the pretrained weights live and what they are.
 
@@ -15,7 +15,7 @@ gradient) and always in eval mode. Its :meth:`Backbone.forward` maps a normalise
   model is created with ``dynamic_img_size=True`` so the absolute position embedding is
   resampled (bicubic) to the token grid of every input, i.e. any multiple of the patch
   size works. ``pos_embed="dino"`` (DINO v1 presets only) resamples it the way the
-  original DINO code does instead (see :func:`dino_resample_pos_embed`).
+  original DINO code does instead (see :func:`~stegoseg.backbones.pos_embed.dino_resample_pos_embed`).
 * ResNets (supervised torchvision ResNet-50, MoCo v2 ResNet-50): the last stage
   (``layer4``) feature map, output stride 32.
 
@@ -272,7 +272,7 @@ def create_backbone(
     """Build a frozen :class:`Backbone` from a preset name (or alias).
 
     Args:
-        name: one of :func:`list_backbones` or an alias (e.g. the timm model name).
+        name: one of :func:`~stegoseg.backbones.presets.list_backbones` or an alias (e.g. the timm model name).
         pretrained: download the preset's pretrained weights (timm hub for ViTs,
             torchvision / official MoCo URL for ResNets) unless ``weights`` is given.
             Downloads are cached (Hugging Face cache, ``torch.hub`` cache) and a cached
@@ -287,7 +287,7 @@ def create_backbone(
             grid of each input (CLI ``--pos-embed``): ``"timm"`` (default, timm's
             antialiased bicubic resize) or ``"dino"`` (the original DINO code's
             interpolation, which the published STEGO numbers used; identical to
-            ``"timm"`` at the stored grid, see :func:`dino_resample_pos_embed`). Only the
+            ``"timm"`` at the stored grid, see :func:`~stegoseg.backbones.pos_embed.dino_resample_pos_embed`). Only the
             DINO v1 ViT presets support ``"dino"``.
         **overrides: passed to ``timm.create_model`` (ViTs) or the torchvision
             ``ResNet`` constructor (ResNets).

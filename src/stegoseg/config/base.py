@@ -43,7 +43,7 @@ def base_type(tp):
 
 class _ExplicitNone:
     """What ``--option none`` parses to, so that an explicit None is told apart from an
-    option that was not given (argparse's default, None); see :func:`explicit_values`."""
+    option that was not given (argparse's default, None); see :func:`stegoseg.config.stego.explicit_values`."""
 
     def __repr__(self) -> str:
         return "None"
