@@ -581,3 +581,12 @@ def test_protocol_on_the_command_line_replaces_the_quirks_of_a_yaml_or_checkpoin
     mixed = resolve_config(p.parse_args(["--config", str(tmp_path / "ref.yaml"), "--protocol", "clean",
                                          "--crop-jpeg"]))
     assert mixed.crop_jpeg is True and mixed.knn_dropout is False
+
+
+def test_segment_renames_an_input_named_like_another_inputs_overlay():
+    from stegoseg.segment import output_stems
+
+    names = output_stems([Path("/p/a.jpg"), Path("/p/a_overlay.jpg"), Path("/p/b.png")])
+    assert names == ["a", "a_overlay_jpg", "b"]
+    outputs = {n for stem in names for n in (stem, stem + "_overlay")}
+    assert len(outputs) == 6  # no label map or overlay written twice

@@ -64,7 +64,8 @@ def expand_inputs(inputs) -> list:
 def output_stems(paths: list) -> list:
     """A distinct output name per input: the file's stem; where stems clash (``a.jpg`` and
     ``a.png``, or ``x/a.jpg`` and ``y/a.jpg``) the suffix and then parent folder names are
-    added until they differ (compared case-insensitively, as some file systems do)."""
+    added until they differ (compared case-insensitively, as some file systems do). A stem
+    that equals another's overlay name (``a_overlay.jpg`` beside ``a.jpg``) counts as a clash."""
     def name(p: Path, level: int) -> str:
         if level == 0:
             return p.stem
@@ -79,6 +80,8 @@ def output_stems(paths: list) -> list:
         for i, n in enumerate(names):
             groups.setdefault(n.lower(), []).append(i)
         clashes = [idx for idx in groups.values() if len(idx) > 1]
+        overlays = {f"{n.lower()}_overlay": i for i, n in enumerate(names)}
+        clashes += [[i] for i, n in enumerate(names) if n.lower() in overlays and overlays[n.lower()] != i]
         if not clashes:
             return names
         for idx in clashes:
