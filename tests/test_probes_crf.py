@@ -75,6 +75,7 @@ def test_crf_in_worker_processes_equals_the_crf_inline():
 
 def test_evaluation_with_crf_workers_equals_one_process(tmp_path):
     from conftest import tiny_config
+
     from stegoseg.data.synthetic import make_synthetic_dataset
     from stegoseg.methods.baseline import fit_feature_baseline
     from stegoseg.methods.common import evaluate_checkpoint_model, replace

@@ -257,13 +257,13 @@ def test_segment_never_writes_through_a_hard_link_to_an_input(checkpoint, tmp_pa
 
 
 def test_segment_writes_outputs_by_rename(tmp_path):
-    from stegoseg.segment import atomic_write_png
+    from stegoseg.preflight import atomic_write
 
     target = tmp_path / "t.png"
     target.write_bytes(b"old")
     linked = tmp_path / "link.png"
     os.link(target, linked)
-    atomic_write_png(lambda tmp: Image.fromarray(np.zeros((2, 2), np.uint8)).save(tmp), target)
+    atomic_write(target, lambda tmp: Image.fromarray(np.zeros((2, 2), np.uint8)).save(tmp, format="PNG"), suffix=".png")
     assert linked.read_bytes() == b"old" and target.read_bytes() != b"old"
 
 

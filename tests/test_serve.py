@@ -5,9 +5,9 @@ import threading
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 from PIL import Image
 
-from conftest import tiny_config
 from stegoseg.errors import StegosegError
 
 

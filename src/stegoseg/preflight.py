@@ -58,6 +58,32 @@ def check_writable(folder, option: str = "--out") -> Path:
     return folder
 
 
+def default_file_mode() -> int:
+    """0666 minus the process's umask: the mode ``open()`` would give a new file."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def atomic_write(path, save, suffix: str = ".tmp") -> None:
+    """Write ``path`` by calling ``save(temporary path)`` on a uniquely named file beside it,
+    then renaming: concurrent writers never share a temporary file, readers never see a
+    partial file, and an existing file (even one hard-linked elsewhere) is replaced as a
+    directory entry, never rewritten in place. The file gets the usual mode (mkstemp's is
+    0600); a failed write leaves no temporary file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix="." + path.stem + ".", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        save(tmp)
+        os.chmod(tmp, default_file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def free_bytes(folder) -> int:
     """Free bytes on the file system holding ``folder`` (or its nearest existing parent)."""
     p = Path(folder).absolute()
@@ -78,11 +104,11 @@ def check_free_space(folder, needed: int, what: str, option: str = "--out", marg
 
 def check_accelerator(accelerator: str = "auto", device: str = "auto") -> None:
     """``--accelerator gpu`` / ``--device cuda`` on a machine without a usable GPU: say so now."""
-    import re
-
     import torch
 
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(device)):
+    from stegoseg.config.stego import valid_device
+
+    if not valid_device(device):
         raise StegosegError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise StegosegError(f"--accelerator {accelerator}: no CUDA GPU is available here; use --accelerator cpu (or auto)")

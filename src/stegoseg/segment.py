@@ -13,9 +13,8 @@ import torch
 from stegoseg.data.io import list_images, load_image
 from stegoseg.errors import StegosegError
 from stegoseg.evaluation.crf import crf_pool
-from stegoseg.features.cache import default_file_mode
 from stegoseg.model import SegmentationModel
-from stegoseg.preflight import check_writable
+from stegoseg.preflight import atomic_write, check_writable
 from stegoseg.reporting.figures import make_palette, overlay, save_label_png
 
 log = logging.getLogger("stegoseg")
@@ -88,23 +87,6 @@ def output_stems(paths: list) -> list:
             for i in idx:
                 levels[i] += 1
     raise StegosegError(f"cannot give distinct output names to {paths[0]} and the inputs named like it")
-
-
-def atomic_write_png(save, path: Path) -> None:
-    """Write through a temporary file and rename, so that an existing file (even one hard-linked
-    to an input image) is replaced as a directory entry, never rewritten in place."""
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(prefix="." + path.stem + ".", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        save(tmp)
-        os.chmod(tmp, default_file_mode())  # mkstemp makes 0600; outputs get the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # inputs larger than this many ViT tokens get a warning when segmented at their original size
@@ -192,9 +174,9 @@ def segment_images(
             buffer, model.segment_batch(images, crf=crf, flip=flip, resolution=resolution, probe=probe, crf_pool=pool,
                                         crf_params=crf_params)
         ):
-            atomic_write_png(lambda tmp: save_label_png(labels, tmp, palette), label_path)
-            atomic_write_png(lambda tmp: Image.fromarray(overlay(np.asarray(image), labels, palette)).save(tmp, format="PNG"),
-                              overlay_path)
+            atomic_write(label_path, lambda tmp: save_label_png(labels, tmp, palette), suffix=".png")
+            atomic_write(overlay_path, lambda tmp: Image.fromarray(overlay(np.asarray(image), labels, palette)).save(
+                tmp, format="PNG"), suffix=".png")
             written.append(label_path)
         bar.update(len(buffer))
 

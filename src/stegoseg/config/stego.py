@@ -331,7 +331,7 @@ def validate(cfg: Config) -> None:
         (min(cfg.w_self, cfg.w_knn, cfg.w_rand, cfg.w_potts) >= 0, "--w-self/--w-knn/--w-rand/--w-potts must be >= 0"),
         (cfg.accelerator in ACCELERATORS, f"--accelerator must be one of {', '.join(ACCELERATORS)}, got {cfg.accelerator!r}"),
         (cfg.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}"),
-        (_valid_device(cfg.device), f"--device must be auto, cpu, cuda, cuda:N or mps, got {cfg.device!r}"),
+        (valid_device(cfg.device), f"--device must be auto, cpu, cuda, cuda:N or mps, got {cfg.device!r}"),
         (_valid_devices(cfg.devices), f"--devices must be a count (1), auto, or a list like 0,1; got {cfg.devices!r}"),
         (cfg.num_nodes >= 1, "--num-nodes must be >= 1"),
         (cfg.cache_in_memory in ("auto", "on", "off"), "--cache-in-memory must be auto, on or off"),
@@ -348,7 +348,8 @@ ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
 
 
-def _valid_device(device: str) -> bool:
+def valid_device(device: str) -> bool:
+    """``--device``: auto, cpu, mps, cuda or cuda:N."""
     import re
 
     return bool(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(device)))

@@ -38,7 +38,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -52,7 +51,12 @@ from stegoseg.data.base import IGNORE_INDEX, SegmentationDataset, pil_to_tensor
 from stegoseg.data.transforms import TrainTransform, five_crop_boxes
 from stegoseg.errors import StegosegError
 from stegoseg.features.knn import nearest_neighbors
-from stegoseg.preflight import check_free_space, files_fingerprint, human_bytes
+from stegoseg.preflight import (
+    atomic_write,
+    check_free_space,
+    files_fingerprint,
+    human_bytes,
+)
 
 log = logging.getLogger("stegoseg")
 
@@ -132,25 +136,13 @@ def jpeg_round_trip(image, quality: int = 75):
 
 
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    """Write ``path`` through a temporary file of a unique name, then rename: concurrent
-    writers never share a temporary file and readers never see a partial file."""
-    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp.npy", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    """``np.save`` through :func:`~stegoseg.preflight.atomic_write` (readers never see a partial file)."""
+
+    def save(tmp):
+        with open(tmp, "wb") as f:
             np.save(f, array)
-        os.chmod(tmp, default_file_mode())  # mkstemp makes 0600; a shared cache must stay readable
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
-
-def default_file_mode() -> int:
-    """0666 minus the process's umask: the mode ``open()`` would give a new file."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
+    atomic_write(path, save, suffix=".tmp.npy")
 
 
 @contextlib.contextmanager

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -12,6 +11,7 @@ import torch
 
 from stegoseg.config.stego import Config
 from stegoseg.errors import StegosegError
+from stegoseg.preflight import atomic_write
 
 log = logging.getLogger("stegoseg")
 
@@ -97,12 +97,14 @@ def _write_rows(path: Path, rows: list) -> None:
     import csv
 
     columns = list(dict.fromkeys(k for r in rows for k in r))
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+
+    def save(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, save, suffix=".csv")
 
 
 def keep_log_before_resume(log_dir: Path, step: int) -> None:
