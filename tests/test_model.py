@@ -256,7 +256,7 @@ def test_segment_batch_resizes_like_the_evaluation_transform(flip, one_thread):
     31 x 20 at resolution 16: the long side is 24.8; the transform truncates (24), rounding
     (segment_batch before) gave 25, a different network input."""
     from stegoseg.data.transforms import EvalTransform
-    from stegoseg.model import _resize_minor
+    from stegoseg.model import resize_minor
 
     model = stego_model(seed=8)
     transform = EvalTransform(16, crop="none", image_resample="bilinear")
@@ -264,8 +264,8 @@ def test_segment_batch_resizes_like_the_evaluation_transform(flip, one_thread):
     for im in ims:
         pil = Image.fromarray(im)
         net, _ = transform(pil)
-        assert _resize_minor(pil, 16).size == (net.shape[-1], net.shape[-2])
-    assert _resize_minor(Image.fromarray(ims[0]), 16).size == (24, 16)
+        assert resize_minor(pil, 16).size == (net.shape[-1], net.shape[-2])
+    assert resize_minor(Image.fromarray(ims[0]), 16).size == (24, 16)
     seg = {probe: model.segment_batch(ims, flip=flip, resolution=16, probe=probe) for probe in ("cluster", "linear")}
     for k, im in enumerate(ims):
         net, _ = transform(Image.fromarray(im))

@@ -148,7 +148,7 @@ class SegmentationModel(nn.Module):
         This is the evaluation entry point: the batch comes from the dataset's transform
         (:class:`~stegoseg.data.transforms.EvalTransform`) and is not resized here.
         :meth:`segment_batch` is the same computation for raw images of any size: it
-        resizes each to the network size itself (:func:`_resize_minor`, the geometry of
+        resizes each to the network size itself (:func:`resize_minor`, the geometry of
         ``EvalTransform(resolution, crop="none", image_resample="bilinear")``) and returns
         labels at each image's original size, with the CRF on the original image.
         """
@@ -186,7 +186,7 @@ class SegmentationModel(nn.Module):
         that :meth:`_run_crf` turns into labels.
         """
         with torch.no_grad():
-            code = _crop_to_image(self.code(x, flip=flip), x.shape[-2:], self.backbone.patch_size)
+            code = crop_to_image(self.code(x, flip=flip), x.shape[-2:], self.backbone.patch_size)
         outputs: list = [{} for _ in sizes]
         groups: dict = {}
         for i, size in enumerate(sizes):
@@ -265,7 +265,7 @@ class SegmentationModel(nn.Module):
 
         Each image may be anything :meth:`segment` accepts; ``crf_params`` as there. The one
         intended difference from :meth:`predict`: here each image is resized to the network
-        size by :func:`_resize_minor` (bilinear, minor side ``resolution``, long side
+        size by :func:`resize_minor` (bilinear, minor side ``resolution``, long side
         truncated as in the evaluation transform) and labels come back at its original
         size, the CRF running on the original image; :meth:`predict` takes a batch that is
         already the network input. So ``segment_batch([im], resolution=r)`` equals
@@ -273,17 +273,34 @@ class SegmentationModel(nn.Module):
         out_size=(H, W))`` for an image of size (H, W), flip and CRF settings alike.
         """
 
-        if probe == "linear" and self.linear_probe is None:
-            raise StegosegError("this checkpoint has no linear probe (trained without labels): use probe='cluster'")
-        if probe not in ("cluster", "linear"):
-            raise StegosegError(f"unknown probe '{probe}': use cluster or linear")
+        maps = self.segment_probes(images, crf=crf, flip=flip, resolution=resolution, probes=(probe,),
+                                   crf_pool=crf_pool, crf_params=crf_params)
+        return [out[probe] for out in maps]
+
+    def segment_probes(
+        self,
+        images: Sequence,
+        crf: bool = False,
+        flip: bool = True,
+        resolution: Optional[int] = 320,
+        probes: Sequence[str] = ("cluster",),
+        crf_pool=None,
+        crf_params: Optional[CRFParams] = None,
+    ) -> list:
+        """:meth:`segment_batch` for several probes from one pass of the network: one dict per
+        image, probe name -> (H, W) labels."""
+        for probe in probes:
+            if probe == "linear" and self.linear_probe is None:
+                raise StegosegError("this checkpoint has no linear probe (trained without labels): use probe='cluster'")
+            if probe not in ("cluster", "linear"):
+                raise StegosegError(f"unknown probe '{probe}': use cluster or linear")
         params = crf_params if crf_params is not None else CRFParams()
         images = list(images)
         pil = [
             image_from_array_or_pil(image, name="image" if len(images) == 1 else f"image {k}")
             for k, image in enumerate(images)
         ]
-        nets = [_resize_minor(im, resolution) for im in pil]
+        nets = [resize_minor(im, resolution) for im in pil]
         groups: dict = {}
         for i, net in enumerate(nets):
             groups.setdefault(net.size, []).append(i)
@@ -293,10 +310,10 @@ class SegmentationModel(nn.Module):
             sizes = [(pil[i].height, pil[i].width) for i in idx]
             # the CRF gets the original 8-bit RGB image (read-only view: dense_crf copies it)
             crf_images = [np.asarray(pil[i], dtype=np.uint8) for i in idx] if crf else None
-            for i, out in zip(idx, self._label_maps(x, sizes, flip, (probe,), crf_images, params)):
+            for i, out in zip(idx, self._label_maps(x, sizes, flip, tuple(probes), crf_images, params)):
                 outputs[i] = out
         self._run_crf(outputs, crf_pool)  # all groups' CRF jobs in one round
-        return [out[probe] for out in outputs]
+        return outputs
 
     # ----------------------------------------------------------------- persistence
     def state_for_checkpoint(self, include_backbone: Optional[bool] = None) -> dict:
@@ -469,7 +486,7 @@ def _build_head(entry: dict) -> nn.Module:
     return head
 
 
-def _resize_minor(image: Image.Image, resolution: Optional[int]) -> Image.Image:
+def resize_minor(image: Image.Image, resolution: Optional[int]) -> Image.Image:
     """The network input of :meth:`SegmentationModel.segment_batch`: ``image`` resized
     bilinearly so that its minor side is ``resolution`` (None or 0: unchanged).
 
@@ -487,7 +504,7 @@ def _resize_minor(image: Image.Image, resolution: Optional[int]) -> Image.Image:
     return image if size == image.size else image.resize(size, Image.BILINEAR)
 
 
-def _crop_to_image(code: torch.Tensor, image_size, patch: int) -> torch.Tensor:
+def crop_to_image(code: torch.Tensor, image_size, patch: int) -> torch.Tensor:
     """Map a padded feature grid onto the image area: keep the H/p x W/p part covering it.
 
     The grid from a padded image covers ceil(H/p) * p pixels; resample it so that the

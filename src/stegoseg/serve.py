@@ -25,12 +25,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from stegoseg.data.base import pil_to_tensor
 from stegoseg.data.io import list_images, load_image
-from stegoseg.data.transforms import minor_side_size
 from stegoseg.errors import StegosegError
 from stegoseg.evaluation.crf import crf_params_from
 from stegoseg.features.cache import FeatureCache, weights_fingerprint
-from stegoseg.model import SegmentationModel
+from stegoseg.model import SegmentationModel, crop_to_image, resize_minor
 from stegoseg.reporting.figures import make_palette, overlay
 
 log = logging.getLogger("stegoseg")
@@ -118,9 +118,8 @@ class Neighbours:
             raise StegosegError(f"--images {folder}: no images there")
         thumbs, feats = [], []
         for p in paths:
-            image = load_image(p)
-            image = image.resize(minor_side_size(image.width, image.height, NEIGHBOUR_RESOLUTION), Image.BILINEAR)
-            x = torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div(255)[None]
+            image = resize_minor(load_image(p), NEIGHBOUR_RESOLUTION)
+            x = pil_to_tensor(image)[None]
             f = model.features(x)
             f = F.interpolate(f, size=(NEIGHBOUR_RESOLUTION // 8, NEIGHBOUR_RESOLUTION // 8), mode="bilinear",
                               align_corners=False)
@@ -152,11 +151,11 @@ class Viewer:
         if linear and self.model.linear_probe is None:
             raise StegosegError("this checkpoint has no linear probe (it was trained without labels)")
         t0 = time.perf_counter()
-        with self.lock, torch.no_grad():
-            labels = self.model.segment(image, crf=crf, flip=flip, resolution=resolution or None,
-                                        crf_params=self.crf_params)
-            lin = (self.model.segment(image, crf=crf, flip=flip, resolution=resolution or None, probe="linear",
-                                      crf_params=self.crf_params) if linear else None)
+        probes = ("cluster", "linear") if linear else ("cluster",)
+        with self.lock, torch.no_grad():  # both probes from one pass of the network
+            maps = self.model.segment_probes([image], crf=crf, flip=flip, resolution=resolution or None,
+                                             probes=probes, crf_params=self.crf_params)[0]
+        labels, lin = maps["cluster"], maps.get("linear")
         rgb = np.asarray(image.convert("RGB"))
         legend = self.legend(labels, linear=False)
         return Segmentation(
@@ -200,8 +199,8 @@ class Viewer:
 
     # ----------------------------------------------------------------- correspondences
     def network_input(self, image: Image.Image, resolution: Optional[int]) -> torch.Tensor:
-        net = image.resize(minor_side_size(image.width, image.height, resolution), Image.BILINEAR) if resolution else image
-        return torch.from_numpy(np.array(net.convert("RGB"))).permute(2, 0, 1).float().div(255)[None]
+        """(1, 3, h, w) in [0, 1]: the image as :meth:`SegmentationModel.segment` feeds it to the network."""
+        return pil_to_tensor(resize_minor(image.convert("RGB"), resolution))[None]
 
     def correspondence(self, image: Image.Image, x: int, y: int, resolution: Optional[int] = 320,
                        n_neighbours: int = 3) -> list:
@@ -218,11 +217,14 @@ class Viewer:
             code = self.model.code_from_features(feats[None].to(self.model.device))[0].float().cpu()
             gh, gw = feats.shape[-2:]
             r, c = min(int(y * hn / h) // p, gh - 1), min(int(x * wn / w) // p, gw - 1)
-            area = (hn / (gh * p), wn / (gw * p))  # the part of the padded grid that covers the image
             rgb = np.asarray(image.convert("RGB"))
+
+            def on_image(sim):  # the part of the padded grid that covers the image, as the model crops it
+                return crop_to_image(torch.from_numpy(sim)[None, None], (hn, wn), p)[0, 0].numpy()
+
             panels = [(mark(rgb, x, y), "clicked point")]
-            panels.append((heat(rgb, similarity(feats, feats[:, r, c]), area), "backbone features: same image"))
-            panels.append((heat(rgb, similarity(code, code[:, r, c]), area), "trained code: same image"))
+            panels.append((heat(rgb, on_image(similarity(feats, feats[:, r, c]))), "backbone features: same image"))
+            panels.append((heat(rgb, on_image(similarity(code, code[:, r, c]))), "trained code: same image"))
             if self.neighbours is not None and len(self.neighbours):
                 for j in self.neighbours.nearest(feats.mean(dim=(1, 2)), n_neighbours):
                     nf = self.neighbours.features[j].float()
@@ -238,17 +240,13 @@ def similarity(feats: torch.Tensor, query: torch.Tensor) -> np.ndarray:
     return torch.einsum("chw,c->hw", F.normalize(feats.float(), dim=0), F.normalize(query.float(), dim=0)).numpy()
 
 
-def heat(image: np.ndarray, sim: np.ndarray, area: tuple = (1.0, 1.0), alpha: float = 0.6) -> np.ndarray:
-    """A similarity map in a colour map over the greyed image (0 and below dark, 1 bright).
-    ``area``: the fraction (rows, columns) of the map that covers the image (a padded grid's
-    last cells partly cover padding); that part is upsampled to the image."""
+def heat(image: np.ndarray, sim: np.ndarray, alpha: float = 0.6) -> np.ndarray:
+    """A similarity map (upsampled to the image) in a colour map over the greyed image: 0 and
+    below dark, 1 bright."""
     import matplotlib
 
     h, w = image.shape[:2]
-    gh, gw = sim.shape
-    fine = F.interpolate(torch.from_numpy(sim)[None, None], scale_factor=8, mode="bilinear", align_corners=False)
-    fine = fine[..., : max(1, round(gh * 8 * area[0])), : max(1, round(gw * 8 * area[1]))]
-    up = F.interpolate(fine, size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+    up = F.interpolate(torch.from_numpy(sim)[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
     colours = matplotlib.colormaps["inferno"](up.clamp(0, 1).numpy())[..., :3] * 255
     grey = image.astype(np.float32).mean(axis=2, keepdims=True)
     return (alpha * colours + (1 - alpha) * grey).round().clip(0, 255).astype(np.uint8)
