@@ -590,3 +590,23 @@ def test_segment_renames_an_input_named_like_another_inputs_overlay():
     assert names == ["a", "a_overlay_jpg", "b"]
     outputs = {n for stem in names for n in (stem, stem + "_overlay")}
     assert len(outputs) == 6  # no label map or overlay written twice
+
+
+def test_label_checks_read_labels_the_way_their_format_does():
+    """SUIM stores colour-coded masks: the checks before work must decode them as the dataset
+    does (reading them as single-channel ids would refuse every file)."""
+    from conftest import SHARED_DATA
+    from stegoseg.data import build_dataset
+    from stegoseg.preflight import check_label_range, label_values
+
+    root = SHARED_DATA / "suim-sample"
+    if not root.is_dir():
+        pytest.skip("no SUIM sample beside the repository")
+    suim = build_dataset("suim", root, None)
+    values = label_values(suim, progress=False)
+    expect = set()
+    for i in range(len(suim)):
+        label = suim.load(i).label
+        expect |= set(np.unique(label[label != 255]).tolist())
+    assert set(values) == expect and max(values) < suim.n_classes
+    check_label_range(values, suim.n_classes, "all", "SUIM")

@@ -20,7 +20,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from stegoseg.data.base import IGNORE_INDEX
-from stegoseg.data.io import load_label
 from stegoseg.errors import StegosegError
 
 log = logging.getLogger("stegoseg")
@@ -145,20 +144,15 @@ def label_values(dataset, scan_dir: Optional[Path] = None, progress: bool = True
         cache_file = Path(scan_dir) / f"labels-{key}.json"
         if cache_file.exists():
             return {int(k): v for k, v in json.loads(cache_file.read_text()).items()}
-    first: dict = {}
-    n = len(dataset)
-    for i in tqdm(range(n), desc=f"check labels {dataset.split}", disable=not progress or n < 200, unit="img"):
-        if paths:
-            raw = load_label(paths[i])
-            values = np.unique(dataset.map_label(raw))
-            name = str(paths[i])
-        else:
+    if hasattr(dataset, "label_values"):  # file datasets: their own reading, mapping and memo
+        first = dataset.label_values(progress=progress)
+    else:
+        first = {}
+        for i in tqdm(range(len(dataset)), desc=f"check labels {dataset.split}", disable=not progress, unit="img"):
             sample = dataset.load(i)
-            values = np.unique(sample.label) if sample.label is not None else np.array([], dtype=np.int64)
-            name = sample.id
-        for v in values.tolist():
-            if v != IGNORE_INDEX and v not in first:
-                first[int(v)] = name
+            label = sample.label if sample.label is not None else np.array([], dtype=np.int64)
+            for v in np.unique(label[label != IGNORE_INDEX]).tolist():
+                first.setdefault(int(v), sample.id)
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         cache_file.write_text(json.dumps({str(k): v for k, v in sorted(first.items())}))

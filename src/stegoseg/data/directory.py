@@ -9,7 +9,7 @@ import numpy as np
 
 from stegoseg.data.base import IGNORE_INDEX, JointTransform
 from stegoseg.data.files import FileDataset, first_missing, require_dir
-from stegoseg.data.io import PathLike, list_images, load_label
+from stegoseg.data.io import PathLike, list_images
 from stegoseg.errors import StegosegError
 
 
@@ -111,11 +111,7 @@ class DirectoryDataset(FileDataset):
         otherwise silently create empty classes and change the number of clusters."""
         if self.label_paths is None:
             return 0
-        first: Dict[int, Path] = {}
-        for path in self.label_paths:
-            label = self.map_label(load_label(path))
-            for v in np.unique(label[label != IGNORE_INDEX]).tolist():
-                first.setdefault(int(v), path)
+        first = self.label_values()
         if not first:
             return 0
         top = max(first)

@@ -86,6 +86,22 @@ class FileDataset(SegmentationDataset):
         assert self.label_paths is not None
         return load_label(self.label_paths[index])
 
+    def label_values(self, progress: bool = False) -> dict:
+        """{class id: the first label file holding it} over the split's labels, after the
+        format's own reading and mapping (unlabelled pixels left out); scanned once per
+        dataset object (class-count inference and the label checks share the scan)."""
+        if getattr(self, "_label_values", None) is None:
+            from tqdm.auto import tqdm
+
+            first: dict = {}
+            n = len(self) if self.label_paths is not None else 0
+            for i in tqdm(range(n), desc=f"check labels {self.split}", disable=not progress or n < 200, unit="img"):
+                label = self.map_label(self.read_label(i))
+                for v in np.unique(label[label != IGNORE_INDEX]).tolist():
+                    first.setdefault(int(v), str(self.label_paths[i]))
+            self._label_values = first
+        return dict(self._label_values)
+
     def load(self, index: int) -> RawSample:
         image = self.read_image(index)
         label = None
