@@ -11,7 +11,6 @@ from typing import Optional
 
 import torch
 
-from stegoseg.backbones.backbone import create_backbone
 from stegoseg.backbones.presets import get_backbone_preset
 from stegoseg.config.base import load_yaml
 from stegoseg.config.stego import (
@@ -30,7 +29,7 @@ from stegoseg.evaluation.crf import crf_params_from
 from stegoseg.evaluation.protocol import EvalConfig, evaluate_model
 from stegoseg.features.cache import FeatureCache, extract_features
 from stegoseg.features.knn import config_neighbors
-from stegoseg.model import SegmentationModel, load
+from stegoseg.model import SegmentationModel, build_backbone, load
 from stegoseg.nn.kmeans import spherical_kmeans
 from stegoseg.nn.probes import set_centroids, train_linear_probe
 from stegoseg.preflight import (
@@ -103,8 +102,7 @@ def build_backbone_from_config(cfg: Config):
     with torch.random.fork_rng(devices=[]):
         if random_init:
             torch.manual_seed(cfg.seed)
-        backbone = create_backbone(cfg.backbone, pretrained=cfg.pretrained, weights=cfg.weights, tiny=cfg.tiny,
-                                   pos_embed=cfg.pos_embed)
+        backbone = build_backbone(spec)  # the same spec a checkpoint records and `load` rebuilds from
     if random_init:
         log.warning(RANDOM_BACKBONE_WARNING.format(name=cfg.backbone))
     return backbone, spec
