@@ -29,6 +29,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Optional
 
 from scipy.stats import spearmanr
 
@@ -99,32 +100,66 @@ def metrics(result: dict) -> dict:
             "linear_acc": s.get("linear_acc"), "linear_miou": s.get("linear_miou")}
 
 
-def run_setting(name: str, values: dict, runs: Path, previous: dict = None) -> dict:
-    """All rows of a setting; with ``previous`` (that setting's row from an earlier invocation)
-    only the auto row is run again and the others are kept."""
-    out = runs / name
-    cache_dir = out / "cache"
-    base = make_config(dict(values, cache_dir=str(cache_dir), shifts="fixed", **PUBLISHED))
-    t0 = time.perf_counter()
-    backbone, _ = build_backbone_from_config(base)
-    prepare(base, out / "prepare", backbone)
-    timings = {"prepare_s": time.perf_counter() - t0}
-    shared = SharedFeatures(backbone)  # validation features computed once for every row (exact)
+class Setting:
+    """One setting's shared pieces: the published-settings config, the feature cache, and the
+    validation features (computed once for every row; exact)."""
 
-    def evaluate(model, folder):
-        return metrics(evaluate_checkpoint_model(base, model, folder))
+    def __init__(self, name: str, values: dict, runs: Path):
+        self.name, self.values, self.out = name, values, runs / name
+        self.cache_dir = self.out / "cache"
+        self.base = make_config(dict(values, cache_dir=str(self.cache_dir), shifts="fixed", **PUBLISHED))
+        t0 = time.perf_counter()
+        backbone, _ = build_backbone_from_config(self.base)
+        self.cache = prepare(self.base, self.out / "prepare", backbone)
+        self.prepare_s = time.perf_counter() - t0
+        self.shared = SharedFeatures(backbone)
 
-    def stego(cfg, folder):
+    def evaluate(self, model, folder: Path) -> dict:
+        return metrics(evaluate_checkpoint_model(self.base, model, folder))
+
+    def stego(self, cfg, folder: Path) -> dict:
+        """Train (or reuse a finished identical run) and evaluate one STEGO row."""
         finished = reuse(cfg, folder)
         if finished is not None:
             return finished
         t = time.perf_counter()
         ckpt = train_stego(cfg, folder)
-        result = evaluate(load_with_backbone(ckpt, shared, "cpu"), folder / "eval")
+        result = self.evaluate(load_with_backbone(ckpt, self.shared, "cpu"), folder / "eval")
         result["seconds"] = time.perf_counter() - t
         print(f"  {folder.name}: {result}", flush=True)
         (folder / "bench_row.json").write_text(json.dumps({"config": cfg.to_dict(), "metrics": result}))
         return result
+
+    def auto_config(self, seed: int):
+        return make_config(dict(self.values, seed=seed, cache_dir=str(self.cache_dir), shifts="auto",
+                                select="label-free"))
+
+
+def run_replicates(setting: Setting, seeds: list) -> dict:
+    """The published and auto rows again with other seeds (head initialisation, batch order,
+    k-means seeds; same cache, schedule and evaluation): how much of a difference between
+    the two rows is seed noise. ``{seed: {"published": M, "auto": M}}``."""
+    out = {}
+    for seed in seeds:
+        folder = setting.out / "replicates" / f"seed{seed}"
+        print(f"  [seed {seed}]", flush=True)
+        published = setting.stego(replace(setting.base, seed=seed, select="last"), folder / "published")
+        auto_cfg = setting.auto_config(seed)
+        if (folder / "auto").exists() and reuse(auto_cfg, folder / "auto") is None:
+            shutil.rmtree(folder / "auto")  # an interrupted or older auto run of this script: afresh
+        out[str(seed)] = {"published": published, "auto": setting.stego(auto_cfg, folder / "auto")}
+    return out
+
+
+def run_setting(name: str, values: dict, runs: Path, previous: Optional[dict] = None,
+                replicate_seeds: tuple = ()) -> dict:
+    """All rows of a setting; with ``previous`` (that setting's row from an earlier invocation)
+    only the auto row is run again and the others are kept."""
+    t0 = time.perf_counter()
+    setting = Setting(name, values, runs)
+    out, base, cache, stego = setting.out, setting.base, setting.cache, setting.stego
+    timings = {"prepare_s": setting.prepare_s}
+    evaluate, shared = setting.evaluate, setting.shared
 
     if previous is not None:
         row = {k: v for k, v in previous.items() if k not in ("auto", "auto_chosen", "timings")}
@@ -145,7 +180,7 @@ def run_setting(name: str, values: dict, runs: Path, previous: dict = None) -> d
         best = max(grid, key=lambda k: grid[k]["cluster_miou"])
         row["oracle"] = dict(grid[best], grid_point=best)
         row["grid"] = grid
-    auto_cfg = make_config(dict(values, cache_dir=str(cache_dir), shifts="auto", select="label-free"))
+    auto_cfg = setting.auto_config(base.seed)
     if (out / "auto").exists():
         shutil.rmtree(out / "auto")  # this script's own work folder: a fresh auto run
     row["auto"] = stego(auto_cfg, out / "auto")
@@ -157,9 +192,19 @@ def run_setting(name: str, values: dict, runs: Path, previous: dict = None) -> d
         "selected": selection["chosen"], "selected_step": selection["chosen_step"],
         "label_free_score": {k: v["label_free_score"] for k, v in selection["candidates"].items()},
     }
-    row["criterion_vs_miou"] = criterion_vs_miou(base, out, cache_dir)
+    row["criterion_vs_miou"] = criterion_vs_miou(base, out, cache)
+    if replicate_seeds:
+        row["replicates"] = run_replicates(setting, replicate_seeds)
     timings["total_s"] = time.perf_counter() - t0
     row["timings"] = timings
+    return row
+
+
+def add_replicates(row: dict, values: dict, runs: Path, seeds: list) -> dict:
+    """``row`` (from an earlier invocation) with the replicate seeds added."""
+    t0 = time.perf_counter()
+    row = dict(row, replicates=dict(row.get("replicates", {}), **run_replicates(Setting(row["name"], values, runs), seeds)))
+    row["timings"] = dict(row.get("timings", {}), replicates_s=time.perf_counter() - t0)
     return row
 
 
@@ -176,11 +221,10 @@ def reuse(cfg, folder: Path):
     return None
 
 
-def criterion_vs_miou(base, out: Path, cache_dir: Path) -> dict:
+def criterion_vs_miou(base, out: Path, cache: FeatureCache) -> dict:
     """The label-free criterion (reference: the uncentred calibration, as ``--select`` uses it) of
     every STEGO row's final checkpoint next to its validation cluster mIoU, and their Spearman
     rank correlation: does the criterion order runs as the labels do?"""
-    cache = FeatureCache(next(p for p in cache_dir.iterdir() if (p / "meta.json").exists()))
     knn = cache.neighbors(base.n_neighbors)
     n_clusters = load(out / "published" / "checkpoint.pt").n_clusters
     reference = calibrate_for_config(replace(base, pointwise=False), cache, knn, n_clusters)
@@ -225,8 +269,9 @@ def write_summary(rows: list, order: list, out: Path, seconds: float) -> None:
         "settings_where_published_is_the_best_grid_point": [n for n, c in closed.items() if c is None],
         "demo_auto_cluster_acc": next((r["auto"]["cluster_acc"] for r in rows if r["name"] == "demo"), None),
     }
+    seed_check = replicate_summary(rows)
     result = {"benchmark": "label_free", "machine": machine(), "seconds_this_invocation": seconds,
-              "settings": rows, "gap_closed": closed, "bars": bars}
+              "settings": rows, "gap_closed": closed, "bars": bars, "seed_check": seed_check}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=float))
 
@@ -242,9 +287,43 @@ def write_summary(rows: list, order: list, out: Path, seconds: float) -> None:
         f"selected checkpoint {r['auto_chosen']['selected']}; label-free criterion vs val cluster mIoU over the "
         f"setting's {len(r['criterion_vs_miou']['points'])} STEGO runs: Spearman {r['criterion_vs_miou']['spearman']:.2f}"
         for r in rows) + "\n"
+    if seed_check:
+        md += "\n" + replicate_table(seed_check) + "\n"
     out.with_suffix(".md").write_text(md)
     print(md)
     print(json.dumps(bars, indent=2))
+
+
+def replicate_summary(rows: list) -> dict:
+    """Per setting with replicate seeds: cluster mIoU of published and auto for every seed (the
+    main rows are seed 0), their means, and on how many seeds auto is ahead."""
+    summary = {}
+    for r in rows:
+        if not r.get("replicates"):
+            continue
+        per_seed = {str(r["config"]["seed"]): {"published": r["published"], "auto": r["auto"]}, **r["replicates"]}
+        pub = [v["published"]["cluster_miou"] for v in per_seed.values()]
+        auto = [v["auto"]["cluster_miou"] for v in per_seed.values()]
+        summary[r["name"]] = {
+            "seeds": list(per_seed), "published_cluster_miou": pub, "auto_cluster_miou": auto,
+            "published_mean": sum(pub) / len(pub), "auto_mean": sum(auto) / len(auto),
+            "auto_ahead_on_seeds": sum(a > p for a, p in zip(auto, pub)),
+        }
+    return summary
+
+
+def replicate_table(summary: dict) -> str:
+    lines = ["Seed check (published vs auto again with other seeds; same cache, schedule and evaluation; cluster mIoU):",
+             "", "| setting | seeds | published | auto | mean published | mean auto | auto ahead |", "|---|---|---|---|---|---|---|"]
+
+    def fmt(values):
+        return " / ".join(f"{x:.1f}" for x in values)
+
+    for name, s in summary.items():
+        lines.append(f"| {name} | {', '.join(s['seeds'])} | {fmt(s['published_cluster_miou'])} | "
+                     f"{fmt(s['auto_cluster_miou'])} | {s['published_mean']:.1f} | {s['auto_mean']:.1f} | "
+                     f"{s['auto_ahead_on_seeds']} of {len(s['seeds'])} |")
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -256,7 +335,14 @@ def main() -> int:
                         help="only rewrite the summary (bars, markdown table) from the rows already in --out")
     parser.add_argument("--only-auto", action="store_true",
                         help="run only the auto row again, keeping the other rows of --out (after a change to --shifts auto)")
+    parser.add_argument("--replicate-seeds", default="",
+                        help="comma-separated extra seeds: the published and auto rows again with each (a seed-noise check)")
+    parser.add_argument("--replicates-only", action="store_true",
+                        help="only add --replicate-seeds to the rows already in --out (nothing else is run again)")
     args = parser.parse_args()
+    seeds = [int(x) for x in args.replicate_seeds.split(",") if x.strip()]
+    if args.replicates_only and not seeds:
+        parser.error("--replicates-only needs --replicate-seeds")
     runs = Path(args.runs)
     if args.summarise:
         saved = json.loads(Path(args.out).read_text())
@@ -267,15 +353,20 @@ def main() -> int:
     all_settings = settings(runs)
     names = args.settings.split(",") if args.settings else list(all_settings)
     out = Path(args.out)
-    previous = json.loads(out.read_text())["settings"] if out.exists() and args.settings else []
+    keep_previous = args.settings or args.replicates_only
+    previous = json.loads(out.read_text())["settings"] if out.exists() and keep_previous else []
     rows = [r for r in previous if r["name"] not in names]
     t0 = time.perf_counter()
     kept = {r["name"]: r for r in previous}
     for name in names:
         print(f"[{name}]", flush=True)
-        if args.only_auto and name not in kept:
-            parser.error(f"--only-auto: {out} has no rows for {name}; run it without --only-auto first")
-        rows.append(run_setting(name, all_settings[name], runs, previous=kept[name] if args.only_auto else None))
+        if (args.only_auto or args.replicates_only) and name not in kept:
+            parser.error(f"{out} has no rows for {name}; run it without --only-auto / --replicates-only first")
+        if args.replicates_only:
+            rows.append(add_replicates(kept[name], all_settings[name], runs, seeds))
+        else:
+            rows.append(run_setting(name, all_settings[name], runs, previous=kept[name] if args.only_auto else None,
+                                    replicate_seeds=seeds))
     write_summary(rows, list(all_settings), out, time.perf_counter() - t0)
     return 0
 

@@ -372,7 +372,6 @@ def pretrain(cfg: PretrainConfig, out, resume: bool = False, callbacks: Optional
     history: list = []
     history_path = out / "readout_history.json"
     if resume:
-
         step = resumed_step(ckpt_path)
         if history_path.exists():  # the readouts before the interruption (later ones are run again)
             history.extend(r for r in json.loads(history_path.read_text()) if r["step"] <= step)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -30,9 +30,15 @@ RESUME_MAY_CHANGE = {
 }
 
 
-def resume_checkpoint(ckpt_dir: Path, cfg: Config) -> Optional[str]:
-    """The Lightning checkpoint ``--resume`` continues from, or None when this run has not
-    started yet (it then starts from step 0). Refuses a resume whose settings differ from
+class ResumePoint(NamedTuple):
+    path: str  # the Lightning checkpoint
+    step: int  # its global step
+
+
+def resume_checkpoint(ckpt_dir: Path, cfg: Config) -> Optional[ResumePoint]:
+    """The Lightning checkpoint ``--resume`` continues from and its step (read once, while
+    checking that the file is readable), or None when this run has not started yet (it then
+    starts from step 0). Refuses a resume whose settings differ from
     the interrupted run's (the result would mix two configurations). An unreadable
     ``last.ckpt`` (cut short by a kill or a full disk) falls back, with a warning, to the
     newest readable periodic checkpoint: training is a pure function of the step, so
@@ -57,7 +63,7 @@ def resume_checkpoint(ckpt_dir: Path, cfg: Config) -> Optional[str]:
         return None
     for i, path in enumerate(candidates):
         try:
-            torch.load(path, map_location="cpu", weights_only=True)
+            step = int(torch.load(path, map_location="cpu", weights_only=True).get("global_step", 0))
         except Exception as exc:  # noqa: BLE001 - any failure means the file cannot be used
             reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
             log.warning("--resume: cannot read %s (%s; truncated by a kill or a full disk?): trying an earlier "
@@ -65,7 +71,7 @@ def resume_checkpoint(ckpt_dir: Path, cfg: Config) -> Optional[str]:
             continue
         if i:
             log.warning("--resume: continuing from %s", path)
-        return str(path)
+        return ResumePoint(str(path), step)
     raise StegosegError(f"--resume: no checkpoint in {ckpt_dir} can be read (truncated or corrupt): pass --overwrite "
                         "to start again")
 

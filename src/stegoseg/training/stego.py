@@ -36,7 +36,6 @@ from stegoseg.training.resume import (
     merge_resumed_log,
     refuse_unfinished_run,
     resume_checkpoint,
-    resumed_step,
 )
 from stegoseg.training.trainer import build_trainer
 
@@ -329,8 +328,9 @@ def fit_stego(cfg: Config, out, cache: FeatureCache, n_classes: int, has_labels:
     module = StegoModule(cfg, cache.meta["feature_shape"][0], n_clusters, n_classes if has_labels else None,
                          backbone=backbone if cfg.live_backbone else None)
     ckpt_dir = out / "lightning"
-    ckpt_path = resume_checkpoint(ckpt_dir, cfg) if resume else None
-    if ckpt_path is None:
+    point = resume_checkpoint(ckpt_dir, cfg) if resume else None
+    ckpt_path = point.path if point is not None else None
+    if point is None:
         refuse_unfinished_run(ckpt_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / RUN_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=1))
@@ -343,8 +343,8 @@ def fit_stego(cfg: Config, out, cache: FeatureCache, n_classes: int, has_labels:
     if cfg.live_backbone and crop_view is None:
         raise ValueError("live_backbone needs the dataset's crop view")
     log_dir = out / "logs"
-    if ckpt_path is not None and trainer.is_global_zero:  # one process rewrites the log
-        keep_log_before_resume(log_dir, resumed_step(ckpt_path))
+    if point is not None and trainer.is_global_zero:  # one process rewrites the log
+        keep_log_before_resume(log_dir, point.step)
     resident = use_resident_cache(cfg, cache)
     if resident:
         module.resident = ResidentFeatures(cache, with_thumbs=cfg.w_potts > 0)
