@@ -340,8 +340,8 @@ def replicate_summary(rows: list) -> dict:
 
 
 def replicate_table(summary: dict) -> str:
-    lines = ["Seed check (the published and auto rows again with other seeds; same backbone, schedule and evaluation; "
-             "cluster mIoU; the first seed is the main rows'):",
+    lines = [("Seed check (the published and auto rows again with other seeds; same backbone, schedule and evaluation; "
+              "cluster mIoU; the first seed is the main rows'):"),
              "", "| setting | seeds | published | auto | mean published | mean auto | auto ahead |", "|---|---|---|---|---|---|---|"]
 
     def fmt(values):
