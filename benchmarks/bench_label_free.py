@@ -16,14 +16,14 @@ validation images are computed once per setting and reused by every row
 same numbers as running the backbone each time).
 
 A seed check (``--replicate-seeds``) trains the published and auto rows again with other
-seeds (head initialisation, batch order, feature dropout, k-means seeds; the backbone, cache,
-schedule and evaluation stay): single-run differences of a few cluster-mIoU points on CamVid
+seeds (head initialisation, batch order, feature dropout, k-means seeds; the backbone and so
+its features, the schedule and the evaluation stay): single-run differences of a few cluster-mIoU points on CamVid
 are within that noise.
 
 Writes ``benchmarks/results/label_free.json`` and ``benchmarks/results/label_free.md``.
 On the project's 2-core CPU: about 55 minutes for the four settings when their feature
-caches exist (plus about 15 for the CamVid ViT-S/8 cache), and about 45 more for the seed
-check with two seeds.
+caches exist (plus about 15 for the CamVid ViT-S/8 cache), and about 35 more for the seed
+check with two seeds (15 of them extracting the CamVid cache again, keyed by the weights file).
 
     PYTHONPATH=src python3 benchmarks/bench_label_free.py                  # all settings
     PYTHONPATH=src python3 benchmarks/bench_label_free.py --settings demo  # one
@@ -189,7 +189,8 @@ def run_setting(name: str, values: dict, runs: Path, previous: Optional[dict] = 
     evaluate, shared = setting.evaluate, setting.shared
 
     if previous is not None:
-        row = {k: v for k, v in previous.items() if k not in ("auto", "auto_chosen", "timings")}
+        # the seed check's auto rows came from the same auto code as the old auto row: dropped with it
+        row = {k: v for k, v in previous.items() if k not in ("auto", "auto_chosen", "timings", "replicates")}
     else:
         row = {"name": name, "config": {k: v for k, v in values.items() if k not in ("progress",)}}
         row["raw"] = reuse(base, out / "raw")
