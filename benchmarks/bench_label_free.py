@@ -172,9 +172,11 @@ def run_replicates(setting: Setting, seeds: list) -> dict:
         print(f"  [seed {seed}]", flush=True)
         published = setting.stego(replace(setting.base, seed=seed, select="last", **keep), folder / "published")
         auto_cfg = replace(setting.auto_config(seed), **keep)
-        if (folder / "auto").exists() and reuse(auto_cfg, folder / "auto") is None:
-            shutil.rmtree(folder / "auto")  # an interrupted or older auto run of this script: afresh
-        out[str(seed)] = {"published": published, "auto": setting.stego(auto_cfg, folder / "auto")}
+        auto = reuse(auto_cfg, folder / "auto")
+        if auto is None:  # an interrupted or older auto run of this script is run afresh
+            shutil.rmtree(folder / "auto", ignore_errors=True)
+            auto = setting.stego(auto_cfg, folder / "auto")
+        out[str(seed)] = {"published": published, "auto": auto}
     return out
 
 
