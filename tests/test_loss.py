@@ -128,3 +128,21 @@ def test_stego_loss_terms_and_weights():
     assert out["cd_rand"].shape == (12, 4, 4, 4, 4)  # 3 derangements of a batch of 4
     out["loss"].backward()
     assert code.grad is not None
+
+
+def test_loss_and_crf_parameter_objects_take_the_config_values_and_share_its_defaults():
+    """LossWeights / CRFParams are declared apart from Config (lower layers do not import it):
+    a run's values must reach them, and their own defaults must be the config's published ones."""
+    import dataclasses
+
+    from stegoseg.config.stego import Config
+    from stegoseg.evaluation.crf import CRFParams, crf_params_from
+    from stegoseg.training.stego import loss_weights
+
+    cfg = Config(w_self=0.3, b_knn=0.55, n_random=2, n_samples=7, pointwise=False, zero_clamp=False, stabilize=True)
+    w = loss_weights(cfg)
+    assert (w.w_self, w.b_knn, w.n_random, w.n_samples, w.pointwise, w.zero_clamp, w.stabilize) == (
+        0.3, 0.55, 2, 7, False, False, True)
+    defaults = Config()
+    assert dataclasses.asdict(LossWeights()) == {f.name: getattr(defaults, f.name) for f in dataclasses.fields(LossWeights)}
+    assert crf_params_from(dataclasses.asdict(defaults)) == CRFParams()

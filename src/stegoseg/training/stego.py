@@ -10,6 +10,7 @@ resumed from its checkpoint therefore continues exactly as the uninterrupted run
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -43,12 +44,8 @@ log = logging.getLogger("stegoseg")
 
 
 def loss_weights(cfg: Config) -> LossWeights:
-    return LossWeights(
-        w_self=cfg.w_self, w_knn=cfg.w_knn, w_rand=cfg.w_rand,
-        b_self=cfg.b_self, b_knn=cfg.b_knn, b_rand=cfg.b_rand,
-        n_random=cfg.n_random, n_samples=cfg.n_samples,
-        pointwise=cfg.pointwise, zero_clamp=cfg.zero_clamp, stabilize=cfg.stabilize,
-    )
+    """The loss's parameters from the run config (each ``LossWeights`` field is the config field of that name)."""
+    return LossWeights(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(LossWeights)})
 
 
 def step_seed(seed: int, step: int, rank: int, salt: int = 0) -> int:
