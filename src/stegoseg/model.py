@@ -15,7 +15,6 @@ Python use::
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -33,15 +32,20 @@ from stegoseg.errors import StegosegError
 from stegoseg.evaluation.crf import CRFParams, image_to_uint8, run_crf_jobs
 from stegoseg.nn.heads import build_head
 from stegoseg.nn.probes import ClusterProbe, LinearProbe
+from stegoseg.checkpoint_io import (  # noqa: F401 - CHECKPOINT_* and the folder names are part of this module's API
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    PRETRAINED_CONFIG,
+    PRETRAINED_WEIGHTS,
+    read_checkpoint_file,
+    read_pretrained_folder,
+    write_checkpoint_file,
+    write_pretrained_folder,
+)
 
-CHECKPOINT_FORMAT = "stegoseg"
-CHECKPOINT_VERSION = 1
-# The save_pretrained folder: the checkpoint dict without its tensors, and the tensors.
-PRETRAINED_CONFIG = "config.json"
-PRETRAINED_WEIGHTS = "model.safetensors"
-# Where the checkpoint dict holds state dicts; in a save_pretrained folder each one is
-# replaced by the key prefix of its tensors in model.safetensors ("backbone." etc.).
-_STATE_DICT_SLOTS = (("backbone", "state_dict"), ("head", "state_dict"), ("cluster_probe",), ("linear_probe",))
+#: The sharpness of the cluster probe's soft assignment log_softmax(alpha * cos) that the dense
+#: CRF receives, per method (the reference implementations' values; STEGO's for the others).
+CRF_ALPHA = {"stego": 2.0, "cause-mlp": 3.0, "cause-tr": 3.0}
 
 
 def build_backbone(spec: dict, weights: Optional[str] = None):
@@ -77,7 +81,7 @@ class SegmentationModel(nn.Module):
         self.backbone_spec = dict(backbone_spec)
         self.head = head
         self.code_dim = head.dim if head is not None else backbone.embed_dim
-        self.cluster_probe = ClusterProbe(self.code_dim, n_clusters)
+        self.cluster_probe = ClusterProbe(self.code_dim, n_clusters, alpha=CRF_ALPHA.get(method, 2.0))
         self.linear_probe = LinearProbe(self.code_dim, n_classes) if n_classes else None
         self.n_classes = n_classes
         self.class_names = list(class_names) if class_names else None
@@ -339,6 +343,7 @@ class SegmentationModel(nn.Module):
                 "kind": getattr(self.head, "checkpoint_kind", "stego"),
                 "in_dim": self.head.in_dim,
                 "dim": self.head.dim,
+                **({"options": self.head.options()} if getattr(self.head, "options", dict)() else {}),
                 "state_dict": self.head.state_dict(),
             },
             "cluster_probe": self.cluster_probe.state_dict(),
@@ -351,17 +356,8 @@ class SegmentationModel(nn.Module):
         return ckpt
 
     def save(self, path, include_backbone: Optional[bool] = None) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        try:
-            torch.save(self.state_for_checkpoint(include_backbone), tmp)
-            tmp.replace(path)
-        except (OSError, RuntimeError) as exc:  # torch reports a full disk as RuntimeError
-            tmp.unlink(missing_ok=True)
-            raise StegosegError(f"cannot write the checkpoint {path}: {str(exc).splitlines()[0]} (free disk space "
-                                "or choose another --out); nothing was written") from None
-        return path
+        """Write the checkpoint dict (:meth:`state_for_checkpoint`) to one file, atomically."""
+        return write_checkpoint_file(self.state_for_checkpoint(include_backbone), path)
 
     def save_pretrained(self, directory, include_backbone: Optional[bool] = None) -> Path:
         """Save the model as a folder in the hub-mixin layout (segmentation_models_pytorch, timm).
@@ -377,34 +373,7 @@ class SegmentationModel(nn.Module):
 
         JSON has no tuples: tuples of the run config come back as lists.
         """
-        directory = Path(directory)
-        config, tensors = _split_checkpoint(self.state_for_checkpoint(include_backbone))
-        weights_path, config_path = directory / PRETRAINED_WEIGHTS, directory / PRETRAINED_CONFIG
-        tmp_weights = weights_path.with_name(weights_path.name + ".tmp")
-        tmp_config = config_path.with_name(config_path.name + ".tmp")
-        try:
-            text = json.dumps(config, indent=2) + "\n"
-        except (TypeError, ValueError) as exc:
-            raise StegosegError(f"cannot save the model to {directory}: its config is not JSON ({exc}); "
-                                "nothing was written") from None
-        from safetensors.torch import save_file
-
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            # Without config.json the folder reads as incomplete: drop the old one before
-            # replacing the tensors, write the new one last.
-            config_path.unlink(missing_ok=True)
-            save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
-            tmp_config.write_text(text)
-            tmp_weights.replace(weights_path)
-            tmp_config.replace(config_path)
-        except (OSError, RuntimeError, ValueError) as exc:
-            tmp_weights.unlink(missing_ok=True)
-            tmp_config.unlink(missing_ok=True)
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise StegosegError(f"cannot write the model folder {directory}: {first} (free disk space or choose "
-                                "another folder); no complete model was written there") from None
-        return directory
+        return write_pretrained_folder(self.state_for_checkpoint(include_backbone), directory)
 
     @classmethod
     def from_pretrained(cls, directory, weights: Optional[str] = None, device: str = "cpu") -> "SegmentationModel":
@@ -413,39 +382,8 @@ class SegmentationModel(nn.Module):
         ``weights``: a local backbone weights file, for folders saved without the backbone
         whose spec names hub weights (or to replace the stored backbone).
         """
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise StegosegError(f"model folder {directory} does not exist: pass a folder written by save_pretrained")
-        config_path, weights_path = directory / PRETRAINED_CONFIG, directory / PRETRAINED_WEIGHTS
-        if not config_path.is_file():
-            raise StegosegError(f"model folder {directory} has no {PRETRAINED_CONFIG} (an incomplete copy, or not a "
-                                "folder written by save_pretrained)")
-        try:
-            config = json.loads(config_path.read_text())
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-            raise StegosegError(f"cannot read {PRETRAINED_CONFIG} of model folder {directory} ({reason}): use a "
-                                "folder written by save_pretrained") from None
-        if not isinstance(config, dict) or config.get("format") != CHECKPOINT_FORMAT:
-            raise StegosegError(f"model folder {directory} is not a stegoseg model ({PRETRAINED_CONFIG} has no "
-                                f"'format': '{CHECKPOINT_FORMAT}' tag): pass a folder written by save_pretrained")
-        version = config.get("version")
-        if not isinstance(version, int) or version > CHECKPOINT_VERSION:
-            raise StegosegError(f"model folder {directory} has format version {version!r}; this stegoseg reads "
-                                f"version {CHECKPOINT_VERSION} and older (written by a newer stegoseg?)")
-        if not weights_path.is_file():
-            raise StegosegError(f"model folder {directory} has no {PRETRAINED_WEIGHTS} (an incomplete copy?): use "
-                                "the whole folder save_pretrained wrote")
-        from safetensors.torch import load_file
-
-        try:
-            tensors = load_file(str(weights_path), device="cpu")
-        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
-            reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-            raise StegosegError(f"cannot read {PRETRAINED_WEIGHTS} of model folder {directory} ({reason}): the file "
-                                "is truncated or corrupt (an interrupted copy or a full disk?)") from None
         return _checked_model(
-            lambda: cls.from_checkpoint(_join_checkpoint(config, tensors), weights=weights, device=device),
+            lambda: cls.from_checkpoint(read_pretrained_folder(directory), weights=weights, device=device),
             what=f"model folder {directory}",
             remedy="use the folder save_pretrained wrote",
         )
@@ -481,7 +419,7 @@ class SegmentationModel(nn.Module):
 
 def _build_head(entry: dict) -> nn.Module:
     """A checkpoint's head, by its recorded kind (checkpoints without a kind hold STEGO's)."""
-    head = build_head(entry.get("kind", "stego"), entry["in_dim"], entry["dim"])
+    head = build_head(entry.get("kind", "stego"), entry["in_dim"], entry["dim"], entry.get("options"))
     head.load_state_dict(entry["state_dict"])
     return head
 
@@ -529,15 +467,7 @@ def load(path, weights: Optional[str] = None, device: str = "cpu") -> Segmentati
     path = Path(path)
     if path.is_dir():
         return SegmentationModel.from_pretrained(path, weights=weights, device=device)
-    if not path.is_file():
-        raise StegosegError(f"checkpoint {path} does not exist: pass the .pt file a `stegoseg train` run wrote "
-                            "(or a folder written by save_pretrained)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling problem is a bad file
-        raise StegosegError(f"cannot read checkpoint {path}: {_load_failure(exc)}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise StegosegError(f"{path} is not a stegoseg checkpoint (no format tag): pass a file written by stegoseg")
+    ckpt = read_checkpoint_file(path)
     return _checked_model(
         lambda: SegmentationModel.from_checkpoint(ckpt, weights=weights, device=device),
         what=f"checkpoint {path}",
@@ -562,68 +492,3 @@ def _checked_model(build, what: str, remedy: str) -> SegmentationModel:
                             f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}): the run that wrote it diverged "
                             "or the file is damaged")
     return model
-
-
-def _split_checkpoint(ckpt: dict) -> tuple:
-    """A checkpoint dict -> (its JSON part, its tensors): each state dict (see
-    ``_STATE_DICT_SLOTS``) becomes the key prefix of its tensors, or stays None; the
-    backbone entry also records ``weights_stored``. Inverse: :func:`_join_checkpoint`."""
-    config = dict(ckpt)
-    tensors: dict = {}
-    for slot in _STATE_DICT_SLOTS:
-        parent = config
-        for key in slot[:-1]:
-            if parent.get(key) is None:
-                break
-            parent[key] = dict(parent[key])  # copy: the caller's dict stays as it was
-            parent = parent[key]
-        else:
-            state = parent.get(slot[-1])
-            prefix = f"{slot[0]}."
-            if state is not None:
-                for name, tensor in state.items():
-                    tensors[prefix + name] = tensor.detach().cpu().contiguous()
-            parent[slot[-1]] = prefix if state is not None else None
-    config["backbone"]["weights_stored"] = config["backbone"]["state_dict"] is not None
-    return config, tensors
-
-
-def _join_checkpoint(config: dict, tensors: dict) -> dict:
-    """The checkpoint dict of a save_pretrained folder's ``config.json`` and tensors."""
-    ckpt = dict(config)
-    used = set()
-    for slot in _STATE_DICT_SLOTS:
-        parent = ckpt
-        for key in slot[:-1]:
-            if parent.get(key) is None:
-                break
-            parent[key] = dict(parent[key])
-            parent = parent[key]
-        else:
-            prefix = parent.get(slot[-1])
-            if prefix is None:
-                continue
-            if prefix != f"{slot[0]}.":
-                raise ValueError(f"{'.'.join(slot)} names tensors {prefix!r}, expected '{slot[0]}.'")
-            state = {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
-            used.update(prefix + name for name in state)
-            parent[slot[-1]] = state
-    backbone = ckpt["backbone"]
-    if backbone.pop("weights_stored", None) not in (None, backbone.get("state_dict") is not None):
-        raise ValueError("backbone.weights_stored disagrees with backbone.state_dict")
-    unknown = sorted(set(tensors) - used)
-    if unknown:
-        raise ValueError(f"{PRETRAINED_WEIGHTS} holds tensors no part of the model takes ({unknown[0]})")
-    return ckpt
-
-
-def _load_failure(exc: Exception) -> str:
-    """Why ``torch.load`` failed, in our words: torch's own message suggests loading with
-    ``weights_only=False``, which would run arbitrary code from the file; never pass that on."""
-    import pickle
-
-    text = str(exc)
-    if isinstance(exc, pickle.UnpicklingError) and ("weights_only" in text or "Unsupported global" in text):
-        return ("it contains Python objects other than plain tensors and values, which stegoseg does not load "
-                "(a checkpoint from another program?)")
-    return "the file is truncated or corrupt, or not a checkpoint (an interrupted copy or a full disk?)"

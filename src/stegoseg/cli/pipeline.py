@@ -41,14 +41,14 @@ def cmd_prepare(args) -> int:
 def cmd_train(args) -> int:
     from stegoseg.config.stego import resolve_config
     from stegoseg.methods.common import check_before_work
-    from stegoseg.methods.stego import train_stego
+    from stegoseg.methods.cause import train_method
 
     cfg = resolve_config(args)
     out = prepare_out(args.out, "train", "checkpoint.pt", args.overwrite, resume=args.resume)
     check_before_work(cfg, out)
     if args.overwrite and not args.resume:
         clear_outputs(out, "train")
-    path = train_stego(cfg, out, resume=args.resume)
+    path = train_method(cfg, out, resume=args.resume)
     if path is not None:
         print(f"checkpoint: {path}")
     return 0
@@ -121,7 +121,8 @@ def add_commands(sub) -> None:
     out_arg(p, "runs/train")
     p.add_argument("--resume", action="store_true", help="continue from --out/lightning/last.ckpt")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run's outputs in --out")
-    add_config_arguments(p, groups=("data", "backbone", "features", "loss", "training", "probes", "evaluation", "run"))
+    add_config_arguments(p, groups=("method", "data", "backbone", "features", "loss", "cause", "training", "probes",
+                                    "evaluation", "run"))
     p.set_defaults(func=cmd_train)
     p = sub.add_parser(
         "baseline",

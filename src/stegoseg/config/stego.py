@@ -44,8 +44,10 @@ class Config(ConfigBase):
     cache_dir: Optional[str] = None  # default: <out>/cache
     extract_batch_size: int = 32
     num_workers: int = 2
+    # ---- method
+    method: str = "stego"  # stego | cause-mlp | cause-tr
     # ---- head and correspondence loss
-    dim: int = 70
+    dim: int = 70  # the code's channels (CAUSE's published 90 is its default with --method cause-*)
     n_classes: Optional[int] = None  # needed for label-free data; else from the dataset
     extra_clusters: int = 0
     feature_dropout: float = 0.1
@@ -66,6 +68,20 @@ class Config(ConfigBase):
     stabilize: bool = False
     w_potts: float = 0.0  # optional CRF-kernel Potts term (STEGO A.9); 0 = off
     b_potts: float = 0.3  # its shift, on the kernel normalised to [0, 1]
+    # ---- CAUSE (--method cause-mlp / cause-tr; docs/cause.md)
+    cause_concepts: int = 2048  # concepts of the modularity clusterbook (stage 1)
+    cause_book_steps: Optional[int] = None  # clusterbook steps; None: one pass over the training cache, at least 200
+    cause_book_temperature: float = 0.1  # tau of the modularity objective (clusterbook and cluster probe)
+    cause_projection_dim: int = 2048  # width of the contrastive projection of the code
+    cause_temperature: float = 0.07  # temperature of the contrastive loss
+    cause_pos_threshold: float = 0.3  # concept cosine above which a pair is a positive
+    cause_neg_threshold: float = 0.1  # concept cosine below which a pair is a negative
+    cause_bank_size: int = 100  # teacher keys kept per concept
+    cause_ema: float = 0.99  # decay of the EMA teacher
+    cause_grid: int = 4  # training reads one random token per cause_grid x cause_grid cell (1: every token)
+    cause_clip: float = 2.0  # gradient-norm clip of the head (reference: 2 COCO-Stuff, 1 Cityscapes)
+    cause_weight_decay: float = 1e-4  # Adam weight decay of the head and linear probe (reference: 0 on Cityscapes)
+    cause_probe_steps: int = 1000  # stage 3: cluster probe fitted by the modularity objective on the frozen code
     # ---- optimisation
     steps: int = 5000
     batch_size: int = 16
@@ -157,6 +173,8 @@ _FIELD_HELP = {
     "crf_reference_input": "reference quirk: the CRF sees the image in BGR order, uint8 by truncation",
     "pos_embed": "ViT position-embedding resampling: timm (antialiased bicubic; clean) or dino (DINO's own, offset "
     "0.1, plain bicubic; reference)",
+    "method": "stego (default), cause-mlp or cause-tr (CAUSE, Kim et al. 2023: modularity clusterbook, "
+    "concept-guided contrastive head with an EMA teacher, modularity cluster probe; docs/cause.md)",
     "dataset": "dataset format: directory, cocostuff27, cityscapes27, potsdam3, suim, voc2012, or synthetic",
     "data_root": "dataset folder (for directory: imgs/{split}/ and optional labels/{split}/)",
     "weights": "local backbone weights file (timm/safetensors, official DINO .pth, or stegoseg file)",
@@ -183,6 +201,7 @@ _FIELD_HELP = {
 #: The config's fields by stage; a command's --help lists only the groups it reads (every
 #: field can still come from --config YAML).
 FIELD_GROUPS = {
+    "method": ("method",),
     "data": ("dataset", "data_root", "train_split", "val_split", "ignore_index", "class_names", "n_classes"),
     "backbone": ("backbone", "weights", "pretrained", "tiny", "pos_embed"),
     "features": ("resolution", "five_crop", "n_neighbors", "knn_backend", "cache_dir", "extract_batch_size",
@@ -198,6 +217,9 @@ FIELD_GROUPS = {
                    "max_eval_images", "n_grid", "bf16_inference", "crf_reference_input", "crf_iterations", "crf_pos_w",
                    "crf_pos_xy_std", "crf_bi_w", "crf_bi_xy_std", "crf_bi_rgb_std"),
     "run": ("device", "progress", "protocol"),
+    "cause": ("cause_concepts", "cause_book_steps", "cause_book_temperature", "cause_projection_dim",
+              "cause_temperature", "cause_pos_threshold", "cause_neg_threshold", "cause_bank_size", "cause_ema",
+              "cause_grid", "cause_clip", "cause_weight_decay", "cause_probe_steps"),
 }
 
 
@@ -254,6 +276,8 @@ def resolve_config(args: argparse.Namespace, cls=None, presets: Optional[dict] =
         given.update(load_yaml(args.config))
     command_line = explicit_values(args, cls)
     given.update(command_line)
+    method = given.get("method", values.get("method", "stego"))
+    values.update(METHOD_DEFAULTS.get(method, {}))
     values.update(given)
     values.update({k: v for k, v in overrides.items() if v is not None})
     if cls is Config:
@@ -338,8 +362,39 @@ def validate(cfg: Config) -> None:
         (cfg.protocol in ("clean", "reference"), f"--protocol must be clean or reference, got {cfg.protocol!r}"),
         (cfg.train_resample in (None, "bilinear", "nearest"), "--train-resample must be bilinear or nearest"),
         (cfg.pos_embed in (None, "timm", "dino"), "--pos-embed must be timm or dino"),
+        (cfg.method in METHODS, f"--method must be one of {', '.join(METHODS)}, got {cfg.method!r}"),
+        (cfg.cause_concepts >= 2, "--cause-concepts must be >= 2"),
+        (cfg.cause_book_steps is None or cfg.cause_book_steps >= 1, "--cause-book-steps must be >= 1 (or none)"),
+        (min(cfg.cause_book_temperature, cfg.cause_temperature) > 0,
+         "--cause-book-temperature and --cause-temperature must be > 0"),
+        (cfg.cause_projection_dim >= 1, "--cause-projection-dim must be >= 1"),
+        (-1 <= cfg.cause_neg_threshold <= cfg.cause_pos_threshold <= 1,
+         "--cause-neg-threshold must be <= --cause-pos-threshold, both in [-1, 1]"),
+        (cfg.cause_bank_size >= 1, "--cause-bank-size must be >= 1"),
+        (0 <= cfg.cause_ema < 1, "--cause-ema must be in [0, 1)"),
+        (cfg.cause_grid >= 1, "--cause-grid must be >= 1"),
+        (cfg.cause_clip > 0, "--cause-clip must be > 0"),
+        (cfg.cause_weight_decay >= 0, "--cause-weight-decay must be >= 0"),
+        (cfg.cause_probe_steps >= 1, "--cause-probe-steps must be >= 1"),
+        (not (cfg.method != "stego" and cfg.select not in (None, "last")),
+         f"--select {cfg.select} is for STEGO's checkpoints; --method {cfg.method} keeps the last step, as its "
+         "reference does (docs/cause.md): drop --select"),
+        (not (cfg.method != "stego" and cfg.live_backbone), f"--method {cfg.method} trains on the feature cache: "
+         "drop --live-backbone"),
     ]
     raise_first_failure(checks)
+
+
+#: The trainable methods of ``--method``.
+METHODS = ("stego", "cause-mlp", "cause-tr")
+
+#: Each method's published settings, used where the user (command line or --config YAML) did
+#: not set the field; they override the (STEGO) paper presets' values.
+METHOD_DEFAULTS = {
+    "stego": {},
+    "cause-mlp": {"dim": 90, "lr": 1e-3, "probe_lr": 1e-3},
+    "cause-tr": {"dim": 90, "lr": 1e-3, "probe_lr": 1e-3},
+}
 
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
@@ -365,6 +420,8 @@ def selection_mode(cfg: Config) -> str:
     """``cfg.select`` with its default resolved: label-free with ``--shifts auto``, else last."""
     if cfg.select is not None:
         return cfg.select
+    if cfg.method != "stego":
+        return "last"  # CAUSE keeps its last step, as the reference does
     return "label-free" if cfg.shifts == "auto" else "last"
 
 

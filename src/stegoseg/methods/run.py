@@ -16,9 +16,13 @@ from stegoseg.methods.common import (
     load_model_for,
     resolve_run_paths,
 )
-from stegoseg.methods.stego import train_stego
+from stegoseg.methods.cause import train_method
 from stegoseg.reporting.report import write_report
 from stegoseg.segment import segment_images
+
+
+#: How the report names each method's row.
+METHOD_NAMES = {"stego": "STEGO", "cause-mlp": "CAUSE-MLP", "cause-tr": "CAUSE-TR"}
 
 
 def run_all(cfg: Config, out, resume: bool = False, baseline: bool = True, n_segment: int = 8) -> Optional[dict]:
@@ -29,13 +33,13 @@ def run_all(cfg: Config, out, resume: bool = False, baseline: bool = True, n_seg
     notes = []
     if not cfg.pretrained and not cfg.weights:
         notes.append(RANDOM_BACKBONE_WARNING.format(name=cfg.backbone))
-    ckpt = train_stego(cfg, out / "train", resume=resume)
+    ckpt = train_method(cfg, out / "train", resume=resume)
     if ckpt is None:  # a non-zero DDP rank: the main process does the rest
         return None
     # the run's config with what training resolved (calibrated shifts, selection mode)
     (out / "config.yaml").write_text((out / "train" / "config.yaml").read_text())
     model = load_model_for(ckpt, cfg)
-    results = {"STEGO": evaluate_checkpoint_model(cfg, model, out / "eval")}
+    results = {METHOD_NAMES[cfg.method]: evaluate_checkpoint_model(cfg, model, out / "eval")}
     if baseline:
         base = fit_feature_baseline(cfg, out / "baseline", backbone=model.backbone)
         base.save(out / "baseline" / "checkpoint.pt")

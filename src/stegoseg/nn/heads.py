@@ -22,6 +22,10 @@ class SegmentationHead(nn.Module):
         self.linear = nn.Conv2d(in_dim, dim, 1)
         self.nonlinear = nn.Sequential(nn.Conv2d(in_dim, in_dim, 1), nn.ReLU(), nn.Conv2d(in_dim, dim, 1))
 
+    def options(self) -> dict:
+        """Constructor arguments beyond (in_dim, dim) that a checkpoint records: none."""
+        return {}
+
     def forward(self, features: torch.Tensor, dropout: Optional[nn.Module] = None) -> torch.Tensor:
         """Code (B, K, h, w). During training ``dropout`` (Dropout2d) is drawn separately
         for each branch's input, as the reference does."""
@@ -71,9 +75,17 @@ class ProjectionHead(nn.Module):
 HEADS = {"stego": SegmentationHead, "projection": ProjectionHead}
 
 
-def build_head(kind: str, in_dim: int, dim: int) -> nn.Module:
-    """A head of a registered kind (see :data:`HEADS`)."""
+def register_head(cls):
+    """Add a head class to :data:`HEADS` under its ``checkpoint_kind`` (a decorator)."""
+    HEADS[cls.checkpoint_kind] = cls
+    return cls
+
+
+def build_head(kind: str, in_dim: int, dim: int, options: Optional[dict] = None) -> nn.Module:
+    """A head of a registered kind (see :data:`HEADS`); ``options`` are the extra constructor
+    arguments the head's ``options()`` recorded in the checkpoint."""
+    import stegoseg.nn.cause  # noqa: F401 - registers CAUSE's heads
 
     if kind not in HEADS:
         raise StegosegError(f"unknown head kind {kind!r} (known: {', '.join(HEADS)}): written by a newer stegoseg?")
-    return HEADS[kind](in_dim, dim)
+    return HEADS[kind](in_dim, dim, **(options or {}))

@@ -15,9 +15,9 @@ from stegoseg.data.base import IGNORE_INDEX
 class ClusterProbe(nn.Module):
     """Cosine-similarity clustering of a (B, D, h, w) map into ``n_clusters`` clusters."""
 
-    def __init__(self, dim: int, n_clusters: int):
+    def __init__(self, dim: int, n_clusters: int, alpha: float = 2.0):
         super().__init__()
-        self.dim, self.n_clusters = dim, n_clusters
+        self.dim, self.n_clusters, self.alpha = dim, n_clusters, alpha
         self.centroids = nn.Parameter(torch.randn(n_clusters, dim))
 
     def similarity(self, code: torch.Tensor) -> torch.Tensor:
@@ -32,9 +32,10 @@ class ClusterProbe(nn.Module):
         hard = F.one_hot(sim.argmax(1), self.n_clusters).permute(0, 3, 1, 2).to(sim.dtype)
         return -(hard * sim).sum(1).mean()
 
-    def log_probs(self, code: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:
-        """Soft assignment log_softmax(alpha * cos) used as CRF unary (reference: alpha = 2)."""
-        return F.log_softmax(self.similarity(code) * alpha, dim=1)
+    def log_probs(self, code: torch.Tensor, alpha: Optional[float] = None) -> torch.Tensor:
+        """Soft assignment log_softmax(alpha * cos) used as CRF unary (default: the probe's
+        ``alpha``; STEGO's reference uses 2, CAUSE's 3)."""
+        return F.log_softmax(self.similarity(code) * (self.alpha if alpha is None else alpha), dim=1)
 
     def forward(self, code: torch.Tensor) -> torch.Tensor:
         """Hard cluster ids (B, h, w)."""

@@ -1,0 +1,187 @@
+"""Reading and writing checkpoint dicts: one self-contained ``.pt`` file, or a folder in the
+hub-mixin layout of segmentation_models_pytorch and timm (``config.json`` + ``model.safetensors``).
+
+These functions handle files and plain dicts only; :mod:`stegoseg.model` turns a dict into a
+:class:`~stegoseg.model.SegmentationModel` and back. A file is read with
+``torch.load(weights_only=True)``: nothing in it is executed.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from stegoseg.errors import StegosegError
+
+CHECKPOINT_FORMAT = "stegoseg"
+CHECKPOINT_VERSION = 1
+# The save_pretrained folder: the checkpoint dict without its tensors, and the tensors.
+PRETRAINED_CONFIG = "config.json"
+PRETRAINED_WEIGHTS = "model.safetensors"
+# Where the checkpoint dict holds state dicts; in a save_pretrained folder each one is
+# replaced by the key prefix of its tensors in model.safetensors ("backbone." etc.).
+_STATE_DICT_SLOTS = (("backbone", "state_dict"), ("head", "state_dict"), ("cluster_probe",), ("linear_probe",))
+
+
+def write_checkpoint_file(ckpt: dict, path) -> Path:
+    """``torch.save`` of a checkpoint dict, atomically (a temporary file renamed into place)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    try:
+        torch.save(ckpt, tmp)
+        tmp.replace(path)
+    except (OSError, RuntimeError) as exc:  # torch reports a full disk as RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise StegosegError(f"cannot write the checkpoint {path}: {str(exc).splitlines()[0]} (free disk space "
+                            "or choose another --out); nothing was written") from None
+    return path
+
+
+def write_pretrained_folder(ckpt: dict, directory) -> Path:
+    """A checkpoint dict as a save_pretrained folder (see :meth:`~stegoseg.model.SegmentationModel.save_pretrained`)."""
+    directory = Path(directory)
+    config, tensors = split_checkpoint(ckpt)
+    weights_path, config_path = directory / PRETRAINED_WEIGHTS, directory / PRETRAINED_CONFIG
+    tmp_weights = weights_path.with_name(weights_path.name + ".tmp")
+    tmp_config = config_path.with_name(config_path.name + ".tmp")
+    try:
+        text = json.dumps(config, indent=2) + "\n"
+    except (TypeError, ValueError) as exc:
+        raise StegosegError(f"cannot save the model to {directory}: its config is not JSON ({exc}); "
+                            "nothing was written") from None
+    from safetensors.torch import save_file
+
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        # Without config.json the folder reads as incomplete: drop the old one before
+        # replacing the tensors, write the new one last.
+        config_path.unlink(missing_ok=True)
+        save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
+        tmp_config.write_text(text)
+        tmp_weights.replace(weights_path)
+        tmp_config.replace(config_path)
+    except (OSError, RuntimeError, ValueError) as exc:
+        tmp_weights.unlink(missing_ok=True)
+        tmp_config.unlink(missing_ok=True)
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise StegosegError(f"cannot write the model folder {directory}: {first} (free disk space or choose "
+                            "another folder); no complete model was written there") from None
+    return directory
+
+
+def read_pretrained_folder(directory) -> dict:
+    """The checkpoint dict of a save_pretrained folder; every way the folder can be wrong is one StegosegError line."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise StegosegError(f"model folder {directory} does not exist: pass a folder written by save_pretrained")
+    config_path, weights_path = directory / PRETRAINED_CONFIG, directory / PRETRAINED_WEIGHTS
+    if not config_path.is_file():
+        raise StegosegError(f"model folder {directory} has no {PRETRAINED_CONFIG} (an incomplete copy, or not a "
+                            "folder written by save_pretrained)")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise StegosegError(f"cannot read {PRETRAINED_CONFIG} of model folder {directory} ({reason}): use a "
+                            "folder written by save_pretrained") from None
+    if not isinstance(config, dict) or config.get("format") != CHECKPOINT_FORMAT:
+        raise StegosegError(f"model folder {directory} is not a stegoseg model ({PRETRAINED_CONFIG} has no "
+                            f"'format': '{CHECKPOINT_FORMAT}' tag): pass a folder written by save_pretrained")
+    version = config.get("version")
+    if not isinstance(version, int) or version > CHECKPOINT_VERSION:
+        raise StegosegError(f"model folder {directory} has format version {version!r}; this stegoseg reads "
+                            f"version {CHECKPOINT_VERSION} and older (written by a newer stegoseg?)")
+    if not weights_path.is_file():
+        raise StegosegError(f"model folder {directory} has no {PRETRAINED_WEIGHTS} (an incomplete copy?): use "
+                            "the whole folder save_pretrained wrote")
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(weights_path), device="cpu")
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise StegosegError(f"cannot read {PRETRAINED_WEIGHTS} of model folder {directory} ({reason}): the file "
+                            "is truncated or corrupt (an interrupted copy or a full disk?)") from None
+    return join_checkpoint(config, tensors)
+
+
+def read_checkpoint_file(path) -> dict:
+    """The checkpoint dict of a ``.pt`` file written by stegoseg (``weights_only``: nothing is executed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise StegosegError(f"checkpoint {path} does not exist: pass the .pt file a `stegoseg train` run wrote "
+                            "(or a folder written by save_pretrained)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling problem is a bad file
+        raise StegosegError(f"cannot read checkpoint {path}: {load_failure(exc)}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise StegosegError(f"{path} is not a stegoseg checkpoint (no format tag): pass a file written by stegoseg")
+    return ckpt
+
+
+def split_checkpoint(ckpt: dict) -> tuple:
+    """A checkpoint dict -> (its JSON part, its tensors): each state dict (see
+    ``_STATE_DICT_SLOTS``) becomes the key prefix of its tensors, or stays None; the
+    backbone entry also records ``weights_stored``. Inverse: :func:`join_checkpoint`."""
+    config = dict(ckpt)
+    tensors: dict = {}
+    for slot in _STATE_DICT_SLOTS:
+        parent = config
+        for key in slot[:-1]:
+            if parent.get(key) is None:
+                break
+            parent[key] = dict(parent[key])  # copy: the caller's dict stays as it was
+            parent = parent[key]
+        else:
+            state = parent.get(slot[-1])
+            prefix = f"{slot[0]}."
+            if state is not None:
+                for name, tensor in state.items():
+                    tensors[prefix + name] = tensor.detach().cpu().contiguous()
+            parent[slot[-1]] = prefix if state is not None else None
+    config["backbone"]["weights_stored"] = config["backbone"]["state_dict"] is not None
+    return config, tensors
+
+
+def join_checkpoint(config: dict, tensors: dict) -> dict:
+    """The checkpoint dict of a save_pretrained folder's ``config.json`` and tensors."""
+    ckpt = dict(config)
+    used = set()
+    for slot in _STATE_DICT_SLOTS:
+        parent = ckpt
+        for key in slot[:-1]:
+            if parent.get(key) is None:
+                break
+            parent[key] = dict(parent[key])
+            parent = parent[key]
+        else:
+            prefix = parent.get(slot[-1])
+            if prefix is None:
+                continue
+            if prefix != f"{slot[0]}.":
+                raise ValueError(f"{'.'.join(slot)} names tensors {prefix!r}, expected '{slot[0]}.'")
+            state = {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
+            used.update(prefix + name for name in state)
+            parent[slot[-1]] = state
+    backbone = ckpt["backbone"]
+    if backbone.pop("weights_stored", None) not in (None, backbone.get("state_dict") is not None):
+        raise ValueError("backbone.weights_stored disagrees with backbone.state_dict")
+    unknown = sorted(set(tensors) - used)
+    if unknown:
+        raise ValueError(f"{PRETRAINED_WEIGHTS} holds tensors no part of the model takes ({unknown[0]})")
+    return ckpt
+
+
+def load_failure(exc: Exception) -> str:
+    """Why ``torch.load`` failed, in our words: torch's own message suggests loading with
+    ``weights_only=False``, which would run arbitrary code from the file; never pass that on."""
+    import pickle
+
+    text = str(exc)
+    if isinstance(exc, pickle.UnpicklingError) and ("weights_only" in text or "Unsupported global" in text):
+        return ("it contains Python objects other than plain tensors and values, which stegoseg does not load "
+                "(a checkpoint from another program?)")
+    return "the file is truncated or corrupt, or not a checkpoint (an interrupted copy or a full disk?)"

@@ -1,0 +1,57 @@
+"""CAUSE end to end (``--method cause-mlp`` / ``cause-tr``): the feature cache, the concept
+clusterbook (stage 1), the head against its EMA teacher (stage 2), the modularity cluster
+probe (stage 3), one checkpoint. Each stage's output is kept in ``--out`` and reused:
+``clusterbook.npy`` (+ ``clusterbook.json``), Lightning checkpoints of stages 2 and 3
+(``--resume``), ``checkpoint.pt``. See docs/cause.md.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+from stegoseg.config.stego import Config
+from stegoseg.methods.common import build_backbone_from_config, build_split, n_classes_for, prepare, resolve_device
+from stegoseg.methods.stego import save_run_config, write_selection
+from stegoseg.reporting.figures import plot_training_curves
+from stegoseg.training.cause import fit_cause, fit_clusterbook
+
+log = logging.getLogger("stegoseg")
+
+
+def train_cause(cfg: Config, out, resume: bool = False) -> Optional[Path]:
+    """The three stages into ``out``; returns ``<out>/checkpoint.pt`` (None on other DDP ranks)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_run_config(cfg, out / "config.yaml")
+    backbone, spec = build_backbone_from_config(cfg)
+    cache = prepare(cfg, out, backbone)
+    train = build_split(cfg, cfg.train_split, out)
+    n_classes = n_classes_for(cfg, train)
+    t0 = time.perf_counter()
+    book = fit_clusterbook(cfg, cache, out, device=resolve_device(cfg.device))
+    module = fit_cause(cfg, out, cache, n_classes, cache.has_labels, book, resume=resume)
+    if not module.is_global_zero:
+        return None
+    model = module.model
+    model.attach_backbone(backbone, spec)
+    model.class_names = list(train.class_names) if train.has_labels else None
+    model.config = cfg.to_dict()
+    model.eval()
+    total = cfg.steps + cfg.cause_probe_steps
+    write_selection(out, "last", {str(total): {"run": "", "step": total}}, str(total), None)
+    path = model.save(out / "checkpoint.pt")
+    plot_training_curves(out / "logs" / "metrics.csv", out / "training_curves.png")
+    log.info("CAUSE (%s): %d head steps + %d probe steps in %.1fs; checkpoint %s", cfg.method, cfg.steps,
+             cfg.cause_probe_steps, time.perf_counter() - t0, path)
+    return path
+
+
+def train_method(cfg: Config, out, resume: bool = False) -> Optional[Path]:
+    """Train the head of ``cfg.method`` (STEGO or CAUSE) into ``out``; the checkpoint's path."""
+    if cfg.method == "stego":
+        from stegoseg.methods.stego import train_stego
+
+        return train_stego(cfg, out, resume=resume)
+    return train_cause(cfg, out, resume=resume)
