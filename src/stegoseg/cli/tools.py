@@ -1,4 +1,4 @@
-"""Small tools: list backbones, write a generated dataset, the Potts-loss study."""
+"""Small tools: list backbones, import released checkpoints, write a generated dataset, the Potts-loss study."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -56,6 +56,34 @@ def cmd_study_potts(args) -> int:
     return 0
 
 
+def cmd_import_checkpoint(args) -> int:
+    from stegoseg.backbones.imports import import_cause
+    from stegoseg.backbones.presets import get_backbone_preset
+    from stegoseg.config.stego import make_config
+    from stegoseg.data.registry import parse_class_names
+    from stegoseg.preflight import check_writable
+
+    get_backbone_preset(args.backbone)  # an unknown name is one line before any file is read
+    out = Path(args.out)
+    if (out / "config.json").exists() and not args.overwrite:
+        raise StegosegError(f"{out} already holds a model: pass --overwrite to replace it, or choose another --out")
+    check_writable(out)
+    names = parse_class_names(args.class_names) if args.class_names else None
+    model = import_cause(args.files, backbone=args.backbone, method=args.method, weights=args.weights,
+                         pretrained=not args.no_pretrained, tiny=args.tiny, class_names=names)
+    values = {"method": model.method, "backbone": args.backbone, "weights": args.weights,
+              "pretrained": not args.no_pretrained, "tiny": args.tiny, "dim": model.head.dim,
+              "resolution": args.resolution, "n_classes": model.n_clusters}
+    if args.dataset:
+        values["dataset"] = args.dataset
+    if args.data_root:
+        values["data_root"] = str(Path(args.data_root).resolve())
+    model.config = make_config(values).to_dict()
+    model.save_pretrained(out)
+    print(f"imported a {model.method} model ({model.n_clusters} clusters, backbone {args.backbone}) into {out}")
+    return 0
+
+
 def add_commands(sub) -> None:
     p = sub.add_parser("backbones", help="list backbone presets")
     p.set_defaults(func=cmd_backbones)
@@ -68,6 +96,30 @@ def add_commands(sub) -> None:
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_synthetic)
+
+    p = sub.add_parser(
+        "import-checkpoint",
+        help="turn the authors' released CAUSE files into a stegoseg model folder",
+        description="Reads CAUSE's released segment_tr.pth / segment_mlp.pth (head), cluster_tr.pth / "
+        "cluster_mlp.pth (cluster probe) and modular.npy (clusterbook) without running any code from them, and "
+        "writes a model folder (config.json + model.safetensors) that evaluate, segment, serve and stegoseg.load use "
+        "as they are. The files are recognised by their content, in any order.",
+    )
+    p.add_argument("files", nargs="+", help="the released files (segment_*.pth, cluster_*.pth, modular.npy)")
+    p.add_argument("--method", choices=("cause-mlp", "cause-tr"), default=None,
+                   help="the method the files are of (default: read from the files; given, it must agree)")
+    p.add_argument("--backbone", required=True, help="the backbone preset the model was trained on, e.g. dino_vitb8")
+    p.add_argument("--weights", default=None, help="a local backbone weights file (offline use)")
+    p.add_argument("--no-pretrained", action="store_true", help="random backbone (tests only)")
+    p.add_argument("--tiny", action="store_true", help="tiny backbone architecture (tests only)")
+    p.add_argument("--class-names", default=None, help="'a,b,...' or a file with one name per line")
+    p.add_argument("--dataset", default=None, help="the dataset format evaluate reads by default, e.g. cocostuff27")
+    p.add_argument("--data-root", default=None, help="the dataset folder evaluate reads by default")
+    p.add_argument("--resolution", type=int, default=320,
+                   help="the training resolution of the model (CAUSE: 320; 322 for DINOv2) (default: 320)")
+    out_arg(p, "models/imported")
+    p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
+    p.set_defaults(func=cmd_import_checkpoint)
 
     p = sub.add_parser(
         "study-potts",

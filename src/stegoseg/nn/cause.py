@@ -27,6 +27,17 @@ from stegoseg.losses.cause import quantize, tokens_of
 from stegoseg.nn.heads import SegmentationHead, register_head
 
 
+class TokenDropout(nn.Dropout):
+    """Element-wise dropout of a (B, C, h, w) map with the mask drawn in token-major order
+    (B, h, w, C), as the reference draws it on its (B, tokens, C) features: the same seed
+    gives the same mask."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        return super().forward(x.permute(0, 2, 3, 1).contiguous()).permute(0, 3, 1, 2)
+
+
 @register_head
 class CauseMLPHead(SegmentationHead):
     """CAUSE-MLP's head: STEGO's architecture (``linear`` + ``nonlinear`` 1x1 branches), code width 90 by default."""

@@ -44,7 +44,7 @@ from stegoseg.losses.cause import (
     tokens_of,
 )
 from stegoseg.model import SegmentationModel
-from stegoseg.nn.cause import CauseMLPHead, CauseTRHead
+from stegoseg.nn.cause import CauseMLPHead, CauseTRHead, TokenDropout
 from stegoseg.preflight import atomic_write
 from stegoseg.training.resume import (
     RUN_CONFIG,
@@ -177,7 +177,7 @@ class CauseParts(nn.Module):
         for p in (*self.model.head.parameters(), *self.teacher_projection.parameters()):
             p.requires_grad_(False)
         self.register_buffer("concepts", clusterbook.clone().float())
-        self.dropout = nn.Dropout(cfg.feature_dropout)
+        self.dropout = TokenDropout(cfg.feature_dropout)
         self.bank = ConceptBank(cfg.cause_concepts, cfg.cause_projection_dim, cfg.cause_bank_size)
 
     @property
@@ -326,7 +326,7 @@ class CauseModule(L.LightningModule):
 
 
 def fit_cause(cfg: Config, out, cache: FeatureCache, n_classes: int, has_labels: bool, clusterbook: torch.Tensor,
-              resume: bool = False) -> CauseModule:
+              resume: bool = False, callbacks: Optional[list] = None) -> CauseModule:
     """Stages 2 and 3 with Lightning (checkpoints in ``<out>/lightning/``, CSV log in
     ``<out>/logs/``); ``resume`` continues from ``last.ckpt``. Returns the module on the CPU."""
     out = Path(out)
@@ -346,7 +346,7 @@ def fit_cause(cfg: Config, out, cache: FeatureCache, n_classes: int, has_labels:
         (out / RUN_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=1))
     total = cfg.steps + cfg.cause_probe_steps
     check_checkpoint_space(module, out, cfg)
-    trainer = build_trainer(cfg, out, max_steps=total, deterministic=False)
+    trainer = build_trainer(cfg, out, max_steps=total, callbacks=callbacks, deterministic=False)
     if point is not None and trainer.is_global_zero:
         keep_log_before_resume(out / "logs", point.step)
     if use_resident_cache(cfg, cache):
