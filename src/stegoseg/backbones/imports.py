@@ -100,9 +100,10 @@ def read_cause_files(paths: Sequence) -> dict:
         found[part], names[part] = value, path
     if found["segment"] is None:
         raise StegosegError("no segment_*.pth among the files: CAUSE's head is in segment_tr.pth / segment_mlp.pth")
-    if found["cluster"] is None:
-        raise StegosegError(f"{names['segment']} needs its cluster_*.pth (the cluster probe): pass it too")
     found["method"] = "cause-tr" if any(k.startswith("head_ema.tr.") for k in found["segment"]) else "cause-mlp"
+    if found["cluster"] is None:
+        raise StegosegError(f"{names['segment']} needs its cluster_{found['method'][6:]}.pth (the cluster probe, "
+                            "released beside it): pass it too")
     if found["clusterbook"] is None and found["method"] == "cause-tr":
         book = found["cluster"].get("codebook")
         if book is None or not float(book.abs().sum()):

@@ -23,6 +23,8 @@ log = logging.getLogger("stegoseg")
 def train_cause(cfg: Config, out, resume: bool = False) -> Optional[Path]:
     """The three stages into ``out``; returns ``<out>/checkpoint.pt`` (None on other DDP ranks)."""
     out = Path(out)
+    if resume:
+        check_cause_resume(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     save_run_config(cfg, out / "config.yaml")
     backbone, spec = build_backbone_from_config(cfg)
@@ -46,6 +48,27 @@ def train_cause(cfg: Config, out, resume: bool = False) -> Optional[Path]:
     log.info("CAUSE (%s): %d head steps + %d probe steps in %.1fs; checkpoint %s", cfg.method, cfg.steps,
              cfg.cause_probe_steps, time.perf_counter() - t0, path)
     return path
+
+
+def check_cause_resume(cfg: Config, out: Path) -> None:
+    """``--resume`` of a CAUSE run, checked before any work: the same settings as the interrupted
+    run (:func:`~stegoseg.training.resume.resume_checkpoint`), and the same ``--steps`` and
+    ``--cause-probe-steps`` (stage 3 starts at step ``--steps``: a longer stage 2 after it began
+    would mix the stages)."""
+    import json
+
+    from stegoseg.errors import StegosegError
+    from stegoseg.training.resume import RUN_CONFIG, resume_checkpoint
+
+    resume_checkpoint(out / "lightning", cfg)
+    saved = out / RUN_CONFIG
+    if saved.exists():
+        old = json.loads(saved.read_text())
+        for name in ("steps", "cause_probe_steps"):
+            if old.get(name) != getattr(cfg, name):
+                flag = "--" + name.replace("_", "-")
+                raise StegosegError(f"--resume: {flag} {getattr(cfg, name)} differs from the interrupted CAUSE run's "
+                                    f"{old.get(name)} in {out}: resume with {flag} {old.get(name)}, or pass --overwrite")
 
 
 def train_method(cfg: Config, out, resume: bool = False) -> Optional[Path]:

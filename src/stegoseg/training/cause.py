@@ -83,12 +83,22 @@ def init_concepts(n: int, dim: int, seed: int) -> torch.Tensor:
     return (torch.rand(n, dim, generator=gen) * 2 - 1) / n
 
 
+def check_token_grid(cfg: Config, h: int, w: int) -> None:
+    """Training reads one token per ``cause_grid`` cell: at least two per image are needed (the
+    token graph of one token has no edge, and no positive pair within the image)."""
+    g = max(1, cfg.cause_grid)
+    if (h // g) * (w // g) < 2:
+        raise StegosegError(f"--cause-grid {cfg.cause_grid} leaves {(h // g) * (w // g)} token(s) per image of the "
+                            f"cache's {h}x{w} token grid: raise --resolution or lower --cause-grid")
+
+
 def fit_clusterbook(cfg: Config, cache: FeatureCache, out, device: str = "cpu") -> torch.Tensor:
     """Stage 1 (see the module docstring): the (cause_concepts, C) clusterbook, written to
     ``<out>/clusterbook.npy`` with its settings in ``clusterbook.json``. An existing one with
     the same settings is reused; an interrupted fit continues from ``clusterbook.partial.pt``
     (saved every 50 steps)."""
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     settings = clusterbook_settings(cfg, cache)
     book_path, meta_path, partial = out / CLUSTERBOOK, out / "clusterbook.json", out / "clusterbook.partial.pt"
     if book_path.is_file() and meta_path.is_file():
@@ -100,7 +110,8 @@ def fit_clusterbook(cfg: Config, cache: FeatureCache, out, device: str = "cpu") 
             log.info("CAUSE stage 1: reusing the clusterbook %s", book_path)
             return torch.from_numpy(np.load(book_path, allow_pickle=False))
         log.warning("CAUSE stage 1: %s was fitted with other settings; fitting it again", book_path)
-    c = cache.meta["feature_shape"][0]
+    c, h, w = cache.meta["feature_shape"]
+    check_token_grid(cfg, h, w)
     concepts = nn.Parameter(init_concepts(cfg.cause_concepts, c, cfg.seed).to(device))
     optimizer = torch.optim.Adam([concepts], lr=1e-3)
     steps, start = settings["steps"], 0
@@ -302,7 +313,8 @@ class CauseModule(L.LightningModule):
         feats = batch["feats"].float()
         labels = batch.get("label")
         if step < self.cfg.steps:
-            out, self._pending = self.parts.head_loss(feats, labels)
+            out, pending = self.parts.head_loss(feats, labels)
+            self._pending = (step, pending)
             main = out["contrastive"]
         else:
             out, self._pending = self.parts.probe_loss(feats, labels), None
@@ -312,9 +324,14 @@ class CauseModule(L.LightningModule):
         self.log("loss", main.float(), prog_bar=True, on_step=True)
         return total
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        """The optimiser step, then (stage 2) the teacher's EMA and the bank update: here, not in
+        ``on_train_batch_end``, because the checkpoint callbacks run before that hook and a
+        checkpoint of step k must hold step k's teacher and bank (exact resume)."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         if self._pending is not None:
-            self.parts.after_head_step(int(batch["step"]), self._pending)
+            step, pending = self._pending
+            self.parts.after_head_step(step, pending)
             self._pending = None
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -334,9 +351,7 @@ def fit_cause(cfg: Config, out, cache: FeatureCache, n_classes: int, has_labels:
     n_clusters = n_classes + cfg.extra_clusters
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     c, h, w = cache.meta["feature_shape"]
-    if cfg.cause_grid > 1 and (h < cfg.cause_grid or w < cfg.cause_grid):
-        raise StegosegError(f"--cause-grid {cfg.cause_grid} needs a token grid of at least that size; the cache's "
-                            f"is {h}x{w}: raise --resolution or lower --cause-grid")
+    check_token_grid(cfg, h, w)
     module = CauseModule(cfg, c, (h, w), n_clusters, n_classes if has_labels else None, clusterbook)
     ckpt_dir = out / "lightning"
     point = resume_checkpoint(ckpt_dir, cfg) if resume else None
