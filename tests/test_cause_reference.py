@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from stegoseg.backbones.imports import _MLP_NAMES, _TR_NAMES, import_cause
+from stegoseg.backbones.imports import MLP_NAMES, TR_NAMES, import_cause
 from stegoseg.losses.cause import (
     ConceptBank,
     concept_contrastive_loss,
@@ -81,13 +81,13 @@ def test_concept_index_equals_the_reference_quantisation():
 # ------------------------------------------------------------------ heads
 def mlp_head() -> CauseMLPHead:
     head = CauseMLPHead(32, 6)
-    head.load_state_dict(renamed("mlp_head.", _MLP_NAMES))
+    head.load_state_dict(renamed("mlp_head.", MLP_NAMES))
     return head
 
 
 def tr_head(grid=(8, 8)) -> CauseTRHead:
     head = CauseTRHead(32, 6, n_concepts=12, grid=grid, hidden_dim=24)
-    head.load_state_dict({**renamed("tr_head.", _TR_NAMES), "clusterbook": ref("tr_head.codebook")})
+    head.load_state_dict({**renamed("tr_head.", TR_NAMES), "clusterbook": ref("tr_head.codebook")})
     return head
 
 
@@ -205,7 +205,7 @@ def run_reference_steps(parts, variant: str, kind: str, tr_internal_dropout: boo
 
 def reference_state(parts) -> dict:
     """Our parameters under the reference's state-dict names."""
-    table = _MLP_NAMES if isinstance(parts.student, CauseMLPHead) else _TR_NAMES
+    table = MLP_NAMES if isinstance(parts.student, CauseMLPHead) else TR_NAMES
     inverse = {ours: theirs for theirs, ours in table.items()}
     out = {}
     for prefix, module in (("head.", parts.student), ("head_ema.", parts.teacher)):

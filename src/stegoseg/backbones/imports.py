@@ -28,7 +28,7 @@ import torch
 from stegoseg.errors import StegosegError
 
 # Our CAUSE-TR head's parameter names for the reference's (``head_ema.`` prefix removed).
-_TR_NAMES = {
+TR_NAMES = {
     "query_pos": "query_pos",
     "tr.self_attn.": "self_attn.",
     "tr.multihead_attn.": "cross_attn.",
@@ -41,7 +41,7 @@ _TR_NAMES = {
     "tr.f2.0.": "out.nonlinear.0.",
     "tr.f2.2.": "out.nonlinear.2.",
 }
-_MLP_NAMES = {"f1.": "linear.", "f2.0.": "nonlinear.0.", "f2.2.": "nonlinear.2."}
+MLP_NAMES = {"f1.": "linear.", "f2.0.": "nonlinear.0.", "f2.2.": "nonlinear.2."}
 
 
 def _read_state(path: Path) -> dict:
@@ -144,7 +144,7 @@ def import_cause(paths: Sequence, backbone: str, method: Optional[str] = None, w
     net = build_backbone(spec)
     probe = files["cluster"]["cluster_probe"].float()
     if method == "cause-tr":
-        state = _renamed(segment, "head_ema.", _TR_NAMES, where)
+        state = _renamed(segment, "head_ema.", TR_NAMES, where)
         in_dim = state["out.linear.weight"].shape[1]
         dim = state["out.linear.weight"].shape[0]
         queries = state["query_pos"].shape[0]
@@ -160,7 +160,7 @@ def import_cause(paths: Sequence, backbone: str, method: Optional[str] = None, w
                            hidden_dim=state["ffn_in.weight"].shape[0])
         state["clusterbook"] = book
     else:
-        state = _renamed(segment, "head_ema.", _MLP_NAMES, where)
+        state = _renamed(segment, "head_ema.", MLP_NAMES, where)
         in_dim, dim = state["linear.weight"].shape[1], state["linear.weight"].shape[0]
         head = CauseMLPHead(in_dim, dim)
     if net.embed_dim != in_dim:

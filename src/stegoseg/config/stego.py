@@ -488,6 +488,8 @@ def make_config(values: dict, cls=None):
     unknown = sorted(set(values) - names)
     if unknown:
         raise StegosegError(f"unknown config option(s): {', '.join(unknown)} (see the command's --help)")
+    if cls is Config:  # the method's published settings where the values leave a field unset
+        values = {**METHOD_DEFAULTS.get(values.get("method", "stego"), {}), **values}
     values = coerce_types(values, cls)
     cfg = cls(**values)
     cfg.validate()  # every config class checks its own values

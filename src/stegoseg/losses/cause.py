@@ -34,10 +34,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-
-def tokens_of(maps: torch.Tensor) -> torch.Tensor:
-    """(B, C, h, w) -> (B, h*w, C), tokens in row-major grid order."""
-    return maps.flatten(2).transpose(1, 2)
+from stegoseg.nn.cause import concept_index, quantize, tokens_of  # noqa: F401 - part of this module's API
 
 
 def grid_sample_tokens(maps: torch.Tensor, order: Optional[torch.Tensor] = None, block: int = 4,
@@ -57,17 +54,6 @@ def grid_sample_tokens(maps: torch.Tensor, order: Optional[torch.Tensor] = None,
         order = torch.randint(block * block, (b * gh * gw,), generator=generator)
     picked = cells[torch.arange(b * gh * gw, device=maps.device), order.to(maps.device)]
     return picked.reshape(b, gh, gw, c).permute(0, 3, 1, 2), order
-
-
-def concept_index(tokens: torch.Tensor, concepts: torch.Tensor) -> torch.Tensor:
-    """Index of the most similar concept (cosine) of every token: (..., C) -> (...)."""
-    sim = F.normalize(tokens, dim=-1) @ F.normalize(concepts, dim=-1).t()
-    return sim.argmax(-1)
-
-
-def quantize(tokens: torch.Tensor, concepts: torch.Tensor) -> torch.Tensor:
-    """Each token replaced by its most similar concept vector (vector quantisation)."""
-    return concepts[concept_index(tokens, concepts)]
 
 
 def modularity_loss(concepts: torch.Tensor, tokens: torch.Tensor, temperature: float = 0.1,

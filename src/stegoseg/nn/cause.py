@@ -23,8 +23,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from stegoseg.losses.cause import quantize, tokens_of
 from stegoseg.nn.heads import SegmentationHead, register_head
+
+
+def tokens_of(maps: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, h*w, C), tokens in row-major grid order."""
+    return maps.flatten(2).transpose(1, 2)
+
+
+def concept_index(tokens: torch.Tensor, concepts: torch.Tensor) -> torch.Tensor:
+    """Index of the most similar concept (cosine) of every token: (..., C) -> (...)."""
+    sim = F.normalize(tokens, dim=-1) @ F.normalize(concepts, dim=-1).t()
+    return sim.argmax(-1)
+
+
+def quantize(tokens: torch.Tensor, concepts: torch.Tensor) -> torch.Tensor:
+    """Each token replaced by its most similar concept vector (vector quantisation)."""
+    return concepts[concept_index(tokens, concepts)]
 
 
 class TokenDropout(nn.Dropout):
@@ -43,9 +58,6 @@ class CauseMLPHead(SegmentationHead):
     """CAUSE-MLP's head: STEGO's architecture (``linear`` + ``nonlinear`` 1x1 branches), code width 90 by default."""
 
     checkpoint_kind = "cause-mlp"
-
-    def options(self) -> dict:
-        return {}
 
 
 @register_head

@@ -53,7 +53,7 @@ from stegoseg.training.resume import (
     refuse_unfinished_run,
     resume_checkpoint,
 )
-from stegoseg.training.stego import _StegoData, batch_indices, check_checkpoint_space, step_seed, use_resident_cache
+from stegoseg.training.stego import StepDataModule, batch_indices, check_checkpoint_space, step_seed, use_resident_cache
 from stegoseg.training.trainer import build_trainer
 
 log = logging.getLogger("stegoseg")
@@ -366,7 +366,7 @@ def fit_cause(cfg: Config, out, cache: FeatureCache, n_classes: int, has_labels:
         keep_log_before_resume(out / "logs", point.step)
     if use_resident_cache(cfg, cache):
         module.resident = ResidentFeatures(cache)
-    data = _StegoData(replace_steps(cfg, total), cache, knn, None, indices_only=module.resident is not None)
+    data = StepDataModule(replace_steps(cfg, total), cache, knn, None, indices_only=module.resident is not None)
     trainer.fit(module, datamodule=data, ckpt_path=point.path if point is not None else None, weights_only=True)
     module.resident = None
     if trainer.is_global_zero:

@@ -240,7 +240,7 @@ class StegoModule(L.LightningModule):
                 self.sim_samples[key] = self.sim_samples[key][-50:]
 
 
-class _StegoData(L.LightningDataModule):
+class StepDataModule(L.LightningDataModule):
     """Builds the step-indexed loader once the trainer knows the restored step, rank and world size."""
 
     def __init__(self, cfg: Config, cache: FeatureCache, knn: np.ndarray, crop_view: Optional[CropView],
@@ -345,7 +345,7 @@ def fit_stego(cfg: Config, out, cache: FeatureCache, n_classes: int, has_labels:
     resident = use_resident_cache(cfg, cache)
     if resident:
         module.resident = ResidentFeatures(cache, with_thumbs=cfg.w_potts > 0)
-    data = _StegoData(cfg, cache, knn, crop_view if cfg.live_backbone else None, indices_only=resident)
+    data = StepDataModule(cfg, cache, knn, crop_view if cfg.live_backbone else None, indices_only=resident)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
     module.resident = None
     if trainer.is_global_zero:
