@@ -229,3 +229,16 @@ def test_bad_cause_input_is_one_line(synthetic_root, tmp_path, capsys):
                             str(synthetic_root), *tiny_cli("train")], "--method must be one of", "cause-tr")
     one_line_error(capsys, ["train", "--method", "cause-tr", "--select", "val-miou", "--out", str(tmp_path / "t"),
                             "--data-root", str(synthetic_root), *tiny_cli("train")], "keeps the last step")
+
+
+def test_method_defaults_fill_what_the_user_did_not_set():
+    from stegoseg.cli import build_parser
+    from stegoseg.config.stego import make_config, resolve_config
+
+    parse = build_parser().parse_args
+    cfg = resolve_config(parse(["train", "--method", "cause-tr", "--preset", "cocostuff27"]))
+    assert (cfg.dim, cfg.lr, cfg.probe_lr) == (90, 1e-3, 1e-3)  # CAUSE's, over the (STEGO) preset's 70 / 5e-4
+    cfg = resolve_config(parse(["train", "--method", "cause-tr", "--dim", "16", "--lr", "0.01"]))
+    assert (cfg.dim, cfg.lr) == (16, 0.01)
+    assert resolve_config(parse(["train"])).dim == 70
+    assert make_config({"method": "cause-mlp"}).dim == 90 and make_config({"method": "cause-mlp", "dim": 5}).dim == 5

@@ -23,6 +23,12 @@ def write_report(out: Path, title: str, results: dict, cfg: Config, notes: list)
         f"{cfg.steps} steps, batch {cfg.batch_size}, K = {cfg.dim}; CRF {'on' if cfg.crf else 'off'}.",
         "",
     ]
+    if cfg.method != "stego":
+        book = out / "train" / "clusterbook.json"
+        book_steps = json.loads(book.read_text())["steps"] if book.exists() else "?"
+        lines += [f"Method `{cfg.method}` (docs/cause.md): stage 1, a clusterbook of {cfg.cause_concepts} concepts "
+                  f"({book_steps} steps); stage 2, the head against its EMA teacher ({cfg.steps} steps); stage 3, "
+                  f"the cluster probe by modularity ({cfg.cause_probe_steps} steps); the last step is kept.", ""]
     rows = [{"method": name, **summary_rows(res)} for name, res in results.items()]
     lines.append(metrics_table(rows, (("method", "method"),)))
     lines.append("")
@@ -32,7 +38,8 @@ def write_report(out: Path, title: str, results: dict, cfg: Config, notes: list)
         ("Code similarity histogram of the selected checkpoint", "train/selected_similarity_histogram.png"),
         ("Checkpoint selection criterion", "train/selection.png"),
         ("Training curves", "train/training_curves.png"),
-        ("STEGO predictions (image | ground truth | cluster probe | linear probe)", "eval/predictions.png"),
+        (f"{next(iter(results), 'STEGO')} predictions (image | ground truth | cluster probe | linear probe)",
+         "eval/predictions.png"),
         ("Raw-feature baseline predictions", "baseline/predictions.png"),
         ("Cluster-probe confusion (rows: ground truth, normalised)", "eval/confusion_cluster.png"),
     ):
