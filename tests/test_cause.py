@@ -242,3 +242,20 @@ def test_method_defaults_fill_what_the_user_did_not_set():
     assert (cfg.dim, cfg.lr) == (16, 0.01)
     assert resolve_config(parse(["train"])).dim == 70
     assert make_config({"method": "cause-mlp"}).dim == 90 and make_config({"method": "cause-mlp", "dim": 5}).dim == 5
+
+
+def test_the_web_page_functions_serve_an_imported_cause_tr_model():
+    from PIL import Image
+
+    from stegoseg.backbones.imports import import_cause
+    from stegoseg.serve import Viewer
+
+    files = [RELEASE / "segment_tr.pth", RELEASE / "cluster_tr.pth", RELEASE / "modular.npy"]
+    model = import_cause(files, backbone="dino_vits8", pretrained=False, tiny=True)
+    viewer = Viewer(model, None)
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (40, 56, 3)).astype(np.uint8))
+    result = viewer.segment(image, name="x.png", flip=True, resolution=40)  # a 5x7 grid: positions resampled
+    assert np.array_equal(result.labels, model.segment(image, flip=True, resolution=40))
+    panels = viewer.correspondence(image, 10, 20, resolution=40, n_neighbours=0)
+    assert [p[1] for p in panels] == ["clicked point", "backbone features: same image", "trained code: same image"]
