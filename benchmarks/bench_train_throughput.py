@@ -18,7 +18,8 @@ from stegoseg.config.stego import make_config
 from stegoseg.features.cache import CropView
 from stegoseg.methods.common import build_backbone_from_config, build_split, prepare
 from stegoseg.features.cache import ResidentFeatures
-from stegoseg.training.stego import StegoModule, StepBatches
+from stegoseg.training.steps import StepBatches
+from stegoseg.training.stego import StegoModule
 
 
 def main():

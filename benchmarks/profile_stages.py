@@ -33,7 +33,8 @@ from stegoseg.methods.common import (  # noqa: E402
     prepare,
 )
 from stegoseg.segment import segment_images  # noqa: E402
-from stegoseg.training.stego import StegoModule, StepBatches  # noqa: E402
+from stegoseg.training.steps import StepBatches  # noqa: E402
+from stegoseg.training.stego import StegoModule  # noqa: E402
 
 
 def subset(root: Path, dst: Path, n_train: int, n_val: int) -> Path:

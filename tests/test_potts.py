@@ -9,7 +9,8 @@ from stegoseg.evaluation.crf import CRFParams
 from stegoseg.losses.potts import potts_kernel, potts_term
 from stegoseg.methods.common import build_backbone_from_config, build_split, prepare
 from stegoseg.studies.potts import optimise_potts
-from stegoseg.training.stego import StegoModule, StepBatches
+from stegoseg.training.steps import StepBatches
+from stegoseg.training.stego import StegoModule
 
 
 def test_kernel_values():

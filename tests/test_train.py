@@ -17,7 +17,8 @@ from stegoseg.methods.common import (
     prepare,
 )
 from stegoseg.methods.stego import train_stego
-from stegoseg.training.stego import StegoModule, StepBatches, batch_indices, fit_stego
+from stegoseg.training.steps import StepBatches, batch_indices
+from stegoseg.training.stego import StegoModule, fit_stego
 
 
 def test_batch_indices_are_a_function_of_step_and_cover_epochs():
@@ -182,7 +183,8 @@ def test_ddp_two_cpu_processes(synthetic_root, tmp_path):
 def test_cache_held_in_memory_trains_exactly_like_reading_the_cache_from_disk(synthetic_root, tmp_path):
     from stegoseg.features.cache import ResidentFeatures
     from stegoseg.methods.common import prepare
-    from stegoseg.training.stego import StepBatches, fit_stego, use_resident_cache
+    from stegoseg.training.steps import StepBatches, use_resident_cache
+    from stegoseg.training.stego import fit_stego
 
     states = {}
     for mode in ("off", "on"):

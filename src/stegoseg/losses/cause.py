@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from stegoseg.nn.cause import concept_index, quantize, tokens_of  # noqa: F401 - part of this module's API
+from stegoseg.nn.cause import concept_index, quantize
 
 
 def grid_sample_tokens(maps: torch.Tensor, order: Optional[torch.Tensor] = None, block: int = 4,

@@ -45,7 +45,7 @@ from stegoseg.losses.stego import (
     sample_points,
 )
 from stegoseg.nn.kmeans import spherical_kmeans
-from stegoseg.training.stego import batch_indices
+from stegoseg.training.steps import batch_indices
 
 PAIR_TYPES = ("self", "knn", "rand")
 

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from stegoseg.config.stego import Config
 from stegoseg.errors import StegosegError
-from stegoseg.features.cache import FeatureCache, ResidentFeatures
+from stegoseg.features.cache import FeatureCache
 from stegoseg.features.knn import config_neighbors
 from stegoseg.losses.cause import (
     ConceptBank,
@@ -41,20 +41,11 @@ from stegoseg.losses.cause import (
     ema_update,
     grid_sample_tokens,
     modularity_loss,
-    tokens_of,
 )
 from stegoseg.model import SegmentationModel
-from stegoseg.nn.cause import CauseMLPHead, CauseTRHead, TokenDropout
+from stegoseg.nn.cause import CauseMLPHead, CauseTRHead, TokenDropout, tokens_of
 from stegoseg.preflight import atomic_write
-from stegoseg.training.resume import (
-    RUN_CONFIG,
-    keep_log_before_resume,
-    merge_resumed_log,
-    refuse_unfinished_run,
-    resume_checkpoint,
-)
-from stegoseg.training.stego import StepDataModule, batch_indices, check_checkpoint_space, step_seed, use_resident_cache
-from stegoseg.training.trainer import build_trainer
+from stegoseg.training.steps import batch_indices, fit_step_module, step_seed
 
 log = logging.getLogger("stegoseg")
 
@@ -353,29 +344,5 @@ def fit_cause(cfg: Config, out, cache: FeatureCache, n_classes: int, has_labels:
     c, h, w = cache.meta["feature_shape"]
     check_token_grid(cfg, h, w)
     module = CauseModule(cfg, c, (h, w), n_clusters, n_classes if has_labels else None, clusterbook)
-    ckpt_dir = out / "lightning"
-    point = resume_checkpoint(ckpt_dir, cfg) if resume else None
-    if point is None:
-        refuse_unfinished_run(ckpt_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / RUN_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=1))
-    total = cfg.steps + cfg.cause_probe_steps
-    check_checkpoint_space(module, out, cfg)
-    trainer = build_trainer(cfg, out, max_steps=total, callbacks=callbacks, deterministic=False)
-    if point is not None and trainer.is_global_zero:
-        keep_log_before_resume(out / "logs", point.step)
-    if use_resident_cache(cfg, cache):
-        module.resident = ResidentFeatures(cache)
-    data = StepDataModule(replace_steps(cfg, total), cache, knn, None, indices_only=module.resident is not None)
-    trainer.fit(module, datamodule=data, ckpt_path=point.path if point is not None else None, weights_only=True)
-    module.resident = None
-    if trainer.is_global_zero:
-        merge_resumed_log(out / "logs")
-    module.is_global_zero = trainer.is_global_zero
-    return module.cpu()
-
-
-def replace_steps(cfg: Config, steps: int) -> Config:
-    import dataclasses
-
-    return dataclasses.replace(cfg, steps=steps)
+    return fit_step_module(module, cfg, out, cache, knn, max_steps=cfg.steps + cfg.cause_probe_steps, resume=resume,
+                           callbacks=callbacks)

@@ -52,7 +52,7 @@ from stegoseg.training.resume import (
     merge_resumed_log,
     resumed_step,
 )
-from stegoseg.training.stego import batch_indices, step_seed
+from stegoseg.training.steps import batch_indices, step_seed
 from stegoseg.training.trainer import build_trainer
 
 log = logging.getLogger("stegoseg")
