@@ -220,6 +220,21 @@ def test_bad_cause_input_is_one_line(synthetic_root, tmp_path, capsys):
     torch.save({"head_ema.x": Payload()}, tmp_path / "evil.pth")
     one_line_error(capsys, [*base, str(tmp_path / "evil.pth")], "not load", "nothing in it was run")
     assert not marker.exists()
+    # a web page saved under the file's name, a text file, a numpy archive as the clusterbook
+    (tmp_path / "page.pth").write_text("<!DOCTYPE html><html><body>Google Drive can't scan this file</body></html>")
+    one_line_error(capsys, [*base, str(tmp_path / "page.pth")], "web page")
+    (tmp_path / "notes.pth").write_text("just some text\n")
+    one_line_error(capsys, [*base, str(tmp_path / "notes.pth")], "not a PyTorch file")
+    np.savez(tmp_path / "book.npz", a=np.zeros((2, 2)))
+    (tmp_path / "book.npz").rename(tmp_path / "book.npy")
+    one_line_error(capsys, [*base, str(RELEASE / "segment_tr.pth"), str(RELEASE / "cluster_tr.pth"),
+                            str(tmp_path / "book.npy")], "numpy archive")
+    # a cluster probe of another code width (files of two models)
+    cluster = torch.load(RELEASE / "cluster_tr.pth", weights_only=True)
+    cluster["cluster_probe"] = torch.randn(4, 7)
+    torch.save(cluster, tmp_path / "cluster_other.pth")
+    one_line_error(capsys, [*base, str(RELEASE / "segment_tr.pth"), str(tmp_path / "cluster_other.pth"),
+                            str(RELEASE / "modular.npy")], "7 channels", "two different models")
     # a truncated file
     data = (RELEASE / "segment_mlp.pth").read_bytes()
     (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])

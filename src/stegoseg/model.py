@@ -327,6 +327,7 @@ class SegmentationModel(nn.Module):
         source = getattr(self.backbone, "weights_source", "random")
         if include_backbone is None:
             include_backbone = not str(source).startswith("timm:")
+        options = getattr(self.head, "options", dict)() if self.head is not None else {}
         ckpt = {
             "format": CHECKPOINT_FORMAT,
             "version": CHECKPOINT_VERSION,
@@ -343,7 +344,7 @@ class SegmentationModel(nn.Module):
                 "kind": getattr(self.head, "checkpoint_kind", "stego"),
                 "in_dim": self.head.in_dim,
                 "dim": self.head.dim,
-                **({"options": self.head.options()} if getattr(self.head, "options", dict)() else {}),
+                **({"options": options} if options else {}),
                 "state_dict": self.head.state_dict(),
             },
             "cluster_probe": self.cluster_probe.state_dict(),

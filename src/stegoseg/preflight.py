@@ -179,7 +179,7 @@ EVAL_OUTPUTS = ("metrics.json", "confusion_cluster.png", "confusion_linear.png",
 TRAIN_OUTPUTS = (
     "checkpoint.pt", "config.yaml", "run_config.json", "lightning", "logs", "candidates", "calibration.json", "selection.json",
     "selection.png", "selected_similarity_histogram.png", "similarity_histogram.png", "training_curves.png",
-    "selection-eval",
+    "selection-eval", "clusterbook.npy", "clusterbook.json", "clusterbook.partial.pt",
 )
 OUTPUTS = {
     "train": TRAIN_OUTPUTS,

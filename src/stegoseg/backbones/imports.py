@@ -18,7 +18,6 @@ a :class:`~stegoseg.model.SegmentationModel` with the backbone named by ``backbo
 from __future__ import annotations
 
 import math
-import pickle
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -46,18 +45,23 @@ MLP_NAMES = {"f1.": "linear.", "f2.0.": "nonlinear.0.", "f2.2.": "nonlinear.2."}
 
 def _read_state(path: Path) -> dict:
     """A plain dict of tensors from a ``torch.save`` file, or one StegosegError line."""
+    head = path.read_bytes()[:512]
+    if head.lstrip().lower().startswith((b"<!doctype", b"<html")):
+        raise StegosegError(f"{path} is a web page, not a PyTorch file (a download that saved the host's page "
+                            "instead of the file?): download the file itself")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure to unpickle is a bad file
         text = str(exc)
-        if "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text:
+        if head[:4] in (b"PK\x03\x04", b"\x80\x02") and ("weights_only" in text or "Unsupported global" in text):
             raise StegosegError(f"{path} holds Python objects other than tensors, which stegoseg does not load "
                                 "(nothing in it was run): pass the released .pth file itself") from None
         raise StegosegError(f"cannot read {path}: the file is truncated or not a PyTorch file (an interrupted "
                             "download?)") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
         raise StegosegError(f"{path} is not a state dict of tensors: pass CAUSE's segment_*.pth / cluster_*.pth")
     return state
 
@@ -65,9 +69,12 @@ def _read_state(path: Path) -> dict:
 def _read_npy(path: Path) -> torch.Tensor:
     try:
         array = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise StegosegError(f"cannot read {path} as a numpy array ({str(exc).splitlines()[0][:120]}): pass CAUSE's "
-                            "modular.npy clusterbook") from None
+    except Exception as exc:  # noqa: BLE001 - any failure to read is a bad file
+        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise StegosegError(f"cannot read {path} as a numpy array ({reason}): pass CAUSE's modular.npy "
+                            "clusterbook") from None
+    if not isinstance(array, np.ndarray):
+        raise StegosegError(f"{path} is a numpy archive of several arrays, not a clusterbook: pass CAUSE's modular.npy")
     if array.ndim != 2 or not np.issubdtype(array.dtype, np.floating):
         raise StegosegError(f"{path} holds a {array.dtype} array of shape {array.shape}, not a clusterbook "
                             "(concepts x feature channels, float)")
@@ -127,20 +134,42 @@ def _renamed(state: dict, prefix: str, table: dict, where: Path) -> dict:
     return out
 
 
+def dino_pos_embed(backbone: str) -> str:
+    """CAUSE's DINO ViTs interpolate the position embedding as DINO does (offset 0.1, plain
+    bicubic): ``"dino"`` for DINO (v1) presets, timm's own for the others."""
+    from stegoseg.backbones.presets import get_backbone_preset
+
+    return "dino" if get_backbone_preset(backbone).name.startswith("dino_vit") else "timm"
+
+
 def import_cause(paths: Sequence, backbone: str, method: Optional[str] = None, weights: Optional[str] = None,
                  pretrained: bool = True, tiny: bool = False, class_names: Optional[list] = None,
                  config: Optional[dict] = None):
-    """A :class:`~stegoseg.model.SegmentationModel` from CAUSE's released files (module docstring)."""
+    """A :class:`~stegoseg.model.SegmentationModel` from CAUSE's released files (module docstring).
+    DINO (v1) backbones use DINO's own position-embedding interpolation, as CAUSE's code does."""
+    files = read_cause_files(paths)
+    try:
+        return _cause_model(files, backbone, method, weights, pretrained, tiny, class_names, config)
+    except StegosegError:
+        raise
+    except (KeyError, IndexError, RuntimeError, ValueError, AttributeError, TypeError) as exc:
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        names = ", ".join(str(p) for p in files["names"].values())
+        raise StegosegError(f"the files {names} do not form one CAUSE model ({reason}): pass the segment, cluster "
+                            "and clusterbook files released together") from None
+
+
+def _cause_model(files: dict, backbone: str, method, weights, pretrained: bool, tiny: bool, class_names, config):
     from stegoseg.model import SegmentationModel, build_backbone
     from stegoseg.nn.cause import CauseMLPHead, CauseTRHead
 
-    files = read_cause_files(paths)
     if method is not None and method != files["method"]:
         raise StegosegError(f"--method {method}, but {files['names']['segment']} holds a {files['method']} head: pass "
                             f"--method {files['method']} (or leave it out)")
     method = files["method"]
     segment, where = files["segment"], files["names"]["segment"]
-    spec = {"name": backbone, "pretrained": pretrained and not weights, "weights": weights, "tiny": tiny}
+    spec = {"name": backbone, "pretrained": pretrained and not weights, "weights": weights, "tiny": tiny,
+            "pos_embed": dino_pos_embed(backbone)}
     net = build_backbone(spec)
     probe = files["cluster"]["cluster_probe"].float()
     if method == "cause-tr":
@@ -172,6 +201,8 @@ def import_cause(paths: Sequence, backbone: str, method: Optional[str] = None, w
                             f"code {dim}: files of two different models?")
     head.load_state_dict(state)
     linear_w, linear_b = segment.get("linear.f.weight"), segment.get("linear.f.bias")
+    if (linear_w is None) != (linear_b is None):
+        raise StegosegError(f"{where} has half a linear probe (linear.f.weight without linear.f.bias, or the reverse)")
     n_classes = int(linear_w.shape[0]) if linear_w is not None else None
     if class_names is not None and len(class_names) != probe.shape[0]:
         raise StegosegError(f"{len(class_names)} class names for a {probe.shape[0]}-class CAUSE model")

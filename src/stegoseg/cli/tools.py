@@ -72,6 +72,7 @@ def cmd_import_checkpoint(args) -> int:
     model = import_cause(args.files, backbone=args.backbone, method=args.method, weights=args.weights,
                          pretrained=not args.no_pretrained, tiny=args.tiny, class_names=names)
     values = {"method": model.method, "backbone": args.backbone, "weights": args.weights,
+              "pos_embed": model.backbone_spec.get("pos_embed", "timm"),
               "pretrained": not args.no_pretrained, "tiny": args.tiny, "dim": model.head.dim,
               "resolution": args.resolution, "n_classes": model.n_clusters}
     if args.dataset:

@@ -380,10 +380,13 @@ class ResidentFeatures:
                 setattr(self, name, t.to(device, non_blocking=True))
         return self
 
-    def batch(self, index: torch.Tensor, partner: torch.Tensor) -> dict:
-        """The tensors a cached training step reads, gathered on the device (float32 features)."""
-        index, partner = index.to(self.features.device), partner.to(self.features.device)
-        out = {"feats": self.features[index].float(), "feats_knn": self.features[partner].float()}
+    def batch(self, index: torch.Tensor, partner: Optional[torch.Tensor] = None) -> dict:
+        """The tensors a cached training step reads, gathered on the device (float32 features;
+        ``feats_knn`` only with ``partner``)."""
+        index = index.to(self.features.device)
+        out = {"feats": self.features[index].float()}
+        if partner is not None:
+            out["feats_knn"] = self.features[partner.to(self.features.device)].float()
         if self.labels is not None:
             out["label"] = self.labels[index].long()
         if self.thumbs is not None:

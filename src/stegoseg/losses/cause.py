@@ -37,12 +37,11 @@ import torch.nn.functional as F
 from stegoseg.nn.cause import concept_index, quantize
 
 
-def grid_sample_tokens(maps: torch.Tensor, order: Optional[torch.Tensor] = None, block: int = 4,
-                       generator: Optional[torch.Generator] = None) -> tuple:
+def grid_sample_tokens(maps: torch.Tensor, order: Optional[torch.Tensor] = None, block: int = 4) -> tuple:
     """One token from each ``block`` x ``block`` cell of a (B, C, h, w) map (the reference's
     ``stochastic_sampling``): returns ((B, C, h // block, w // block), order) with ``order``
     the index in [0, block^2) picked in each cell (row-major within the cell), drawn
-    uniformly with ``generator`` unless given. Pass the same ``order`` to sample several
+    uniformly from the global generator (as the reference does) unless given. Pass the same ``order`` to sample several
     maps of one batch at the same tokens. Rows and columns past a whole cell are dropped."""
     b, c, h, w = maps.shape
     gh, gw = h // block, w // block
@@ -51,7 +50,7 @@ def grid_sample_tokens(maps: torch.Tensor, order: Optional[torch.Tensor] = None,
     cells = maps[:, :, : gh * block, : gw * block].reshape(b, c, gh, block, gw, block)
     cells = cells.permute(0, 2, 4, 3, 5, 1).reshape(b * gh * gw, block * block, c)
     if order is None:
-        order = torch.randint(block * block, (b * gh * gw,), generator=generator)
+        order = torch.randint(block * block, (b * gh * gw,))
     picked = cells[torch.arange(b * gh * gw, device=maps.device), order.to(maps.device)]
     return picked.reshape(b, gh, gw, c).permute(0, 3, 1, 2), order
 
@@ -65,7 +64,12 @@ def modularity_loss(concepts: torch.Tensor, tokens: torch.Tensor, temperature: f
     increasing), in chunks of ``chunk`` concepts so that memory stays (B, T, T, chunk). An
     image whose token graph has no edge (e = 0: one token, or no two with a positive cosine)
     has modularity 0 here; the reference divides by e = 0 (NaN)."""
-    x = F.normalize(tokens.detach(), dim=-1)
+    with torch.autocast(tokens.device.type, enabled=False):  # W = A - dd^T/e cancels: float32, not bf16
+        return _modularity_loss(concepts.float(), tokens.detach().float(), temperature, chunk)
+
+
+def _modularity_loss(concepts: torch.Tensor, tokens: torch.Tensor, temperature: float, chunk: int) -> torch.Tensor:
+    x = F.normalize(tokens, dim=-1)
     a = (x @ x.transpose(1, 2)).clamp(min=0)
     a = a * (1 - torch.eye(a.shape[1], device=a.device, dtype=a.dtype))
     d = a.sum(dim=2, keepdim=True)
@@ -110,6 +114,15 @@ def concept_contrastive_loss(
     concept similarities below ``pos_threshold``) is left out of the average instead of
     making the loss NaN as the reference's empty mean does; None is never returned: with
     no term at all the loss is zero (with a gradient path)."""
+    with torch.autocast(tokens.device.type, enabled=False):  # concept choices in float32, as the bank's
+        return _contrastive(tokens.float(), student.float(), teacher.float(), concepts.float(),
+                            None if bank_concepts is None else bank_concepts.float(),
+                            None if bank_keys is None else bank_keys.float(), temperature, pos_threshold,
+                            neg_threshold)
+
+
+def _contrastive(tokens, student, teacher, concepts, bank_concepts, bank_keys, temperature, pos_threshold,
+                 neg_threshold) -> torch.Tensor:
     b, t, _ = tokens.shape
     q = F.normalize(quantize(tokens, concepts), dim=-1)  # (B, T, C)
     flat_q = q.reshape(b * t, -1)
@@ -123,12 +136,16 @@ def concept_contrastive_loss(
     loss_rows = _masked_nce(logits, positive, negative)
     terms = []
     image_of_row = torch.arange(b * t, device=tokens.device) // t
+    has_bank = bank_keys is not None and len(bank_keys) > 0
+    if has_bank:  # normalised once for every anchor image
+        bank_keys = F.normalize(bank_keys.to(z.device), dim=-1)
+        bank_concepts = F.normalize(bank_concepts.to(q.device), dim=-1)
     for image in range(b):
         rows = image_of_row == image
         pos = positive[rows]
         if pos.any():
             terms.append(loss_rows[rows][pos].mean())
-        if bank_keys is not None and len(bank_keys):
+        if has_bank:
             bank_pos, bank_loss = _bank_rows(z[image], q[image], bank_concepts, bank_keys, temperature,
                                              pos_threshold, neg_threshold)
             if bank_pos.any():
@@ -140,12 +157,11 @@ def concept_contrastive_loss(
 
 def _bank_rows(z: torch.Tensor, q: torch.Tensor, bank_concepts: torch.Tensor, bank_keys: torch.Tensor,
                temperature: float, pos_threshold: float, neg_threshold: float) -> tuple:
-    """(positive mask, per-pair loss) of one anchor image's tokens against the bank."""
-    keys = F.normalize(bank_keys.to(z.dtype), dim=-1)
-    concept_sim = q @ F.normalize(bank_concepts.to(q.dtype), dim=-1).t()
+    """(positive mask, per-pair loss) of one anchor image's tokens against the (normalised) bank."""
+    concept_sim = q @ bank_concepts.t()
     positive = concept_sim > pos_threshold
     negative = concept_sim < neg_threshold
-    return positive, _masked_nce((z @ keys.t()) / temperature, positive, negative)
+    return positive, _masked_nce((z @ bank_keys.t()) / temperature, positive, negative)
 
 
 class ConceptBank:
@@ -154,7 +170,7 @@ class ConceptBank:
     ``update`` files each sampled teacher token under its token's concept, keeping a random
     half of each concept's new keys (the reference's "50% random cutting"), concepts in
     increasing index order, keys in token order, each concept's half drawn by one
-    ``torch.randperm`` of ``generator``. ``entries`` gives every key with its concept id,
+    ``torch.randperm`` of the global generator. ``entries`` gives every key with its concept id,
     concepts in increasing order, oldest key first. ``state``/``load_state`` carry it
     through a training checkpoint (so a resumed run continues exactly)."""
 
@@ -165,15 +181,15 @@ class ConceptBank:
     def __len__(self) -> int:
         return sum(len(v) for v in self.keys.values())
 
-    def update(self, tokens: torch.Tensor, teacher: torch.Tensor, concepts: torch.Tensor,
-               generator: Optional[torch.Generator] = None) -> None:
-        """``tokens`` (..., C) and ``teacher`` (..., P) of the same sampled tokens."""
-        index = concept_index(tokens, concepts).reshape(-1)
+    def update(self, tokens: torch.Tensor, teacher: torch.Tensor, concepts: torch.Tensor) -> None:
+        """``tokens`` (..., C) and ``teacher`` (..., P) of the same sampled tokens; the random halves
+        come from the global generator (as the reference's)."""
+        index = concept_index(tokens.float(), concepts.float()).reshape(-1)
         keys_all = teacher.detach().reshape(-1, teacher.shape[-1])
         for concept in index.unique().tolist():
             keys = keys_all[index == concept]
             keep = int(len(keys) * self.keep_fraction)
-            keys = keys[torch.randperm(len(keys), generator=generator).to(keys.device)][:keep]
+            keys = keys[torch.randperm(len(keys)).to(keys.device)][:keep]
             old = self.keys.get(concept)
             merged = keys if old is None else torch.cat([old, keys.to(old.device, old.dtype)])
             if len(merged) >= self.size:

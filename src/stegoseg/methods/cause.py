@@ -28,7 +28,7 @@ def train_cause(cfg: Config, out, resume: bool = False) -> Optional[Path]:
     out.mkdir(parents=True, exist_ok=True)
     save_run_config(cfg, out / "config.yaml")
     backbone, spec = build_backbone_from_config(cfg)
-    cache = prepare(cfg, out, backbone)
+    cache = prepare(cfg, out, backbone, neighbors=False)  # CAUSE reads no nearest neighbours
     train = build_split(cfg, cfg.train_split, out)
     n_classes = n_classes_for(cfg, train)
     t0 = time.perf_counter()
@@ -60,15 +60,14 @@ def check_cause_resume(cfg: Config, out: Path) -> None:
     from stegoseg.errors import StegosegError
     from stegoseg.training.resume import RUN_CONFIG, resume_checkpoint
 
-    resume_checkpoint(out / "lightning", cfg)
+    resume_checkpoint(out / "lightning", cfg)  # the other settings (--cause-probe-steps among them) must agree
     saved = out / RUN_CONFIG
     if saved.exists():
         old = json.loads(saved.read_text())
-        for name in ("steps", "cause_probe_steps"):
-            if old.get(name) != getattr(cfg, name):
-                flag = "--" + name.replace("_", "-")
-                raise StegosegError(f"--resume: {flag} {getattr(cfg, name)} differs from the interrupted CAUSE run's "
-                                    f"{old.get(name)} in {out}: resume with {flag} {old.get(name)}, or pass --overwrite")
+        if old.get("steps") != cfg.steps:
+            raise StegosegError(f"--resume: --steps {cfg.steps} differs from the interrupted CAUSE run's {old.get('steps')} "
+                                f"in {out} (stage 3 starts at --steps): resume with --steps {old.get('steps')}, or pass "
+                                "--overwrite")
 
 
 def train_method(cfg: Config, out, resume: bool = False) -> Optional[Path]:

@@ -182,8 +182,8 @@ def cache_root(cfg: Config, out: Path) -> Path:
     return Path(cfg.cache_dir) if cfg.cache_dir else Path(out) / "cache"
 
 
-def prepare(cfg: Config, out, backbone=None) -> FeatureCache:
-    """Five-crop (optional), extract and cache training features, then global descriptors and KNN."""
+def prepare(cfg: Config, out, backbone=None, neighbors: bool = True) -> FeatureCache:
+    """Five-crop (optional), extract and cache training features, then (``neighbors``) global descriptors and KNN."""
     out = Path(out)
     device = resolve_device(cfg.device)
     train = build_split(cfg, cfg.train_split, out)
@@ -204,6 +204,8 @@ def prepare(cfg: Config, out, backbone=None) -> FeatureCache:
         image_resample=cfg.train_resample,
         crop_jpeg=cfg.crop_jpeg,
     )
+    if not neighbors:
+        return cache
     t0 = time.perf_counter()
     config_neighbors(cfg, cache, device=device)
     log.info("nearest neighbours ready for %d items in %.1fs (%s)", cache.n, time.perf_counter() - t0, cache.path)

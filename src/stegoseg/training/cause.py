@@ -19,6 +19,7 @@ in the Lightning checkpoint.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import time
@@ -34,7 +35,6 @@ from tqdm.auto import tqdm
 from stegoseg.config.stego import Config
 from stegoseg.errors import StegosegError
 from stegoseg.features.cache import FeatureCache
-from stegoseg.features.knn import config_neighbors
 from stegoseg.losses.cause import (
     ConceptBank,
     concept_contrastive_loss,
@@ -130,13 +130,12 @@ def fit_clusterbook(cfg: Config, cache: FeatureCache, out, device: str = "cpu") 
         optimizer.step()
         bar.set_postfix(modularity=f"{-loss.item():.4f}", refresh=False)
         if (step + 1) % 50 == 0 and step + 1 < steps:
-            tmp = partial.with_suffix(".tmp")
-            torch.save({"settings": json.dumps(settings, sort_keys=True), "step": step + 1,
-                        "concepts": concepts.detach().cpu(), "optimizer": optimizer.state_dict()}, tmp)
-            tmp.replace(partial)
+            state = {"settings": json.dumps(settings, sort_keys=True), "step": step + 1,
+                     "concepts": concepts.detach().cpu(), "optimizer": optimizer.state_dict()}
+            atomic_write(partial, lambda tmp: torch.save(state, tmp))
     book = concepts.detach().cpu()
     atomic_write(book_path, lambda tmp: _save_npy(tmp, book.numpy()))
-    meta_path.write_text(json.dumps(settings, indent=1))
+    atomic_write(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=1)))
     partial.unlink(missing_ok=True)
     log.info("CAUSE stage 1: clusterbook of %d concepts in %d steps (%.1fs)", cfg.cause_concepts, steps,
              time.perf_counter() - t0)
@@ -260,6 +259,8 @@ class CauseModule(L.LightningModule):
         self.parts = CauseParts(cfg, in_dim, grid, n_clusters, n_classes, clusterbook)
         self.resident = None
         self._pending = None
+        # the bank travels in every Lightning checkpoint: at most concepts x size keys (float32)
+        self.checkpoint_extra_bytes = cfg.cause_concepts * cfg.cause_bank_size * (cfg.cause_projection_dim * 4 + 8)
 
     @property
     def model(self) -> SegmentationModel:
@@ -299,8 +300,8 @@ class CauseModule(L.LightningModule):
         if step != self.global_step:
             raise RuntimeError(f"batch for step {step} arrived at global step {self.global_step}")
         torch.manual_seed(step_seed(self.cfg.seed, step, self.global_rank, 2))
-        if "partner" in batch:
-            batch = {**batch, **self.resident.batch(batch["index"], batch["partner"])}
+        if "feats" not in batch:  # indices only: gather the batch from the resident cache
+            batch = {**batch, **self.resident.batch(batch["index"])}
         feats = batch["feats"].float()
         labels = batch.get("label")
         if step < self.cfg.steps:
@@ -330,7 +331,7 @@ class CauseModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "cause_bank" in checkpoint:
-            self.parts.bank.load_state(checkpoint["cause_bank"])
+            self.parts.bank.load_state(checkpoint["cause_bank"], device=self.device)
 
 
 def fit_cause(cfg: Config, out, cache: FeatureCache, n_classes: int, has_labels: bool, clusterbook: torch.Tensor,
@@ -338,11 +339,26 @@ def fit_cause(cfg: Config, out, cache: FeatureCache, n_classes: int, has_labels:
     """Stages 2 and 3 with Lightning (checkpoints in ``<out>/lightning/``, CSV log in
     ``<out>/logs/``); ``resume`` continues from ``last.ckpt``. Returns the module on the CPU."""
     out = Path(out)
-    knn = config_neighbors(cfg, cache)  # the step batches carry a KNN partner; CAUSE does not read it
     n_clusters = n_classes + cfg.extra_clusters
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     c, h, w = cache.meta["feature_shape"]
     check_token_grid(cfg, h, w)
     module = CauseModule(cfg, c, (h, w), n_clusters, n_classes if has_labels else None, clusterbook)
-    return fit_step_module(module, cfg, out, cache, knn, max_steps=cfg.steps + cfg.cause_probe_steps, resume=resume,
-                           callbacks=callbacks)
+    trainer_cfg = cfg
+    if cfg.strategy in ("auto", "ddp") and (cfg.num_nodes > 1 or _device_count(cfg.devices) > 1):
+        # each stage leaves some parameters without a gradient (the cluster probe in stage 2, the
+        # student in stage 3): DDP must be told to expect that
+        trainer_cfg = dataclasses.replace(cfg, strategy="ddp_find_unused_parameters_true")
+    return fit_step_module(module, trainer_cfg, out, cache, None, max_steps=cfg.steps + cfg.cause_probe_steps,
+                           resume=resume, callbacks=callbacks)
+
+
+def _device_count(devices: str) -> int:
+    from stegoseg.training.trainer import parse_devices
+
+    parsed = parse_devices(devices)
+    if isinstance(parsed, list):
+        return len(parsed)
+    if parsed == "auto" or parsed == -1:
+        return max(1, torch.cuda.device_count())
+    return int(parsed)

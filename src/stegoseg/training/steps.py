@@ -67,9 +67,10 @@ class StepBatches(torch.utils.data.Dataset):
         with_thumbs: bool = False,
         indices_only: bool = False,
     ):
-        self.cache, self.knn = cache, knn
+        self.cache, self.knn = cache, knn  # knn None: no KNN partner in the batches (CAUSE)
         self.indices_only = indices_only  # the features are resident on the device: the batch is its indices
-        self.batch_size, self.seed, self.topk = batch_size, seed, min(knn_topk, knn.shape[1])
+        self.batch_size, self.seed = batch_size, seed
+        self.topk = min(knn_topk, knn.shape[1]) if knn is not None else 0
         self.start_step, self.steps, self.rank, self.world = start_step, steps, rank, world
         self.crop_view = crop_view
         self.with_thumbs = with_thumbs  # crop thumbnails in each batch (for the CRF-kernel Potts term)
@@ -79,6 +80,8 @@ class StepBatches(torch.utils.data.Dataset):
 
     def indices(self, step: int) -> tuple:
         idx = batch_indices(self.cache.n, self.batch_size, step, self.seed, self.rank, self.world)
+        if self.knn is None:
+            return idx, None
         rng = np.random.default_rng([self.seed, step, self.rank, 1])
         partner = self.knn[idx, rng.integers(0, self.topk, size=len(idx))]
         return idx, partner
@@ -88,11 +91,13 @@ class StepBatches(torch.utils.data.Dataset):
         idx, partner = self.indices(step)
         out = {"step": torch.tensor(step), "index": torch.from_numpy(idx)}
         if self.indices_only:
-            out["partner"] = torch.from_numpy(np.asarray(partner, dtype=np.int64))
+            if partner is not None:
+                out["partner"] = torch.from_numpy(np.asarray(partner, dtype=np.int64))
             return out
         if self.crop_view is None:
             out["feats"] = self.cache.feature_batch(idx)
-            out["feats_knn"] = self.cache.feature_batch(partner)
+            if partner is not None:
+                out["feats_knn"] = self.cache.feature_batch(partner)
         else:
             out["image"] = torch.stack([self.crop_view[int(j)]["image"] for j in idx])
             out["image_knn"] = torch.stack([self.crop_view[int(j)]["image"] for j in partner])
@@ -206,6 +211,6 @@ def check_checkpoint_space(module: torch.nn.Module, out: Path, cfg, steps: Optio
     last.ckpt must fit on the disk before training starts."""
 
     params = sum(p.numel() for p in module.parameters())
-    per_ckpt = params * 4 * 3 + 64 * 1024
+    per_ckpt = params * 4 * 3 + 64 * 1024 + int(getattr(module, "checkpoint_extra_bytes", 0))
     n_ckpt = (cfg.steps if steps is None else steps) // max(1, cfg.ckpt_every) + 2
     check_free_space(out, per_ckpt * n_ckpt, f"{n_ckpt} training checkpoints")
