@@ -7,7 +7,10 @@ no CRF, percent):
 * ``stego``: STEGO as a user runs it on a new folder (``--shifts auto --select label-free``);
 * ``cause-mlp`` / ``cause-tr``: CAUSE with its defaults (2048-concept clusterbook, thresholds
   0.3 / 0.1, temperature 0.07, EMA 0.99, grid sampling 4), stage 2 for the setting's ``steps``
-  and stage 3 (the modularity cluster probe) for as many steps.
+  and stage 3 (the modularity cluster probe) for as many steps; the row's cluster probe is the
+  default k-means refit on the trained code (``--cluster-fit kmeans``, as every other row's),
+  and ``modularity_probe`` holds the same run evaluated with the reference's own stage-3 probe
+  (``--cluster-fit online``).
 
 No row sees a label in training apart from its linear probe. Seeds 0, 1, 2 change the head
 initialisation, batch order, dropout and k-means seeds; the backbone stays the same (a random
@@ -36,13 +39,15 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine  # noqa: E402
 from bench_label_free import REPO, Setting, make_data, metrics, reuse, settings  # noqa: E402
 
 from stegoseg.config.stego import make_config
 from stegoseg.methods.baseline import fit_feature_baseline
-from stegoseg.methods.cause import train_method
+from stegoseg.methods.cause import MODULARITY_PROBE, train_method
 from stegoseg.methods.common import build_backbone_from_config, evaluate_checkpoint_model
 from stegoseg.studies.dimred import load_with_backbone
 
@@ -77,6 +82,9 @@ def train_row(setting: Setting, method: str, cfg, folder: Path) -> dict:
         steps = cfg.steps * runs if method == "stego" else cfg.steps + cfg.cause_probe_steps
     result = metrics(evaluate_checkpoint_model(setting.base, model, folder / "eval"))
     result.update(train_seconds=seconds, train_steps=steps, seconds_per_step=seconds / steps if steps else None)
+    if method.startswith("cause"):  # the same run with the reference's own (modularity-fitted) cluster probe
+        model.cluster_probe.centroids.data.copy_(torch.load(folder / MODULARITY_PROBE, weights_only=True))
+        result["modularity_probe"] = metrics(evaluate_checkpoint_model(setting.base, model, folder / "eval-modularity"))
     print(f"  {method} {folder.name}: {json.dumps(result)}", flush=True)
     (folder / "bench_row.json").write_text(json.dumps({"config": cfg.to_dict(), "metrics": result}))
     return result
@@ -87,8 +95,6 @@ def with_fixed_backbone(name: str, values: dict, runs: Path) -> dict:
     pass it as ``--weights``, so that every seed's rows read the same features (one cache)."""
     if values.get("weights") or values.get("pretrained", True):
         return values
-    import torch
-
     path = runs / name / "backbone-seed0.pt"
     if not path.exists():
         backbone, _ = build_backbone_from_config(make_config(dict(values, seed=0)))
@@ -110,6 +116,9 @@ def run_setting(name: str, values: dict, runs: Path, seeds: list) -> dict:
     for method, row in rows.items():
         per = list(row["per_seed"].values())
         row["mean"] = {k: statistics.fmean(m[k] for m in per) for k in METRICS if all(m.get(k) is not None for m in per)}
+        if all("modularity_probe" in m for m in per):
+            row["mean"]["modularity_probe"] = {k: statistics.fmean(m["modularity_probe"][k] for m in per)
+                                               for k in ("cluster_acc", "cluster_miou")}
         times = [m["train_seconds"] for m in per if m.get("train_seconds") is not None]
         steps = [m["seconds_per_step"] for m in per if m.get("seconds_per_step")]
         row["mean"]["train_seconds"] = statistics.fmean(times) if times else None
@@ -132,6 +141,11 @@ def table(result: dict) -> str:
             step = f"{m['seconds_per_step']:.3f}" if m.get("seconds_per_step") else "-"
             lines.append(f"| {s['name']} | {method} | {m['cluster_acc']:.1f} | {mark}{m['cluster_miou']:.1f}{mark} "
                          f"({per}) | {m['linear_acc']:.1f} | {m['linear_miou']:.1f} | {t} | {step} |")
+            if "modularity_probe" in m:
+                mp = m["modularity_probe"]
+                per = "/".join(f"{v['modularity_probe']['cluster_miou']:.1f}" for v in row["per_seed"].values())
+                lines.append(f"| {s['name']} | {method}, the reference's modularity probe | {mp['cluster_acc']:.1f} | "
+                             f"{mp['cluster_miou']:.1f} ({per}) | | | | |")
     return "\n".join(lines)
 
 

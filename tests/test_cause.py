@@ -100,6 +100,10 @@ def test_run_with_cause_trains_evaluates_segments_and_reloads(method, synthetic_
     model = load(ckpt)
     assert model.method == method and model.cluster_probe.alpha == 3.0
     assert type(model.head).__name__ == ("CauseTRHead" if method == "cause-tr" else "CauseMLPHead")
+    # --cluster-fit kmeans (the default): the probe refitted on the code; stage 3's probe kept beside it
+    modularity = torch.load(out / "train" / "modularity_probe.pt", weights_only=True)
+    assert modularity.shape == model.cluster_probe.centroids.shape
+    assert not torch.allclose(modularity, model.cluster_probe.centroids)
     if method == "cause-tr":  # the head carries the clusterbook it was trained with
         assert torch.equal(model.head.clusterbook, torch.from_numpy(np.load(out / "train" / "clusterbook.npy")))
     folder = model.save_pretrained(tmp_path / "pretrained")

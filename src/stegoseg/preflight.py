@@ -180,6 +180,7 @@ TRAIN_OUTPUTS = (
     "checkpoint.pt", "config.yaml", "run_config.json", "lightning", "logs", "candidates", "calibration.json", "selection.json",
     "selection.png", "selected_similarity_histogram.png", "similarity_histogram.png", "training_curves.png",
     "selection-eval", "clusterbook.npy", "clusterbook.json", "clusterbook.partial.pt",
+    "modularity_probe.pt",
 )
 OUTPUTS = {
     "train": TRAIN_OUTPUTS,

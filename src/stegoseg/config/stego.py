@@ -192,9 +192,9 @@ _FIELD_HELP = {
     "select": "which checkpoint becomes checkpoint.pt: label-free (best agreement of the code's clusters with the "
     "feature correspondences, training images only), val-miou (best validation cluster mIoU: needs val labels, the "
     "reference's way), last; default: label-free with --shifts auto, else last",
-    "cluster_fit": "STEGO's cluster probe: 'kmeans' (after training, seeded spherical k-means++ over the cached "
-    "training code: stable between runs; the default) or 'online' (the reference's minibatch probe trained alongside "
-    "the head; the paper presets)",
+    "cluster_fit": "the cluster probe: 'kmeans' (after training, seeded spherical k-means++ over the cached "
+    "training code: stable between runs; the default) or 'online' (the reference's own: STEGO's minibatch probe "
+    "trained alongside the head, the paper presets; CAUSE's modularity-fitted probe of stage 3)",
 }
 
 

@@ -11,13 +11,26 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from stegoseg.config.stego import Config
-from stegoseg.methods.common import build_backbone_from_config, build_split, n_classes_for, prepare, resolve_device
+from stegoseg.methods.common import (
+    build_backbone_from_config,
+    build_split,
+    fit_centroids,
+    n_classes_for,
+    prepare,
+    resolve_device,
+)
 from stegoseg.methods.stego import save_run_config, write_selection
+from stegoseg.nn.probes import set_centroids
 from stegoseg.reporting.figures import plot_training_curves
 from stegoseg.training.cause import fit_cause, fit_clusterbook
 
 log = logging.getLogger("stegoseg")
+
+#: The stage-3 (modularity-fitted) cluster probe's centroids, kept beside the checkpoint.
+MODULARITY_PROBE = "modularity_probe.pt"
 
 
 def train_cause(cfg: Config, out, resume: bool = False) -> Optional[Path]:
@@ -38,6 +51,16 @@ def train_cause(cfg: Config, out, resume: bool = False) -> Optional[Path]:
         return None
     model = module.model
     model.attach_backbone(backbone, spec)
+    torch.save(model.cluster_probe.centroids.detach().clone(), out / MODULARITY_PROBE)
+    if cfg.cluster_fit == "kmeans":
+        # the default: the cluster probe refitted by spherical k-means on the teacher's code, as
+        # STEGO's is; --cluster-fit online keeps the reference's modularity-fitted probe
+        device = resolve_device(cfg.device)
+        head = model.head.to(device).eval()
+        set_centroids(model.cluster_probe, fit_centroids(cfg, cache, model.n_clusters, head=head, device=device))
+        head.cpu()
+        log.info("cluster probe refitted by spherical k-means on the trained code (--cluster-fit kmeans; the "
+                 "modularity-fitted probe of stage 3 is in %s)", out / MODULARITY_PROBE)
     model.class_names = list(train.class_names) if train.has_labels else None
     model.config = cfg.to_dict()
     model.eval()
