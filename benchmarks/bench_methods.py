@@ -28,11 +28,13 @@ an earlier invocation with the same config are reused (an interrupted run contin
 
     PYTHONPATH=src python3 benchmarks/bench_methods.py                       # all four settings
     PYTHONPATH=src python3 benchmarks/bench_methods.py --settings demo --seeds 0
+    PYTHONPATH=src python3 benchmarks/bench_methods.py --cost-only          # the per-step cost again, alone
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -104,8 +106,11 @@ def with_fixed_backbone(name: str, values: dict, runs: Path) -> dict:
     return dict(values, weights=str(path))
 
 
-def run_setting(name: str, values: dict, runs: Path, seeds: list) -> dict:
+def run_setting(name: str, values: dict, runs: Path, seeds: list, previous: dict = None) -> dict:
+    """Every row of a setting; with ``previous`` (``--cost-only``) only the training cost is measured again."""
     setting = Setting(name, with_fixed_backbone(name, values, runs), runs)
+    if previous is not None:
+        return dict(previous, seconds_per_step=training_cost(setting))
     rows = {m: {"per_seed": {}} for m in METHODS}
     for seed in seeds:
         keep = {}
@@ -124,7 +129,43 @@ def run_setting(name: str, values: dict, runs: Path, seeds: list) -> dict:
         row["mean"]["train_seconds"] = statistics.fmean(times) if times else None
         row["mean"]["seconds_per_step"] = statistics.fmean(steps) if steps else None
     return {"name": name, "config": {k: v for k, v in values.items() if k != "progress"}, "seeds": seeds,
-            "rows": rows}
+            "rows": rows, "seconds_per_step": training_cost(setting)}
+
+
+def training_cost(setting: Setting, short: int = 10, long: int = 50) -> dict:
+    """Seconds per training step of each method on the setting's cache, in this invocation: the
+    time of ``long`` steps minus that of ``short`` steps, divided by ``long - short`` (start-up,
+    calibration and probe fitting cancel). STEGO: one run with fixed shifts (its loss and probes);
+    CAUSE: stage-2 steps (head + teacher + bank), with its clusterbook fitted beforehand."""
+    from stegoseg.training.cause import fit_cause, fit_clusterbook
+    from stegoseg.training.stego import fit_stego
+
+    from stegoseg.methods.common import build_split, n_classes_for
+
+    base = make_config(dict(setting.values, cache_dir=str(setting.cache_dir), shifts="fixed", select="last",
+                            ckpt_every=10**6, progress=False))
+    n_classes = n_classes_for(base, build_split(base, base.train_split, setting.out))
+    out, root = {}, setting.out / "cost"
+    for method in ("stego", "cause-mlp", "cause-tr"):
+        times = {}
+        for steps in (short, long):
+            folder = root / f"{method}-{steps}"
+            if folder.exists():
+                shutil.rmtree(folder)
+            cfg = make_config(dict(base.to_dict(), method=method, steps=steps, cause_probe_steps=1,
+                                   cause_book_steps=5)) if method != "stego" else replace(base, steps=steps)
+            if method == "stego":
+                t = time.perf_counter()
+                fit_stego(cfg, folder, setting.cache, n_classes, setting.cache.has_labels)
+            else:
+                book = fit_clusterbook(cfg, setting.cache, folder)
+                t = time.perf_counter()
+                fit_cause(cfg, folder, setting.cache, n_classes, setting.cache.has_labels, book)
+            times[steps] = time.perf_counter() - t
+        out[method] = (times[long] - times[short]) / (long - short)
+    out["ratio_to_stego"] = {m: out[m] / out["stego"] for m in ("cause-mlp", "cause-tr")}
+    print(f"  seconds per training step: {json.dumps(out)}", flush=True)
+    return out
 
 
 def table(result: dict) -> str:
@@ -146,6 +187,13 @@ def table(result: dict) -> str:
                 per = "/".join(f"{v['modularity_probe']['cluster_miou']:.1f}" for v in row["per_seed"].values())
                 lines.append(f"| {s['name']} | {method}, the reference's modularity probe | {mp['cluster_acc']:.1f} | "
                              f"{mp['cluster_miou']:.1f} ({per}) | | | | |")
+    lines += ["", "Seconds per training step (same invocation, same cache; see `training_cost`):", "",
+              "| setting | STEGO | CAUSE-MLP | CAUSE-TR | CAUSE-MLP / STEGO | CAUSE-TR / STEGO |", "|---|---|---|---|---|---|"]
+    for s in result["settings"]:
+        c = s.get("seconds_per_step")
+        if c:
+            lines.append(f"| {s['name']} | {c['stego']:.3f} | {c['cause-mlp']:.3f} | {c['cause-tr']:.3f} | "
+                         f"{c['ratio_to_stego']['cause-mlp']:.2f} | {c['ratio_to_stego']['cause-tr']:.2f} |")
     return "\n".join(lines)
 
 
@@ -155,6 +203,8 @@ def main() -> None:
     parser.add_argument("--settings", default="demo,synthetic-small-objects,camvid-vits8-random,camvid-tiny-dino")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "methods.json"))
+    parser.add_argument("--cost-only", action="store_true",
+                        help="only measure the seconds per training step again, for settings already in --out")
     args = parser.parse_args()
     runs = Path(args.runs)
     make_data(runs)
@@ -166,7 +216,7 @@ def main() -> None:
     t0 = time.perf_counter()
     for name in args.settings.split(","):
         print(f"[{name}]", flush=True)
-        done[name] = run_setting(name, table_of[name], runs, seeds)
+        done[name] = run_setting(name, table_of[name], runs, seeds, previous=done[name] if args.cost_only else None)
         order = [n for n in table_of if n in done]
         result = {"benchmark": "methods", "machine": machine(), "seconds_this_invocation": time.perf_counter() - t0,
                   "settings": [done[n] for n in order]}
