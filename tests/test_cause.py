@@ -248,6 +248,8 @@ def test_bad_cause_input_is_one_line(synthetic_root, tmp_path, capsys):
                             str(synthetic_root), *tiny_cli("train")], "--method must be one of", "cause-tr")
     one_line_error(capsys, ["train", "--method", "cause-tr", "--select", "val-miou", "--out", str(tmp_path / "t"),
                             "--data-root", str(synthetic_root), *tiny_cli("train")], "keeps the last step")
+    one_line_error(capsys, ["train", "--method", "cause-mlp", "--w-potts", "0.1", "--out", str(tmp_path / "t"),
+                            "--data-root", str(synthetic_root), *tiny_cli("train")], "--w-potts", "drop")
 
 
 def test_method_defaults_fill_what_the_user_did_not_set():

@@ -381,6 +381,8 @@ def validate(cfg: Config) -> None:
          "reference does (docs/cause.md): drop --select"),
         (not (cfg.method != "stego" and cfg.live_backbone), f"--method {cfg.method} trains on the feature cache: "
          "drop --live-backbone"),
+        (not (cfg.method != "stego" and cfg.w_potts > 0), f"--w-potts is a term of STEGO's loss; --method "
+         f"{cfg.method} does not use it: drop --w-potts"),
     ]
     raise_first_failure(checks)
 
