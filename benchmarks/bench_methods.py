@@ -106,10 +106,12 @@ def with_fixed_backbone(name: str, values: dict, runs: Path) -> dict:
     return dict(values, weights=str(path))
 
 
-def run_setting(name: str, values: dict, runs: Path, seeds: list, previous: dict = None) -> dict:
-    """Every row of a setting; with ``previous`` (``--cost-only``) only the training cost is measured again."""
+def run_setting(name: str, values: dict, runs: Path, seeds: list, previous: dict = None,
+                cost_only: bool = False) -> dict:
+    """Every row of a setting (rows finished earlier are reused); the training cost is measured
+    when ``previous`` (this setting's entry of an earlier invocation) has none, or ``cost_only``."""
     setting = Setting(name, with_fixed_backbone(name, values, runs), runs)
-    if previous is not None:
+    if cost_only:
         return dict(previous, seconds_per_step=training_cost(setting))
     rows = {m: {"per_seed": {}} for m in METHODS}
     for seed in seeds:
@@ -129,7 +131,7 @@ def run_setting(name: str, values: dict, runs: Path, seeds: list, previous: dict
         row["mean"]["train_seconds"] = statistics.fmean(times) if times else None
         row["mean"]["seconds_per_step"] = statistics.fmean(steps) if steps else None
     return {"name": name, "config": {k: v for k, v in values.items() if k != "progress"}, "seeds": seeds,
-            "rows": rows, "seconds_per_step": training_cost(setting)}
+            "rows": rows, "seconds_per_step": (previous or {}).get("seconds_per_step") or training_cost(setting)}
 
 
 def training_cost(setting: Setting, short: int = 10, long: int = 50) -> dict:
@@ -216,7 +218,7 @@ def main() -> None:
     t0 = time.perf_counter()
     for name in args.settings.split(","):
         print(f"[{name}]", flush=True)
-        done[name] = run_setting(name, table_of[name], runs, seeds, previous=done[name] if args.cost_only else None)
+        done[name] = run_setting(name, table_of[name], runs, seeds, previous=done.get(name), cost_only=args.cost_only)
         order = [n for n in table_of if n in done]
         result = {"benchmark": "methods", "machine": machine(), "seconds_this_invocation": time.perf_counter() - t0,
                   "settings": [done[n] for n in order]}
