@@ -22,6 +22,11 @@ pipeline, and which one wins on these settings.
 Training cost: each row's wall time of training (all stages) and its optimiser steps, so a
 cost per step and per run, measured in the same invocation on the same machine.
 
+Run time on the project's 2-core CPU (2026-12-01): about 6 minutes per seed on each generated
+setting (CAUSE-TR is most of it), about 30 minutes per seed on CamVid with the tiny DINO
+backbone (CAUSE's 2048-wide bank dominates), and more for CamVid with the random ViT-S/8 (its
+cache alone takes about 15 minutes), plus a few minutes of training-cost measurement per setting.
+
 Writes ``benchmarks/results/methods.json`` ({"settings": [{"name", "rows": {method: M}}]}, M
 with the metrics' mean and per seed) and ``benchmarks/results/methods.md``. Rows finished by
 an earlier invocation with the same config are reused (an interrupted run continues).
@@ -225,6 +230,12 @@ def main() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2, default=float))
         md = table(result)
+        missing = [n for n in table_of if n not in done]
+        partial = [f"{s['name']} (seeds {', '.join(map(str, s['seeds']))})" for s in result["settings"] if len(s["seeds"]) < 3]
+        if missing or partial:
+            md += "\n\nNot measured yet: " + "; ".join(
+                ([f"settings {', '.join(missing)}"] if missing else []) + ([f"only {', '.join(partial)}"] if partial else [])
+            ) + " (run the script again: finished rows are reused)."
         out.with_suffix(".md").write_text(
             "Strict counting, no CRF, percent; mean over the seeds (per-seed cluster mIoU in brackets); the best "
             "cluster mIoU of a setting in bold. Random and tiny backbones: these numbers show that every method "
