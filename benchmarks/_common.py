@@ -40,3 +40,12 @@ def write_result(name: str, result: dict, out_dir=None) -> Path:
     path.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     return path
+
+
+def save_backbone_file(backbone, tiny: bool, path: Path) -> Path:
+    """A backbone's weights as a ``stegoseg-backbone`` file (for ``--weights``): a random backbone,
+    drawn from ``--seed``, kept fixed across seeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"format": "stegoseg-backbone", "name": backbone.name, "tiny": tiny,
+                "state_dict": {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}}, path)
+    return path

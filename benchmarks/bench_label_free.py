@@ -40,11 +40,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
-import torch
 from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SHARED_DATA, machine  # noqa: E402
+from _common import SHARED_DATA, machine, save_backbone_file  # noqa: E402
 
 from stegoseg.config.stego import PRESETS, make_config
 from stegoseg.data.synthetic import make_synthetic_dataset
@@ -154,10 +153,7 @@ def fixed_backbone(setting: Setting) -> dict:
         return {}
     path = setting.out / "replicates" / "backbone-seed0.pt"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        backbone = unwrap_backbone(setting.shared)
-        torch.save({"format": "stegoseg-backbone", "name": backbone.name, "tiny": setting.base.tiny,
-                    "state_dict": {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}}, path)
+        save_backbone_file(unwrap_backbone(setting.shared), setting.base.tiny, path)
     return {"weights": str(path)}
 
 

@@ -49,7 +49,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine  # noqa: E402
+from _common import machine, save_backbone_file  # noqa: E402
 from bench_label_free import REPO, Setting, make_data, metrics, reuse, settings  # noqa: E402
 
 from stegoseg.config.stego import make_config
@@ -105,9 +105,7 @@ def with_fixed_backbone(name: str, values: dict, runs: Path) -> dict:
     path = runs / name / "backbone-seed0.pt"
     if not path.exists():
         backbone, _ = build_backbone_from_config(make_config(dict(values, seed=0)))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"format": "stegoseg-backbone", "name": backbone.name, "tiny": values.get("tiny", False),
-                    "state_dict": {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}}, path)
+        save_backbone_file(backbone, values.get("tiny", False), path)
     return dict(values, weights=str(path))
 
 
