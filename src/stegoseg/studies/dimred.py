@@ -310,7 +310,8 @@ RUNTIME_FIELDS = ("progress", "num_workers", "crf_workers")
 
 def row_key(cfg_values: dict, method: str, dim: int) -> dict:
     """The config values a study row depends on (used to decide whether an earlier row can be reused)."""
-    key = {k: v for k, v in cfg_values.items() if k not in RUNTIME_FIELDS}
+    # the row's own method names it (the config's ``method`` field is the training method: STEGO here)
+    key = {k: v for k, v in cfg_values.items() if k not in RUNTIME_FIELDS and k != "method"}
     if method == "stego":
         key["dim"] = int(dim)
     else:
