@@ -32,16 +32,13 @@ are computed once and reused (:class:`SharedFeatures`); the protocol is unchange
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
-import torch
 import torch.nn as nn
 
 from stegoseg.config.stego import Config, add_config_arguments, replace, resolve_config
@@ -60,9 +57,14 @@ from stegoseg.methods.common import (
     resolve_run_paths,
 )
 from stegoseg.methods.stego import train_stego
-from stegoseg.model import load
-from stegoseg.nn.heads import ProjectionHead
 from stegoseg.reporting.tables import METRIC_COLUMNS, fmt, markdown_table
+from stegoseg.studies.pca import PCAResult, fit_pca, random_projection_head, streamed_pca  # noqa: F401 - API
+from stegoseg.studies.shared_features import (  # noqa: F401 - part of this module's API
+    SharedFeatures,
+    load_with_backbone,
+    same_weights,
+    unwrap_backbone,
+)
 
 log = logging.getLogger("stegoseg")
 
@@ -84,145 +86,6 @@ METHOD_LABELS = {
 METRIC_KEYS = (
     "cluster_strict_acc", "cluster_strict_miou", "cluster_parity_acc", "cluster_parity_miou", "linear_acc", "linear_miou",
 )
-
-
-@dataclass
-class PCAResult:
-    """Principal components of a set of feature vectors (rows of ``components``, by decreasing variance)."""
-
-    mean: torch.Tensor  # (C,)
-    components: torch.Tensor  # (C, C), row i = i-th principal direction
-    explained_variance: torch.Tensor  # (C,), decreasing
-    n_samples: int
-
-    @property
-    def explained_variance_ratio(self) -> torch.Tensor:
-        total = self.explained_variance.sum()
-        return self.explained_variance / total if total > 0 else torch.zeros_like(self.explained_variance)
-
-    @property
-    def cumulative_ratio(self) -> torch.Tensor:
-        """Cumulative explained variance: entry i is the share kept by the first i + 1 components."""
-        return torch.cumsum(self.explained_variance_ratio, 0)
-
-    def head(self, dim: int) -> ProjectionHead:
-        if not 1 <= dim <= self.components.shape[0]:
-            raise StegosegError(f"PCA to {dim} components: choose 1..{self.components.shape[0]}")
-        return ProjectionHead.from_matrix(self.components[:dim].float(), self.mean.float())
-
-
-def _vectors(batch: torch.Tensor) -> torch.Tensor:
-    """(B, C, h, w) or (N, C) -> (N, C)."""
-    if batch.dim() == 4:
-        return batch.permute(0, 2, 3, 1).reshape(-1, batch.shape[1])
-    return batch
-
-
-def streamed_pca(batches: Iterable[torch.Tensor], device="cpu") -> PCAResult:
-    """Exact PCA of all feature vectors of a stream of (B, C, h, w) or (N, C) batches.
-
-    One pass accumulates the sum and the C x C scatter matrix in float64 (memory does not
-    grow with the data), then the covariance is diagonalised. Same components and
-    explained-variance ratios as a full (non-incremental) PCA, up to sign.
-    """
-    total = scatter = None
-    n = 0
-    for b in batches:
-        v = _vectors(b).to(device=device, dtype=torch.float64)
-        if total is None:
-            total = torch.zeros(v.shape[1], dtype=torch.float64, device=device)
-            scatter = torch.zeros(v.shape[1], v.shape[1], dtype=torch.float64, device=device)
-        total += v.sum(0)
-        scatter += v.T @ v
-        n += v.shape[0]
-    if n < 2:
-        raise StegosegError("PCA needs at least two feature vectors")
-    mean = total / n
-    cov = (scatter - n * torch.outer(mean, mean)) / (n - 1)
-    cov = (cov + cov.T) / 2
-    values, vectors = torch.linalg.eigh(cov)  # ascending
-    order = torch.argsort(values, descending=True)
-    values = values[order].clamp_min(0)
-    components = vectors[:, order].T.contiguous()
-    return PCAResult(mean=mean.cpu(), components=components.cpu(), explained_variance=values.cpu(), n_samples=n)
-
-
-def fit_pca(cache, batch_size: int = 64, device="cpu") -> PCAResult:
-    """PCA of every patch feature vector in a :class:`~stegoseg.features.cache.FeatureCache`."""
-    return streamed_pca(cache.iter_batches(batch_size), device=device)
-
-
-def random_projection_head(in_dim: int, dim: int, seed: int = 0) -> ProjectionHead:
-    """Gaussian random projection to ``dim`` dims: entries N(0, 1/dim), seeded by (seed, dim)."""
-    rng = np.random.default_rng([int(seed), int(dim)])
-    weight = rng.normal(0.0, 1.0 / np.sqrt(dim), size=(dim, in_dim)).astype(np.float32)
-    return ProjectionHead.from_matrix(torch.from_numpy(weight))
-
-
-# --------------------------------------------------------------------------- shared evaluation
-class SharedFeatures(nn.Module):
-    """A frozen backbone whose ``features`` are memoised by the exact input tensor.
-
-    Evaluating several models that share one frozen backbone on the same images (same
-    protocol, same batches) would run the backbone once per model; through this wrapper
-    each batch's features are computed once and reused, so the results are identical to
-    recomputing them. Entries are kept on the CPU up to ``max_bytes`` in total (later
-    batches are then computed every time). Every other attribute is the backbone's.
-    """
-
-    def __init__(self, backbone: nn.Module, max_bytes: int = 4 << 30):
-        super().__init__()
-        self.inner = backbone
-        self.max_bytes = int(max_bytes)
-        self._memo: dict = {}
-        self._bytes = 0
-        self.hits = self.misses = 0
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["inner"], name)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(x)
-
-    def features(self, x01: torch.Tensor, mode: str = "pad") -> torch.Tensor:
-        data = x01.detach().cpu().contiguous()
-        key = (mode, str(data.dtype), tuple(data.shape), hashlib.sha1(data.numpy().tobytes()).hexdigest())
-        found = self._memo.get(key)
-        if found is not None:
-            self.hits += 1
-            return found.to(x01.device).clone()
-        self.misses += 1
-        feats = self.inner.features(x01, mode=mode)
-        size = feats.numel() * feats.element_size()
-        if self._bytes + size <= self.max_bytes:
-            self._memo[key] = feats.detach().cpu().clone()
-            self._bytes += size
-        return feats
-
-
-def same_weights(a: nn.Module, b: nn.Module) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k].cpu(), sb[k].cpu()) for k in sa)
-
-
-def unwrap_backbone(backbone: nn.Module) -> nn.Module:
-    return backbone.inner if isinstance(backbone, SharedFeatures) else backbone
-
-
-def load_with_backbone(checkpoint, backbone: nn.Module, device: str):
-    """Load a checkpoint and put ``backbone`` (e.g. a :class:`SharedFeatures`) in place of its own
-    backbone, after checking that the weights are the same."""
-
-    model = load(checkpoint, device="cpu")
-    if not same_weights(model.backbone, unwrap_backbone(backbone)):
-        raise StegosegError(
-            f"{checkpoint}: its backbone differs from the study's backbone (random backbones are seeded with --seed)"
-        )
-    model.backbone = backbone
-    return model.to(device).eval()
 
 
 def save_model(model, path) -> Path:
