@@ -42,7 +42,7 @@ def root(tmp_path_factory):
 
 
 def prepared(root, out, **quirks):
-    from stegoseg.features.knn import config_neighbors
+    from stegoseg.features.cache import config_neighbors
     from stegoseg.methods.common import prepare
 
     cfg = tiny_config(root, cache_dir=str(out), **quirks)

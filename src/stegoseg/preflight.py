@@ -83,6 +83,17 @@ def atomic_write(path, save, suffix: str = ".tmp") -> None:
         raise
 
 
+
+def atomic_save_npy(path, array) -> None:
+    """``np.save`` through :func:`atomic_write` (readers never see a partial file)."""
+    import numpy as np
+
+    def save(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.save would append .npy to the temporary name
+            np.save(f, array)
+
+    atomic_write(path, save, suffix=".tmp.npy")
+
 def free_bytes(folder) -> int:
     """Free bytes on the file system holding ``folder`` (or its nearest existing parent)."""
     p = Path(folder).absolute()

@@ -52,7 +52,7 @@ from stegoseg.data.transforms import TrainTransform, five_crop_boxes
 from stegoseg.errors import StegosegError
 from stegoseg.features.knn import nearest_neighbors
 from stegoseg.preflight import (
-    atomic_write,
+    atomic_save_npy,
     check_free_space,
     files_fingerprint,
     human_bytes,
@@ -133,16 +133,6 @@ def jpeg_round_trip(image, quality: int = 75):
     buffer.seek(0)
     with Image.open(buffer) as decoded:
         return decoded.convert("RGB")
-
-
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    """``np.save`` through :func:`~stegoseg.preflight.atomic_write` (readers never see a partial file)."""
-
-    def save(tmp):
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-
-    atomic_write(path, save, suffix=".tmp.npy")
 
 
 @contextlib.contextmanager
@@ -276,7 +266,7 @@ class FeatureCache:
                 keep = (torch.rand(mean.shape, generator=gen) >= dropout).float() / (1 - dropout)
                 mean = mean * keep
             out[start : start + f.shape[0]] = F.normalize(mean, dim=1).numpy()
-        _atomic_save_npy(path, out)
+        atomic_save_npy(path, out)
         return out
 
     def neighbors(self, k: int = 30, backend: str = "auto", device: str = "cpu", dropout: float = 0.0,
@@ -288,7 +278,7 @@ class FeatureCache:
             return np.load(path)
         knn = nearest_neighbors(self.global_descriptors(dropout=dropout, seed=seed), k=k, backend=backend,
                                 device=device)
-        _atomic_save_npy(path, knn)
+        atomic_save_npy(path, knn)
         return knn
 
 
@@ -432,7 +422,7 @@ def _create_cache(path: Path, spec: CacheSpec, dataset, ids: list, files: str, n
         "n_classes": dataset.n_classes if has_labels else None,
         "class_names": list(dataset.class_names) if has_labels else None,
     }
-    _atomic_save_npy(path / "done.npy", np.zeros(n, dtype=bool))
+    atomic_save_npy(path / "done.npy", np.zeros(n, dtype=bool))
     (path / "meta.json.tmp").write_text(json.dumps(meta, indent=1))
     os.replace(path / "meta.json.tmp", path / "meta.json")
 
@@ -464,7 +454,7 @@ def _extract_into(cache: FeatureCache, view: CropView, todo: np.ndarray, done: n
             if cache.labels is not None:
                 cache.labels.flush()
             done[idx] = True
-            _atomic_save_npy(cache.path / "done.npy", done)
+            atomic_save_npy(cache.path / "done.npy", done)
             bar.update(len(idx))
     bar.close()
 
@@ -489,3 +479,10 @@ def _raw_ids(dataset: SegmentationDataset, n_crops: int) -> list:
     if ids is None:
         ids = [dataset.load(i).id for i in range(len(dataset))]
     return [i for i in ids for _ in range(n_crops)]
+
+
+def config_neighbors(cfg, cache: FeatureCache, device: str = "cpu") -> np.ndarray:
+    """The KNN lists a run's config asks for: ``cfg.n_neighbors`` per item, with the
+    reference's dropout-perturbed descriptors when ``cfg.knn_dropout`` is on."""
+    dropout = cfg.feature_dropout if getattr(cfg, "knn_dropout", False) else 0.0
+    return cache.neighbors(cfg.n_neighbors, backend=cfg.knn_backend, device=device, dropout=dropout, seed=cfg.seed)

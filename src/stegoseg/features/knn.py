@@ -2,23 +2,10 @@
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import torch
 
 from stegoseg.errors import StegosegError
-
-if TYPE_CHECKING:  # the cache uses this module; annotations only
-    from stegoseg.features.cache import FeatureCache
-
-
-def config_neighbors(cfg, cache: FeatureCache, device: str = "cpu") -> np.ndarray:
-    """The KNN lists a run's config asks for: ``cfg.n_neighbors`` per item, with the
-    reference's dropout-perturbed descriptors when ``cfg.knn_dropout`` is on."""
-    dropout = cfg.feature_dropout if getattr(cfg, "knn_dropout", False) else 0.0
-    return cache.neighbors(cfg.n_neighbors, backend=cfg.knn_backend, device=device, dropout=dropout, seed=cfg.seed)
-
 
 def nearest_neighbors(
     vectors: np.ndarray, k: int = 30, backend: str = "auto", device: str = "cpu", chunk: int = 8192

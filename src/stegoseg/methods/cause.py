@@ -17,13 +17,12 @@ from stegoseg.config.stego import Config
 from stegoseg.methods.common import (
     build_backbone_from_config,
     build_split,
-    fit_centroids,
     n_classes_for,
     prepare,
+    refit_cluster_probe,
     resolve_device,
 )
 from stegoseg.methods.stego import save_run_config, write_selection
-from stegoseg.nn.probes import set_centroids
 from stegoseg.reporting.figures import plot_training_curves
 from stegoseg.training.cause import fit_cause, fit_clusterbook
 
@@ -55,10 +54,7 @@ def train_cause(cfg: Config, out, resume: bool = False) -> Optional[Path]:
     if cfg.cluster_fit == "kmeans":
         # the default: the cluster probe refitted by spherical k-means on the teacher's code, as
         # STEGO's is; --cluster-fit online keeps the reference's modularity-fitted probe
-        device = resolve_device(cfg.device)
-        head = model.head.to(device).eval()
-        set_centroids(model.cluster_probe, fit_centroids(cfg, cache, model.n_clusters, head=head, device=device))
-        head.cpu()
+        refit_cluster_probe(cfg, cache, model)
         log.info("cluster probe refitted by spherical k-means on the trained code (--cluster-fit kmeans; the "
                  "modularity-fitted probe of stage 3 is in %s)", out / MODULARITY_PROBE)
     model.class_names = list(train.class_names) if train.has_labels else None
@@ -75,9 +71,9 @@ def train_cause(cfg: Config, out, resume: bool = False) -> Optional[Path]:
 
 def check_cause_resume(cfg: Config, out: Path) -> None:
     """``--resume`` of a CAUSE run, checked before any work: the same settings as the interrupted
-    run (:func:`~stegoseg.training.resume.resume_checkpoint`), and the same ``--steps`` and
-    ``--cause-probe-steps`` (stage 3 starts at step ``--steps``: a longer stage 2 after it began
-    would mix the stages)."""
+    run (:func:`~stegoseg.training.resume.resume_checkpoint`; ``--cause-probe-steps`` among them),
+    and also the same ``--steps``, which STEGO may extend (stage 3 starts at step ``--steps``: a
+    longer stage 2 after it began would mix the stages)."""
     import json
 
     from stegoseg.errors import StegosegError

@@ -28,7 +28,7 @@ from stegoseg.errors import StegosegError
 from stegoseg.evaluation.crf import crf_params_from
 from stegoseg.evaluation.protocol import EvalConfig, evaluate_model
 from stegoseg.features.cache import FeatureCache, extract_features
-from stegoseg.features.knn import config_neighbors
+from stegoseg.features.cache import config_neighbors
 from stegoseg.model import SegmentationModel, build_backbone, load
 from stegoseg.nn.kmeans import spherical_kmeans
 from stegoseg.nn.probes import set_centroids, train_linear_probe
@@ -251,6 +251,15 @@ def fit_centroids(cfg: Config, cache: FeatureCache, n_clusters: int, head=None, 
                                     device=device, progress=cfg.progress)
     return spherical_kmeans(batches, n_clusters, n_iter=cfg.kmeans_iters, seed=cfg.seed, device=device,
                             progress=cfg.progress)
+
+
+def refit_cluster_probe(cfg: Config, cache: FeatureCache, model: SegmentationModel) -> None:
+    """``--cluster-fit kmeans``: the model's cluster probe refitted by :func:`fit_centroids` on its
+    head's code of the cached training crops (on ``cfg.device``; the head goes back to the CPU)."""
+    device = resolve_device(cfg.device)
+    head = model.head.to(device).eval()
+    set_centroids(model.cluster_probe, fit_centroids(cfg, cache, model.n_clusters, head=head, device=device))
+    head.cpu()
 
 
 # fit_centroids keeps the code of the whole cache in memory up to this size

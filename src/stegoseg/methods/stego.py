@@ -16,18 +16,17 @@ from tqdm.auto import tqdm
 from stegoseg.config.stego import Config, replace, selection_mode
 from stegoseg.errors import StegosegError
 from stegoseg.features.cache import CropView, FeatureCache
-from stegoseg.features.knn import config_neighbors
+from stegoseg.features.cache import config_neighbors
 from stegoseg.methods.common import (
     build_backbone_from_config,
     build_split,
     evaluate_checkpoint_model,
-    fit_centroids,
     n_classes_for,
     prepare,
+    refit_cluster_probe,
     resolve_device,
 )
 from stegoseg.model import SegmentationModel
-from stegoseg.nn.probes import set_centroids
 from stegoseg.reporting.figures import (
     plot_selection,
     plot_training_curves,
@@ -139,10 +138,7 @@ def train_stego(cfg: Config, out, resume: bool = False) -> Optional[Path]:
         model.class_names = list(train.class_names) if train.has_labels else None
         model.config = vcfg.to_dict()
         if vcfg.cluster_fit == "kmeans":
-            device = resolve_device(vcfg.device)
-            head = model.head.to(device).eval()
-            set_centroids(model.cluster_probe, fit_centroids(vcfg, cache, model.n_clusters, head=head, device=device))
-            head.cpu()
+            refit_cluster_probe(vcfg, cache, model)
         return model.eval()
 
     run, model = select_checkpoint(cfg, out, runs, model_from, cache, knn, n_clusters)

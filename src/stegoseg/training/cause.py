@@ -44,7 +44,7 @@ from stegoseg.losses.cause import (
 )
 from stegoseg.model import SegmentationModel
 from stegoseg.nn.cause import CauseMLPHead, CauseTRHead, TokenDropout, tokens_of
-from stegoseg.preflight import atomic_write
+from stegoseg.preflight import atomic_save_npy, atomic_write
 from stegoseg.training.steps import batch_indices, fit_step_module, step_seed
 
 log = logging.getLogger("stegoseg")
@@ -134,17 +134,12 @@ def fit_clusterbook(cfg: Config, cache: FeatureCache, out, device: str = "cpu") 
                      "concepts": concepts.detach().cpu(), "optimizer": optimizer.state_dict()}
             atomic_write(partial, lambda tmp: torch.save(state, tmp))
     book = concepts.detach().cpu()
-    atomic_write(book_path, lambda tmp: _save_npy(tmp, book.numpy()))
+    atomic_save_npy(book_path, book.numpy())
     atomic_write(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=1)))
     partial.unlink(missing_ok=True)
     log.info("CAUSE stage 1: clusterbook of %d concepts in %d steps (%.1fs)", cfg.cause_concepts, steps,
              time.perf_counter() - t0)
     return book
-
-
-def _save_npy(path, array: np.ndarray) -> None:
-    with open(path, "wb") as f:  # a file object: np.save would append .npy to a temporary name
-        np.save(f, array)
 
 
 # --------------------------------------------------------------------------- stages 2 and 3

@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from stegoseg.config.stego import Config
 from stegoseg.features.cache import CropView, FeatureCache
-from stegoseg.features.knn import config_neighbors
+from stegoseg.features.cache import config_neighbors
 from stegoseg.losses.potts import potts_term
 from stegoseg.losses.stego import LossWeights, stego_loss
 from stegoseg.model import SegmentationModel
