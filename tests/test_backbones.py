@@ -55,9 +55,13 @@ def test_expected_presets_are_listed():
         "dino_vits8", "dino_vits16", "dino_vitb8", "dino_vitb16",
         "dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14",
         "dinov2_vits14_reg", "dinov2_vitb14_reg", "dinov2_vitl14_reg",
+        "dinov3_vits16", "dinov3_vits16plus", "dinov3_vitb16", "dinov3_vitl16",
         "resnet50_supervised", "mocov2_resnet50",
     }
     assert expected <= set(ALL)
+    assert BACKBONE_PRESETS["dinov3_vits16plus"].arch == "vit_small_plus_patch16_dinov3.lvd1689m"
+    assert BACKBONE_PRESETS["dinov3_vitl16"].embed_dim == 1024
+    assert "DINOv3 License" in BACKBONE_PRESETS["dinov3_vitb16"].licence
     assert BACKBONE_PRESETS["dino_vits8"].arch == "vit_small_patch8_224.dino"
     assert BACKBONE_PRESETS["dinov2_vitb14_reg"].arch == "vit_base_patch14_reg4_dinov2.lvd142m"
     assert BACKBONE_PRESETS["mocov2_resnet50"].url.endswith("moco_v2_800ep_pretrain.pth.tar")
@@ -84,7 +88,8 @@ def test_full_size_architecture_matches_table(name):
     assert backbone.patch_size == preset.patch_size
     assert backbone.embed_dim == preset.embed_dim
     if preset.family == "vit":
-        assert backbone.model.num_prefix_tokens == (5 if name.endswith("_reg") else 1)
+        registers = name.endswith("_reg") or name.startswith("dinov3")
+        assert backbone.model.num_prefix_tokens == (5 if registers else 1)
         assert backbone.model.dynamic_img_size
 
 
@@ -125,6 +130,43 @@ def test_vit_drops_prefix_tokens():
     feats = backbone(x)
     # feature cell (row 1, col 2) is patch token 5 + 1 * 3 + 2
     assert torch.allclose(feats[0, :, 1, 2], tokens[0, 5 + 3 + 2])
+
+
+def test_dinov3_drops_cls_and_registers_at_any_grid():
+    # Rotary positions: no embedding to resample, any multiple of 16 gives its own grid.
+    backbone = tiny("dinov3_vits16")
+    assert backbone.model.pos_embed is None and backbone.model.rope is not None
+    for rows, cols in [(2, 3), (5, 1), (7, 4)]:
+        x = torch.randn(1, 3, 16 * rows, 16 * cols)
+        tokens = backbone.model.forward_features(x)
+        assert tokens.shape[1] == 5 + rows * cols
+        feats = backbone(x)
+        assert feats.shape == (1, 32, rows, cols)
+        expected = tokens[0, 5:].reshape(rows, cols, 32).permute(2, 0, 1)
+        assert torch.allclose(feats[0], expected, atol=1e-6)
+
+
+def test_dinov3_timm_state_dict_round_trip_and_wrong_size(tmp_path):
+    from safetensors.torch import save_file
+
+    source = tiny("dinov3_vits16", seed=3)
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in source.model.state_dict().items()}, str(path))
+    loaded = create_backbone("dinov3_vits16", weights=path, tiny=True)
+    assert_same_features(source, loaded)
+    with pytest.raises(StegosegError) as err:
+        create_backbone("dinov2_vits14_reg", weights=path, tiny=True)
+    assert "does not fit backbone 'dinov2_vits14_reg'" in str(err.value)
+
+
+def test_dinov3_offline_error_names_the_licence_page(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(bb, "_cached_hub_file", lambda repo_id: None)
+    with pytest.raises(StegosegError) as err:
+        create_backbone("dinov3_vitb16")
+    message = str(err.value)
+    assert "timm/vit_base_patch16_dinov3.lvd1689m" in message and "licence request" in message
+    assert "--weights PATH" in message and "\n" not in message
 
 
 def _forward_features_path(backbone: Backbone, x: torch.Tensor) -> torch.Tensor:

@@ -129,3 +129,25 @@ def test_class_names_option(synthetic_root, tmp_path):
     assert main(["baseline", "--out", str(out), "--data-root", str(synthetic_root), "--class-names", names, *tiny_cli("baseline")]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert list(metrics["cluster"]["strict"]["per_class_iou"]) == ["a", "b", "c", "d"]
+
+
+def test_tiny_dinov3_prepare_train_segment(synthetic_root, tmp_path):
+    """A tiny random DINOv3 (Eva, rotary positions, 4 registers) through prepare, train and segment."""
+    cache = tmp_path / "cache"
+    common = ["--data-root", str(synthetic_root), "--backbone", "dinov3_vits16", "--cache-dir", str(cache)]
+    assert main(["prepare", *common, *tiny_cli("prepare", "--resolution", "48")]) == 0
+    meta = json.loads(next(cache.glob("*/meta.json")).read_text())
+    assert meta["spec"]["backbone"] == "dinov3_vits16" and meta["feature_shape"] == [32, 3, 3]
+    train = tmp_path / "train"
+    assert main(["train", "--out", str(train), "--steps", "4", *common, *tiny_cli("train", "--resolution", "48")]) == 0
+    model = stegoseg.load(train / "checkpoint.pt")
+    assert model.backbone.name == "dinov3_vits16" and model.backbone.patch_size == 16
+    # any size: a 40x72 image is padded to 48x80, a 3x5 grid of rotary positions
+    assert model.features(torch.zeros(1, 3, 40, 72)).shape == (1, 32, 3, 5)
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    Image.fromarray((np.random.default_rng(2).random((40, 72, 3)) * 255).astype(np.uint8)).save(imgs / "a.png")
+    seg = tmp_path / "seg"
+    assert main(["segment", str(train / "checkpoint.pt"), str(imgs), "--out", str(seg), "--quiet",
+                 "--num-workers", "0", "--device", "cpu"]) == 0
+    assert Image.open(seg / "a.png").size == (72, 40)

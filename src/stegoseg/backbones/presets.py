@@ -31,6 +31,7 @@ class BackbonePreset:
         description: one line for listings and docs.
         aliases: other accepted names (e.g. the timm model name).
         tiny: architecture overrides that make the test-sized variant (``tiny=True``).
+        licence: the licence of the pretrained weights (``stegoseg backbones`` lists it).
     """
 
     name: str
@@ -45,6 +46,7 @@ class BackbonePreset:
     description: str
     aliases: tuple[str, ...] = ()
     tiny: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    licence: str = "Apache-2.0"
 
     @property
     def download_source(self) -> str:
@@ -76,10 +78,28 @@ def _dinov2(name: str, arch: str, dim: int, url: str, what: str) -> BackbonePres
     )
 
 
+def _dinov3(name: str, arch: str, dim: int, what: str) -> BackbonePreset:
+    # timm's Eva class: patch 16, one CLS and four register tokens, 2-D rotary position
+    # embedding (computed for every token grid, so no resampling at any input size).
+    return BackbonePreset(
+        name=name, family="vit", arch=arch, patch_size=16, embed_dim=dim,
+        mean=IMAGENET_MEAN, std=IMAGENET_STD, hf_hub_id=f"timm/{arch}", url=_DINOV3_URL,
+        description=what, aliases=(arch, arch.split(".")[0]), tiny=_TINY_VIT, licence=_DINOV3_LICENCE,
+    )
+
+
 _DINO_URL = "https://dl.fbaipublicfiles.com/dino"
 
 
 _DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2"
+
+
+# Meta hands out the original DINOv3 files after a licence request on this page; timm's copies
+# on the Hugging Face hub carry the same licence.
+_DINOV3_URL = "https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/"
+
+
+_DINOV3_LICENCE = "DINOv3 License (Meta, custom: https://ai.meta.com/resources/models-and-libraries/dinov3-license/)"
 
 
 #: All named backbones, in display order.
@@ -116,6 +136,14 @@ BACKBONE_PRESETS: dict[str, BackbonePreset] = {
         _dinov2("dinov2_vitl14_reg", "vit_large_patch14_reg4_dinov2.lvd142m", 1024,
                 f"{_DINOV2_URL}/dinov2_vitl14/dinov2_vitl14_reg4_pretrain.pth",
                 "DINOv2 ViT-L/14 with 4 register tokens"),
+        _dinov3("dinov3_vits16", "vit_small_patch16_dinov3.lvd1689m", 384,
+                "DINOv3 ViT-S/16 (Simeoni et al. 2025, LVD-1689M), 4 registers, rotary positions"),
+        _dinov3("dinov3_vits16plus", "vit_small_plus_patch16_dinov3.lvd1689m", 384,
+                "DINOv3 ViT-S+/16 (LVD-1689M), 4 registers, rotary positions"),
+        _dinov3("dinov3_vitb16", "vit_base_patch16_dinov3.lvd1689m", 768,
+                "DINOv3 ViT-B/16 (LVD-1689M), 4 registers, rotary positions"),
+        _dinov3("dinov3_vitl16", "vit_large_patch16_dinov3.lvd1689m", 1024,
+                "DINOv3 ViT-L/16 (LVD-1689M), 4 registers, rotary positions"),
         BackbonePreset(
             name="resnet50_supervised", family="resnet", arch="resnet50", patch_size=32,
             embed_dim=2048, mean=IMAGENET_MEAN, std=IMAGENET_STD, hf_hub_id=None,
@@ -124,7 +152,7 @@ BACKBONE_PRESETS: dict[str, BackbonePreset] = {
             url="https://download.pytorch.org/models/resnet50-0676ba61.pth",
             description="Supervised ImageNet ResNet-50 (torchvision IMAGENET1K_V1), layer4",
             aliases=("resnet50", "resnet50.tv_in1k", "supervised_resnet50"),
-            tiny=_TINY_RESNET,
+            tiny=_TINY_RESNET, licence="BSD-3-Clause (torchvision)",
         ),
         BackbonePreset(
             name="mocov2_resnet50", family="resnet", arch="resnet50", patch_size=32,
@@ -133,7 +161,7 @@ BACKBONE_PRESETS: dict[str, BackbonePreset] = {
                  "moco_v2_800ep_pretrain.pth.tar"),
             description="MoCo v2 ResNet-50, 800 epochs (He et al. / Chen et al. 2020), layer4",
             aliases=("moco_v2_resnet50", "mocov2", "moco_v2_800ep"),
-            tiny=_TINY_RESNET,
+            tiny=_TINY_RESNET, licence="CC-BY-NC-4.0",
         ),
     )
 }

@@ -138,8 +138,14 @@ def load_weights_into(
     if preset.family == "vit" and state:
         # timm's ViT filter converts official DINOv2 checkpoints (mask token, registers,
         # SwiGLU names), reshapes linear patch embeddings and resamples pos_embed when
-        # the checkpoint's grid differs from the model's.
+        # the checkpoint's grid differs from the model's; its Eva filter converts Meta's
+        # original DINOv3 files (storage tokens, rotary periods, split q/k/v biases).
+        from timm.models.eva import Eva
+        from timm.models.eva import checkpoint_filter_fn as eva_filter
         from timm.models.vision_transformer import checkpoint_filter_fn
+
+        if isinstance(model, Eva):
+            checkpoint_filter_fn = eva_filter  # noqa: N806 - the same role for timm's other ViT class
 
         try:
             state = checkpoint_filter_fn(state, model)
@@ -268,10 +274,9 @@ def _download_url_file(url: str) -> str:
 
 def _offline_error(preset: BackbonePreset, reason: str) -> StegosegError:
     if preset.download_source == "hf":
-        what = (
-            f"model.safetensors from https://huggingface.co/{preset.hf_hub_id} "
-            f"(or the official checkpoint {preset.url})"
-        )
+        official = (f"Meta's original file, handed out after a licence request at {preset.url}"
+                    if str(preset.url).endswith("/") else f"the official checkpoint {preset.url}")
+        what = f"model.safetensors from https://huggingface.co/{preset.hf_hub_id} (or {official})"
     else:
         what = str(preset.url)
     return StegosegError(

@@ -8,10 +8,12 @@ from stegoseg.errors import StegosegError, refuse_overwrite
 
 
 def cmd_backbones(args) -> int:
-    from stegoseg.backbones.presets import list_backbones
+    from stegoseg.backbones.presets import BACKBONE_PRESETS
 
-    for name in list_backbones():
-        print(name)
+    width = max(len(name) for name in BACKBONE_PRESETS)
+    for name, preset in BACKBONE_PRESETS.items():
+        print(f"{name:<{width}}  patch {preset.patch_size:>2}  {preset.embed_dim:>4} ch  {preset.description}; "
+              f"weights licence: {preset.licence}")
     return 0
 
 
