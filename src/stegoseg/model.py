@@ -48,6 +48,14 @@ from stegoseg.checkpoint_io import (  # noqa: F401 - CHECKPOINT_* and the folder
 CRF_ALPHA = {"stego": 2.0, "cause-mlp": 3.0, "cause-tr": 3.0}
 
 
+def probe_kind(method: str) -> tuple:
+    """(alpha, metric) of a method's cluster probe: PriMaPs-EM's prototypes (``primaps`` and
+    ``METHOD+primaps``) give plain logits (alpha 1, inner product), the others alpha * cosine."""
+    if method == "primaps" or method.endswith("+primaps"):
+        return 1.0, "dot"
+    return CRF_ALPHA.get(method, 2.0), "cosine"
+
+
 def build_backbone(spec: dict, weights: Optional[str] = None):
     """Build a backbone from a spec {name, pretrained, weights, tiny, overrides}."""
     return create_backbone(
@@ -81,7 +89,8 @@ class SegmentationModel(nn.Module):
         self.backbone_spec = dict(backbone_spec)
         self.head = head
         self.code_dim = head.dim if head is not None else backbone.embed_dim
-        self.cluster_probe = ClusterProbe(self.code_dim, n_clusters, alpha=CRF_ALPHA.get(method, 2.0))
+        alpha, metric = probe_kind(method)
+        self.cluster_probe = ClusterProbe(self.code_dim, n_clusters, alpha=alpha, metric=metric)
         self.linear_probe = LinearProbe(self.code_dim, n_classes) if n_classes else None
         self.n_classes = n_classes
         self.class_names = list(class_names) if class_names else None

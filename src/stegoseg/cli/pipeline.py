@@ -121,8 +121,8 @@ def add_commands(sub) -> None:
     out_arg(p, "runs/train")
     p.add_argument("--resume", action="store_true", help="continue from --out/lightning/last.ckpt")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run's outputs in --out")
-    add_config_arguments(p, groups=("method", "data", "backbone", "features", "loss", "cause", "training", "probes",
-                                    "evaluation", "run"))
+    add_config_arguments(p, groups=("method", "data", "backbone", "features", "loss", "cause", "primaps", "training",
+                                    "probes", "evaluation", "run"))
     p.set_defaults(func=cmd_train)
     p = sub.add_parser(
         "baseline",

@@ -45,7 +45,8 @@ class Config(ConfigBase):
     extract_batch_size: int = 32
     num_workers: int = 2
     # ---- method
-    method: str = "stego"  # stego | cause-mlp | cause-tr
+    method: str = "stego"  # stego | cause-mlp | cause-tr | primaps | stego+primaps | cause-mlp+primaps | cause-tr+primaps
+    init_from: Optional[str] = None  # --method primaps: boost this trained stegoseg checkpoint (its head's code)
     # ---- head and correspondence loss
     dim: int = 70  # the code's channels (CAUSE's published 90 is its default with --method cause-*)
     n_classes: Optional[int] = None  # needed for label-free data; else from the dataset
@@ -82,6 +83,16 @@ class Config(ConfigBase):
     cause_clip: float = 2.0  # gradient-norm clip of the head (reference: 2 COCO-Stuff, 1 Cityscapes)
     cause_weight_decay: float = 1e-4  # Adam weight decay of the head and linear probe (reference: 0 on Cityscapes)
     cause_probe_steps: int = 1000  # stage 3: cluster probe fitted by the modularity objective on the frozen code
+    # ---- PriMaPs-EM (--method primaps / X+primaps; docs/primaps.md)
+    primaps_threshold: float = 0.4  # a mask takes the free features with cosine >= this x the largest one
+    primaps_coverage: float = 0.95  # masks are proposed until this fraction of the feature grid is taken
+    primaps_steps: Optional[int] = None  # EM steps; None: --steps
+    primaps_lr: float = 5e-3  # Adam learning rate of the student prototypes
+    primaps_ema: float = 0.98  # the EMA teacher's decay (after its warm-up)
+    primaps_ema_every: int = 10  # the teacher follows the student every this many steps
+    primaps_focal: float = 2.0  # focal-loss exponent
+    primaps_init: str = "pca"  # the prototypes' start for --method primaps: pca (the reference's) | kmeans
+    primaps_init_epochs: int = 2  # pca init: epochs of the cluster loss after the PCA directions
     # ---- optimisation
     steps: int = 5000
     batch_size: int = 16
@@ -174,7 +185,12 @@ _FIELD_HELP = {
     "pos_embed": "ViT position-embedding resampling: timm (antialiased bicubic; clean) or dino (DINO's own, offset "
     "0.1, plain bicubic; reference)",
     "method": "stego (default), cause-mlp or cause-tr (CAUSE, Kim et al. 2023: modularity clusterbook, "
-    "concept-guided contrastive head with an EMA teacher, modularity cluster probe; docs/cause.md)",
+    "concept-guided contrastive head with an EMA teacher, modularity cluster probe; docs/cause.md), primaps "
+    "(PriMaPs-EM, Hahn et al. 2024, on the backbone features: principal mask proposals as pseudo labels, class "
+    "prototypes fitted by EM with an EMA teacher; docs/primaps.md), or METHOD+primaps (train stego, cause-mlp or "
+    "cause-tr, then PriMaPs-EM on its code)",
+    "init_from": "with --method primaps: a trained stegoseg checkpoint whose code (and cluster probe, as the start "
+    "of the prototypes) PriMaPs-EM boosts; its backbone is used",
     "dataset": "dataset format: directory, cocostuff27, cityscapes27, potsdam3, suim, voc2012, or synthetic",
     "data_root": "dataset folder (for directory: imgs/{split}/ and optional labels/{split}/)",
     "weights": "local backbone weights file (timm/safetensors, official DINO .pth, or stegoseg file)",
@@ -201,7 +217,7 @@ _FIELD_HELP = {
 #: The config's fields by stage; a command's --help lists only the groups it reads (every
 #: field can still come from --config YAML).
 FIELD_GROUPS = {
-    "method": ("method",),
+    "method": ("method", "init_from"),
     "data": ("dataset", "data_root", "train_split", "val_split", "ignore_index", "class_names", "n_classes"),
     "backbone": ("backbone", "weights", "pretrained", "tiny", "pos_embed"),
     "features": ("resolution", "five_crop", "n_neighbors", "knn_backend", "cache_dir", "extract_batch_size",
@@ -220,6 +236,8 @@ FIELD_GROUPS = {
     "cause": ("cause_concepts", "cause_book_steps", "cause_book_temperature", "cause_projection_dim",
               "cause_temperature", "cause_pos_threshold", "cause_neg_threshold", "cause_bank_size", "cause_ema",
               "cause_grid", "cause_clip", "cause_weight_decay", "cause_probe_steps"),
+    "primaps": ("primaps_threshold", "primaps_coverage", "primaps_steps", "primaps_lr", "primaps_ema",
+                "primaps_ema_every", "primaps_focal", "primaps_init", "primaps_init_epochs"),
 }
 
 
@@ -381,14 +399,27 @@ def validate(cfg: Config) -> None:
          "reference does (docs/cause.md): drop --select"),
         (not (cfg.method != "stego" and cfg.live_backbone), f"--method {cfg.method} trains on the feature cache: "
          "drop --live-backbone"),
-        (not (cfg.method != "stego" and cfg.w_potts > 0), f"--w-potts is a term of STEGO's loss; --method "
-         f"{cfg.method} does not use it: drop --w-potts"),
+        (not ((base_method(cfg.method) or cfg.method) != "stego" and cfg.w_potts > 0),
+         f"--w-potts is a term of STEGO's loss; --method {cfg.method} does not use it: drop --w-potts"),
+        (0 < cfg.primaps_threshold < 1, "--primaps-threshold must be in (0, 1)"),
+        (0 < cfg.primaps_coverage <= 1, "--primaps-coverage must be in (0, 1]"),
+        (cfg.primaps_steps is None or cfg.primaps_steps >= 1, "--primaps-steps must be >= 1 (or none)"),
+        (cfg.primaps_lr > 0, "--primaps-lr must be > 0"),
+        (0 <= cfg.primaps_ema < 1, "--primaps-ema must be in [0, 1)"),
+        (cfg.primaps_ema_every >= 1, "--primaps-ema-every must be >= 1"),
+        (cfg.primaps_focal >= 0, "--primaps-focal must be >= 0"),
+        (cfg.primaps_init in ("pca", "kmeans"), f"--primaps-init must be pca or kmeans, got {cfg.primaps_init!r}"),
+        (cfg.primaps_init_epochs >= 0, "--primaps-init-epochs must be >= 0"),
+        (not (cfg.init_from and cfg.method != "primaps"), f"--init-from boosts a trained model with PriMaPs-EM: "
+         f"use it with --method primaps (--method {cfg.method} trains its own head)"),
+        (not cfg.init_from or Path(cfg.init_from).expanduser().is_file(),
+         f"--init-from {cfg.init_from}: no such checkpoint file (pass a stegoseg checkpoint.pt)"),
     ]
     raise_first_failure(checks)
 
 
 #: The trainable methods of ``--method``.
-METHODS = ("stego", "cause-mlp", "cause-tr")
+METHODS = ("stego", "cause-mlp", "cause-tr", "primaps", "stego+primaps", "cause-mlp+primaps", "cause-tr+primaps")
 
 #: Each method's published settings, used where the user (command line or --config YAML) did
 #: not set the field; they override the (STEGO) paper presets' values.
@@ -396,7 +427,21 @@ METHOD_DEFAULTS = {
     "stego": {},
     "cause-mlp": {"dim": 90, "lr": 1e-3, "probe_lr": 1e-3},
     "cause-tr": {"dim": 90, "lr": 1e-3, "probe_lr": 1e-3},
+    "primaps": {"probe_lr": 5e-3},
+    "stego+primaps": {},
+    "cause-mlp+primaps": {"dim": 90, "lr": 1e-3, "probe_lr": 1e-3},
+    "cause-tr+primaps": {"dim": 90, "lr": 1e-3, "probe_lr": 1e-3},
 }
+
+
+def base_method(method: str) -> Optional[str]:
+    """The method whose code PriMaPs-EM boosts in ``METHOD+primaps`` (None for plain primaps and
+    for methods without PriMaPs)."""
+    return method[: -len("+primaps")] if method.endswith("+primaps") else None
+
+
+def uses_primaps(method: str) -> bool:
+    return method == "primaps" or method.endswith("+primaps")
 
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
@@ -423,7 +468,7 @@ def selection_mode(cfg: Config) -> str:
     if cfg.select is not None:
         return cfg.select
     if cfg.method != "stego":
-        return "last"  # CAUSE keeps its last step, as the reference does
+        return "last"  # CAUSE and PriMaPs-EM keep their last step, as their references do
     return "label-free" if cfg.shifts == "auto" else "last"
 
 

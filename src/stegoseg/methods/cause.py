@@ -90,9 +90,13 @@ def check_cause_resume(cfg: Config, out: Path) -> None:
 
 
 def train_method(cfg: Config, out, resume: bool = False) -> Optional[Path]:
-    """Train the head of ``cfg.method`` (STEGO or CAUSE) into ``out``; the checkpoint's path."""
+    """Train ``cfg.method`` (STEGO, CAUSE, PriMaPs-EM) into ``out``; the checkpoint's path."""
     if cfg.method == "stego":
         from stegoseg.methods.stego import train_stego
 
         return train_stego(cfg, out, resume=resume)
+    if cfg.method == "primaps" or cfg.method.endswith("+primaps"):
+        from stegoseg.methods.primaps import train_primaps
+
+        return train_primaps(cfg, out, resume=resume)
     return train_cause(cfg, out, resume=resume)

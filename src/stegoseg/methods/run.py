@@ -22,7 +22,9 @@ from stegoseg.segment import segment_images
 
 
 #: How the report names each method's row.
-METHOD_NAMES = {"stego": "STEGO", "cause-mlp": "CAUSE-MLP", "cause-tr": "CAUSE-TR"}
+METHOD_NAMES = {"stego": "STEGO", "cause-mlp": "CAUSE-MLP", "cause-tr": "CAUSE-TR", "primaps": "PriMaPs-EM",
+                "stego+primaps": "STEGO + PriMaPs-EM", "cause-mlp+primaps": "CAUSE-MLP + PriMaPs-EM",
+                "cause-tr+primaps": "CAUSE-TR + PriMaPs-EM"}
 
 
 def run_all(cfg: Config, out, resume: bool = False, baseline: bool = True, n_segment: int = 8) -> Optional[dict]:

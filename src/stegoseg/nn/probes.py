@@ -13,15 +13,22 @@ from stegoseg.data.base import IGNORE_INDEX
 
 
 class ClusterProbe(nn.Module):
-    """Cosine-similarity clustering of a (B, D, h, w) map into ``n_clusters`` clusters."""
+    """Clustering of a (B, D, h, w) map into ``n_clusters`` clusters by the similarity of every
+    code vector to every centroid: ``metric="cosine"`` (STEGO, CAUSE, k-means) or ``"dot"``
+    (PriMaPs-EM's prototypes: the plain inner product with centroids that carry their gain, so
+    that the CRF sees the reference's logits)."""
 
-    def __init__(self, dim: int, n_clusters: int, alpha: float = 2.0):
+    def __init__(self, dim: int, n_clusters: int, alpha: float = 2.0, metric: str = "cosine"):
         super().__init__()
-        self.dim, self.n_clusters, self.alpha = dim, n_clusters, alpha
+        if metric not in ("cosine", "dot"):
+            raise ValueError(f"unknown cluster-probe metric {metric!r}")
+        self.dim, self.n_clusters, self.alpha, self.metric = dim, n_clusters, alpha, metric
         self.centroids = nn.Parameter(torch.randn(n_clusters, dim))
 
     def similarity(self, code: torch.Tensor) -> torch.Tensor:
-        """Cosine similarity (B, n_clusters, h, w) between every code vector and every centroid."""
+        """Similarity (B, n_clusters, h, w) between every code vector and every centroid."""
+        if self.metric == "dot":
+            return torch.einsum("bdhw,kd->bkhw", code, self.centroids.to(code.dtype))
         c = F.normalize(self.centroids, dim=1)
         x = F.normalize(code, dim=1)
         return torch.einsum("bdhw,kd->bkhw", x, c.to(x.dtype))

@@ -23,7 +23,9 @@ def write_report(out: Path, title: str, results: dict, cfg: Config, notes: list)
         f"{cfg.steps} steps, batch {cfg.batch_size}, K = {cfg.dim}; CRF {'on' if cfg.crf else 'off'}.",
         "",
     ]
-    if cfg.method != "stego":
+    if cfg.method == "primaps" or cfg.method.endswith("+primaps"):
+        lines += primaps_report_lines(out / "train", cfg)
+    elif cfg.method != "stego":
         book = out / "train" / "clusterbook.json"
         book_steps = json.loads(book.read_text())["steps"] if book.exists() else "?"
         lines += [f"Method `{cfg.method}` (docs/cause.md): stage 1, a clusterbook of {cfg.cause_concepts} concepts "
@@ -95,3 +97,20 @@ def calibration_report_lines(train_dir: Path) -> list:
                              + (f" {r.get('val_cluster_miou', float('nan')):.1f} |" if has_val else ""))
             lines.append("")
     return lines
+
+
+def primaps_report_lines(train: Path, cfg) -> list:
+    """What the PriMaPs-EM stages did: the base model (if any), the pseudo masks, the EM steps."""
+    stats = train / "pseudo_masks.json"
+    masks = json.loads(stats.read_text()) if stats.exists() else {}
+    if cfg.method.endswith("+primaps"):
+        start = f"the code of a `{cfg.method[:-len('+primaps')]}` model trained first (`train/base/`)"
+    elif cfg.init_from:
+        start = f"the code of `{cfg.init_from}`"
+    else:
+        start = f"the backbone features (prototypes started by `{cfg.primaps_init}`)"
+    per_crop = f"{masks['masks_per_crop']:.1f} masks per crop" if masks else "masks"
+    return [f"Method `{cfg.method}` (docs/primaps.md): PriMaPs pseudo masks from the backbone features "
+            f"({per_crop}, threshold {cfg.primaps_threshold}, coverage {cfg.primaps_coverage}, dense CRF), then "
+            f"{cfg.primaps_steps or cfg.steps} EM steps on {start}; the cluster probe is the EMA teacher's "
+            "prototypes at the last step.", ""]

@@ -1,0 +1,126 @@
+"""PriMaPs-EM end to end: ``--method primaps`` (on the backbone features), ``--method primaps
+--init-from CHECKPOINT`` (boost a trained stegoseg model: EM on its head's code, starting from
+its cluster probe) and ``--method METHOD+primaps`` (train METHOD into ``<out>/base``, then boost
+it). Stages, each kept and reused: the feature cache, the pseudo masks
+(``<cache>/primaps-<key>/``), the EM run (``<out>/lightning``, ``--resume``), ``checkpoint.pt``.
+See docs/primaps.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from stegoseg.config.stego import Config, base_method
+from stegoseg.errors import StegosegError
+from stegoseg.features.cache import CropView
+from stegoseg.methods.common import (
+    build_backbone_from_config,
+    build_split,
+    fit_centroids,
+    n_classes_for,
+    prepare,
+    resolve_device,
+)
+from stegoseg.methods.stego import save_run_config, write_selection
+from stegoseg.model import SegmentationModel
+from stegoseg.model import load as load_model
+from stegoseg.reporting.figures import plot_training_curves
+from stegoseg.training.primaps import build_pseudo_masks, fit_primaps, masks_folder, pca_prototypes
+
+log = logging.getLogger("stegoseg")
+
+
+def base_config(cfg: Config) -> Config:
+    """The config of the base run of ``METHOD+primaps``: the same settings with ``method`` METHOD."""
+    return dataclasses.replace(cfg, method=base_method(cfg.method))
+
+
+def load_start_model(path) -> SegmentationModel:
+    """The trained model that ``--init-from`` boosts, checked before any work."""
+    path = Path(path)
+    if not path.is_file():
+        raise StegosegError(f"--init-from {path}: no such checkpoint file (pass a stegoseg checkpoint.pt)")
+    model = load_model(path, device="cpu")
+    if model.head is None:
+        raise StegosegError(f"--init-from {path} is a model without a head (the raw-feature baseline): run "
+                            "--method primaps without --init-from to boost the backbone features")
+    return model
+
+
+def train_primaps(cfg: Config, out, resume: bool = False) -> Optional[Path]:
+    """PriMaPs-EM into ``out``; returns ``<out>/checkpoint.pt`` (None on other DDP ranks)."""
+    out = Path(out)
+    start: Optional[SegmentationModel] = None
+    if cfg.init_from:
+        start = load_start_model(cfg.init_from)
+    if resume:
+        from stegoseg.training.resume import resume_checkpoint
+
+        resume_checkpoint(out / "lightning", cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    save_run_config(cfg, out / "config.yaml")
+    t0 = time.perf_counter()
+    if base_method(cfg.method):
+        from stegoseg.methods.cause import train_method
+
+        base = base_config(cfg)
+        path = out / "base" / "checkpoint.pt"
+        if resume and path.exists():
+            log.info("PriMaPs-EM on %s: the base model of the interrupted run is finished: %s", base.method, path)
+        else:
+            log.info("PriMaPs-EM on %s: training the base model into %s", base.method, out / "base")
+            path = train_method(base, out / "base", resume=resume and (out / "base" / "lightning").exists())
+            if path is None:
+                return None
+        start = load_model(path, device="cpu")
+    if start is not None:
+        backbone, spec = start.backbone, start.backbone_spec
+        head = start.head.eval()
+    else:
+        backbone, spec = build_backbone_from_config(cfg)
+        head = None
+    cache = prepare(cfg, out, backbone, neighbors=False)
+    train = build_split(cfg, cfg.train_split, out)
+    n_classes = n_classes_for(cfg, train)
+    view = CropView(train, cfg.resolution, cfg.five_crop, cfg.train_resample or "bilinear", jpeg=cfg.crop_jpeg)
+    masks = build_pseudo_masks(cfg, cache, view, progress=cfg.progress)
+    device = resolve_device(cfg.device)
+    if start is not None:
+        n_clusters = start.n_clusters
+        init = start.cluster_probe.centroids.detach().clone()  # the reference: STEGO's cluster probe, gain 1
+        code_dim = start.code_dim
+    else:
+        n_clusters = n_classes + cfg.extra_clusters
+        code_dim = backbone.embed_dim
+        if cfg.primaps_init == "pca":
+            init = pca_prototypes(cfg, cache, None, n_clusters, device)
+        else:
+            init = fit_centroids(cfg, cache, n_clusters, device=device).cpu()
+    module = fit_primaps(cfg, out, cache, masks, code_dim, n_clusters, n_classes if cache.has_labels else None,
+                         init, head=head, resume=resume)
+    if not getattr(module, "is_global_zero", True):
+        return None
+    model = SegmentationModel(backbone, spec, head, n_clusters=n_clusters,
+                              n_classes=n_classes if cache.has_labels else None,
+                              class_names=list(train.class_names) if train.has_labels else None,
+                              method=cfg.method, config=cfg.to_dict())
+    with torch.no_grad():
+        model.cluster_probe.centroids.copy_(module.prototypes())
+    if module.linear_probe is not None:
+        model.linear_probe.load_state_dict(module.linear_probe.state_dict())
+    model.eval()
+    steps = cfg.primaps_steps or cfg.steps
+    write_selection(out, "last", {str(steps): {"run": "", "step": steps}}, str(steps), None)
+    stats = masks_folder(cfg, cache) / "stats.json"
+    if stats.exists():
+        (out / "pseudo_masks.json").write_text(stats.read_text())
+    path = model.save(out / "checkpoint.pt")
+    plot_training_curves(out / "logs" / "metrics.csv", out / "training_curves.png")
+    log.info("PriMaPs-EM (%s): %d EM steps in %.1fs; checkpoint %s", cfg.method, steps, time.perf_counter() - t0, path)
+    return path
+
