@@ -241,7 +241,11 @@ def reuse(cfg, folder: Path):
     path = folder / "bench_row.json"
     if path.exists():
         saved = json.loads(path.read_text())
-        if saved["config"] == json.loads(json.dumps(cfg.to_dict())):
+        current = json.loads(json.dumps(cfg.to_dict()))
+        # a field added to the config after the row ran, at its default value, changes nothing
+        defaults = json.loads(json.dumps(type(cfg)().to_dict()))
+        added = {k for k in current if k not in saved["config"] and current[k] == defaults.get(k)}
+        if saved["config"] == {k: v for k, v in current.items() if k not in added}:
             print(f"  {folder.name}: {saved['metrics']} (finished earlier, same config)", flush=True)
             return saved["metrics"]
     return None

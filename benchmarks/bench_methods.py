@@ -5,6 +5,10 @@ no CRF, percent):
 
 * ``raw``: the raw-feature baseline (k-means cluster probe + linear probe on the backbone features);
 * ``stego``: STEGO as a user runs it on a new folder (``--shifts auto --select label-free``);
+* ``primaps``: PriMaPs-EM on the backbone features (pseudo masks, the reference's PCA start, EM
+  with the EMA teacher for the setting's ``steps``);
+* ``stego+primaps`` / ``cause-tr+primaps``: PriMaPs-EM boosting that seed's finished ``stego`` /
+  ``cause-tr`` model (``--init-from`` its checkpoint), ``steps`` EM steps;
 * ``cause-mlp`` / ``cause-tr``: CAUSE with its defaults (2048-concept clusterbook, thresholds
   0.3 / 0.1, temperature 0.07, EMA 0.99, grid sampling 4), stage 2 for the setting's ``steps``
   and stage 3 (the modularity cluster probe) for as many steps; the row's cluster probe is the
@@ -58,17 +62,24 @@ from stegoseg.methods.cause import MODULARITY_PROBE, train_method
 from stegoseg.methods.common import build_backbone_from_config, evaluate_checkpoint_model
 from stegoseg.studies.dimred import load_with_backbone
 
-METHODS = ("raw", "stego", "cause-mlp", "cause-tr")
+METHODS = ("raw", "stego", "cause-mlp", "cause-tr", "primaps", "stego+primaps", "cause-tr+primaps")
 METRICS = ("cluster_acc", "cluster_miou", "linear_acc", "linear_miou")
 
 
-def row_config(setting: Setting, method: str, seed: int, keep: dict):
-    """The config of one (method, seed) row of a setting."""
+def row_config(setting: Setting, method: str, seed: int, keep: dict, folder: Path):
+    """The config of one (method, seed) row of a setting. ``METHOD+primaps`` boosts the finished
+    METHOD row of the same seed (``--method primaps --init-from``: the same as training METHOD
+    again inside ``--method METHOD+primaps``, without paying for it twice)."""
     values = dict(setting.values, seed=seed, cache_dir=str(setting.cache_dir), **keep)  # noqa: C408
     if method == "stego":
         return make_config(dict(values, shifts="auto", select="label-free"))
     if method == "raw":
         return replace(setting.base, seed=seed, **keep)
+    if method == "primaps":
+        return make_config(dict(values, method="primaps", primaps_steps=values["steps"]))
+    if method.endswith("+primaps"):
+        start = folder.parent / method[: -len("+primaps")] / "checkpoint.pt"
+        return make_config(dict(values, method="primaps", init_from=str(start), primaps_steps=values["steps"]))
     return make_config(dict(values, method=method, cause_probe_steps=values["steps"]))
 
 
@@ -86,7 +97,12 @@ def train_row(setting: Setting, method: str, cfg, folder: Path) -> dict:
         seconds = time.perf_counter() - t
         model = load_with_backbone(ckpt, setting.shared, "cpu")
         runs = 2 if method == "stego" and cfg.auto_centring == "both" else 1
-        steps = cfg.steps * runs if method == "stego" else cfg.steps + cfg.cause_probe_steps
+        if method == "stego":
+            steps = cfg.steps * runs
+        elif "primaps" in method:
+            steps = cfg.primaps_steps or cfg.steps  # the EM steps (the boosted model's own are in its row)
+        else:
+            steps = cfg.steps + cfg.cause_probe_steps
     result = metrics(evaluate_checkpoint_model(setting.base, model, folder / "eval"))
     result.update(train_seconds=seconds, train_steps=steps, seconds_per_step=seconds / steps if steps else None)
     if method.startswith("cause"):  # the same run with the reference's own (modularity-fitted) cluster probe
@@ -121,7 +137,7 @@ def run_setting(name: str, values: dict, runs: Path, seeds: list, previous: dict
         keep = {}
         for method in METHODS:
             folder = setting.out / "methods" / f"seed{seed}" / method
-            cfg = row_config(setting, method, seed, keep)
+            cfg = row_config(setting, method, seed, keep, folder)
             rows[method]["per_seed"][str(seed)] = train_row(setting, method, cfg, folder)
     for method, row in rows.items():
         per = list(row["per_seed"].values())

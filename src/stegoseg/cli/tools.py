@@ -59,32 +59,56 @@ def cmd_study_potts(args) -> int:
 
 
 def cmd_import_checkpoint(args) -> int:
-    from stegoseg.backbones.imports import import_cause
     from stegoseg.backbones.presets import get_backbone_preset
     from stegoseg.config.stego import make_config
     from stegoseg.data.registry import parse_class_names
     from stegoseg.preflight import check_writable
 
-    get_backbone_preset(args.backbone)  # an unknown name is one line before any file is read
+    lightning = [f for f in args.files if str(f).endswith(".ckpt")]
+    if lightning and len(lightning) != len(args.files):
+        raise StegosegError("mixed files: STEGO / PriMaPs .ckpt files are imported alone (a PriMaPs .ckpt with its "
+                            "STEGO .ckpt), CAUSE's .pth / .npy files together")
+    if not lightning:
+        if args.backbone is None:
+            raise StegosegError("CAUSE's files do not name their backbone: pass --backbone, e.g. dino_vitb8")
+        get_backbone_preset(args.backbone)  # an unknown name is one line before any file is read
     out = Path(args.out)
     if (out / "config.json").exists() and not args.overwrite:
         raise StegosegError(f"{out} already holds a model: pass --overwrite to replace it, or choose another --out")
     check_writable(out)
     names = parse_class_names(args.class_names) if args.class_names else None
-    model = import_cause(args.files, backbone=args.backbone, method=args.method, weights=args.weights,
-                         pretrained=not args.no_pretrained, tiny=args.tiny, class_names=names)
-    values = {"method": model.method, "backbone": args.backbone, "weights": args.weights,
-              "pos_embed": model.backbone_spec.get("pos_embed", "timm"),
-              "pretrained": not args.no_pretrained, "tiny": args.tiny, "dim": model.head.dim,
-              "resolution": args.resolution, "n_classes": model.n_clusters}
+    if lightning:
+        model, values = _import_lightning(args, names)
+    else:
+        from stegoseg.backbones.imports import import_cause
+
+        model = import_cause(args.files, backbone=args.backbone, method=args.method, weights=args.weights,
+                             pretrained=not args.no_pretrained, tiny=args.tiny, class_names=names)
+        values = {"backbone": args.backbone, "weights": args.weights, "pretrained": not args.no_pretrained,
+                  "tiny": args.tiny, "dim": model.head.dim, "resolution": args.resolution, "n_classes": model.n_clusters}
+    values.update(method=model.method, pos_embed=model.backbone_spec.get("pos_embed", "timm"))
     if args.dataset:
         values["dataset"] = args.dataset
     if args.data_root:
         values["data_root"] = str(Path(args.data_root).resolve())
     model.config = make_config(values).to_dict()
     model.save_pretrained(out)
-    print(f"imported a {model.method} model ({model.n_clusters} clusters, backbone {args.backbone}) into {out}")
+    print(f"imported a {model.method} model ({model.n_clusters} clusters, backbone {model.backbone.name}) into {out}")
     return 0
+
+
+def _import_lightning(args, names) -> tuple:
+    from stegoseg.backbones.import_lightning import import_lightning
+
+    for option, given in (("--backbone", args.backbone), ("--weights", args.weights), ("--method", args.method)):
+        if given:
+            raise StegosegError(f"{option}: a STEGO / PriMaPs .ckpt carries its own backbone and method; drop {option}")
+    model, found = import_lightning(args.files, class_names=names)
+    spec = model.backbone_spec
+    values = {"backbone": spec["name"], "pretrained": False, "tiny": spec.get("tiny", False),
+              "dim": found["dim"], "resolution": found["resolution"], "n_classes": found["n_classes"],
+              "extra_clusters": found.get("extra_clusters", 0)}
+    return model, values
 
 
 def add_commands(sub) -> None:
@@ -102,16 +126,19 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser(
         "import-checkpoint",
-        help="turn the authors' released CAUSE files into a stegoseg model folder",
-        description="Reads CAUSE's released segment_tr.pth / segment_mlp.pth (head), cluster_tr.pth / "
-        "cluster_mlp.pth (cluster probe) and modular.npy (clusterbook) without running any code from them, and "
-        "writes a model folder (config.json + model.safetensors) that evaluate, segment, serve and stegoseg.load use "
-        "as they are. The files are recognised by their content, in any order.",
+        help="turn the authors' released STEGO, PriMaPs or CAUSE files into a stegoseg model folder",
+        description="Reads the released files without running any code from them (and without Lightning or the "
+        "authors' packages): STEGO's .ckpt (e.g. cocostuff27_vit_base_5.ckpt; backbone, head, probes inside), "
+        "PriMaPs' .ckpt (with the STEGO .ckpt it was trained on, if it was), or CAUSE's segment_tr.pth / "
+        "segment_mlp.pth (head), cluster_tr.pth / cluster_mlp.pth (cluster probe) and modular.npy (clusterbook; "
+        "pass --backbone), and writes a model folder (config.json + model.safetensors) that evaluate, segment, serve "
+        "and stegoseg.load use as they are. The files are recognised by their content, in any order.",
     )
-    p.add_argument("files", nargs="+", help="the released files (segment_*.pth, cluster_*.pth, modular.npy)")
+    p.add_argument("files", nargs="+", help="the released files (*.ckpt; or segment_*.pth, cluster_*.pth, modular.npy)")
     p.add_argument("--method", choices=("cause-mlp", "cause-tr"), default=None,
                    help="the method the files are of (default: read from the files; given, it must agree)")
-    p.add_argument("--backbone", required=True, help="the backbone preset the model was trained on, e.g. dino_vitb8")
+    p.add_argument("--backbone", default=None,
+                   help="CAUSE: the backbone preset the model was trained on, e.g. dino_vitb8 (.ckpt files carry theirs)")
     p.add_argument("--weights", default=None, help="a local backbone weights file (offline use)")
     p.add_argument("--no-pretrained", action="store_true", help="random backbone (tests only)")
     p.add_argument("--tiny", action="store_true", help="tiny backbone architecture (tests only)")
