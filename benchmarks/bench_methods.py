@@ -105,7 +105,7 @@ def train_row(setting: Setting, method: str, cfg, folder: Path) -> dict:
             steps = cfg.steps + cfg.cause_probe_steps
     result = metrics(evaluate_checkpoint_model(setting.base, model, folder / "eval"))
     result.update(train_seconds=seconds, train_steps=steps, seconds_per_step=seconds / steps if steps else None)
-    if method.startswith("cause"):  # the same run with the reference's own (modularity-fitted) cluster probe
+    if method in ("cause-mlp", "cause-tr"):  # the same run with the reference's own (modularity-fitted) cluster probe
         model.cluster_probe.centroids.data.copy_(torch.load(folder / MODULARITY_PROBE, weights_only=True))
         result["modularity_probe"] = metrics(evaluate_checkpoint_model(setting.base, model, folder / "eval-modularity"))
     print(f"  {method} {folder.name}: {json.dumps(result)}", flush=True)

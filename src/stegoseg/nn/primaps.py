@@ -39,7 +39,8 @@ def median_filter3x3(maps: torch.Tensor) -> torch.Tensor:
 
 
 def principal_masks(features: torch.Tensor, threshold: float = 0.4, coverage: float = 0.95,
-                    pca_iters: int = 100, generator_seed: Optional[int] = None) -> torch.Tensor:
+                    pca_iters: int = 100, generator_seed: Optional[int] = None,
+                    stats: Optional[dict] = None) -> torch.Tensor:
     """Soft mask proposals (k, h, w), values in [0, 1], of one image's features (C, h, w).
 
     ``generator_seed``: seed torch's global generator (inside a forked RNG state, restored
@@ -48,16 +49,18 @@ def principal_masks(features: torch.Tensor, threshold: float = 0.4, coverage: fl
     handle: when no free feature has s > 0, the direction's sign is flipped (the reference
     divides by a zero maximum and makes NaN masks); the loop stops when fewer than 3
     positions are free (the rank of the randomised PCA; the reference fails there).
+    ``stats``: a dict whose ``"sign_flips"`` count is increased by the flips made here.
     """
     if features.dim() != 3:
         raise ValueError(f"expected features of shape (C, h, w), got {tuple(features.shape)}")
     with torch.random.fork_rng(devices=[], enabled=generator_seed is not None):
         if generator_seed is not None:
             torch.manual_seed(int(generator_seed))
-        return _principal_masks(features.float(), threshold, coverage, pca_iters)
+        return _principal_masks(features.float(), threshold, coverage, pca_iters, stats)
 
 
-def _principal_masks(features: torch.Tensor, threshold: float, coverage: float, pca_iters: int) -> torch.Tensor:
+def _principal_masks(features: torch.Tensor, threshold: float, coverage: float, pca_iters: int,
+                     stats: Optional[dict]) -> torch.Tensor:
     unit = F.normalize(features, dim=0)
     free = torch.ones(features.shape[-2:], dtype=torch.bool, device=features.device)
     masks, history = [], []
@@ -72,6 +75,8 @@ def _principal_masks(features: torch.Tensor, threshold: float, coverage: float, 
             # reference goes on with max 0 and makes NaN masks; the opposite sign is the same axis.
             sim = torch.einsum("c,chw->hw", -directions[:, 0], unit)
             sim[~free] = 0
+            if stats is not None:
+                stats["sign_flips"] = stats.get("sign_flips", 0) + 1
             if not sim.max() > 0:
                 break
         nearest = unit[:, sim == sim.max()][:, 0]

@@ -94,6 +94,7 @@ def _write_masks(cfg: Config, cache: FeatureCache, view, folder: Path, todo: np.
     params = crf_params_from(cfg.to_dict())
     store = np.memmap(folder / "masks.u8", dtype=np.uint8, mode="r+", shape=(cache.n, size, size))
     counts = np.load(folder / "n_masks.npy")
+    flips: dict = {}
     t0 = time.perf_counter()
     log.info("PriMaPs pseudo masks: %d of %d crops to compute (CRF on %d worker(s)) into %s", len(todo), cache.n,
              cfg.crf_workers, folder)
@@ -106,7 +107,7 @@ def _write_masks(cfg: Config, cache: FeatureCache, view, folder: Path, todo: np.
             jobs = []
             for j, i in enumerate(chunk):
                 masks = principal_masks(feats[j], cfg.primaps_threshold, cfg.primaps_coverage,
-                                        generator_seed=step_seed(cfg.seed, int(i), 0, 5))
+                                        generator_seed=step_seed(cfg.seed, int(i), 0, 5), stats=flips)
                 if masks.shape[0] > 254:
                     raise StegosegError(f"crop {i} of {cache.path} gives {masks.shape[0]} masks, more than 254")
                 counts[i] = masks.shape[0]
@@ -124,7 +125,8 @@ def _write_masks(cfg: Config, cache: FeatureCache, view, folder: Path, todo: np.
         if pool is not None:
             pool.shutdown()
     stats = {"crops": int(cache.n), "masks_per_crop": float(counts.mean()),
-             "one_mask_crops": int((counts == 1).sum()), "seconds_this_run": time.perf_counter() - t0}
+             "one_mask_crops": int((counts == 1).sum()), "sign_flips_this_run": int(flips.get("sign_flips", 0)),
+             "seconds_this_run": time.perf_counter() - t0}
     (folder / "stats.json").write_text(json.dumps(stats, indent=1))
     log.info("PriMaPs pseudo masks: %.1f masks per crop on average, written in %.1fs", stats["masks_per_crop"],
              stats["seconds_this_run"])
