@@ -31,7 +31,8 @@ from stegoseg.foreign_pickle import plain, read_foreign_checkpoint
 #: (reference ViT name, patch) -> our preset.
 DINO_PRESETS = {("vit_small", 8): "dino_vits8", ("vit_small", 16): "dino_vits16", ("vit_base", 8): "dino_vitb8",
                 ("vit_base", 16): "dino_vitb16", ("dino_vits", 8): "dino_vits8", ("dino_vits", 16): "dino_vits16",
-                ("dino_vitb", 8): "dino_vitb8", ("dino_vitb", 16): "dino_vitb16"}
+                ("dino_vitb", 8): "dino_vitb8", ("dino_vitb", 16): "dino_vitb16",
+                ("dinov2_vits", 14): "dinov2_vits14", ("dinov2_vitb", 14): "dinov2_vitb14"}
 WHAT = "a released STEGO or PriMaPs .ckpt file"
 
 
@@ -68,7 +69,9 @@ def _backbone(state: dict, arch: str, patch: int, path: Path):
     tiny = (width, depth) == (32, 2)  # the test-sized architecture (fixtures)
     if not tiny and width != preset.embed_dim:
         raise StegosegError(f"{path}: a {width}-channel, {depth}-block ViT, but {name} has {preset.embed_dim} channels")
-    spec = {"name": name, "pretrained": False, "weights": None, "tiny": tiny, "pos_embed": "dino"}
+    # DINO (v1) code interpolates the position embedding its own way; DINOv2 releases use timm's
+    spec = {"name": name, "pretrained": False, "weights": None, "tiny": tiny,
+            "pos_embed": "dino" if name.startswith("dino_vit") else "timm"}
     net = build_backbone(spec)
     load_weights_into(net.model, preset, vit, path)
     net.weights_source = f"{path.name} (imported)"
