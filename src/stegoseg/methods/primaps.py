@@ -54,7 +54,12 @@ def load_start_model(path) -> SegmentationModel:
 
 def train_primaps(cfg: Config, out, resume: bool = False) -> Optional[Path]:
     """PriMaPs-EM into ``out``; returns ``<out>/checkpoint.pt`` (None on other DDP ranks)."""
+    from stegoseg.evaluation.crf import crf_available
+
     out = Path(out)
+    if not crf_available():  # before any work: the pseudo masks need it
+        raise StegosegError("PriMaPs' pseudo masks are refined by the dense CRF: install pydensecrf2 "
+                            "(`pip install pydensecrf2`, needs a C++ compiler)")
     start: Optional[SegmentationModel] = None
     if cfg.init_from:
         start = load_start_model(cfg.init_from)
