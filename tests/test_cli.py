@@ -63,8 +63,10 @@ def test_main_job_then_evaluate_and_segment(synthetic_root, tmp_path, capsys):
     label = Image.open(seg / "grey.png")
     assert label.mode == "P" and label.size == (70, 50)
     assert Image.open(seg / "rgb_overlay.png").size == (30, 40)
-    # never overwrite outputs, never write over inputs
-    assert main(["segment", str(out / "train" / "checkpoint.pt"), str(imgs), "--out", str(seg), "--quiet"]) == 2
+    # a rerun skips the finished outputs (rewrites nothing); never write over inputs
+    stamp = (seg / "grey_overlay.png").stat().st_mtime_ns
+    assert main(["segment", str(out / "train" / "checkpoint.pt"), str(imgs), "--out", str(seg), "--quiet"]) == 0
+    assert (seg / "grey_overlay.png").stat().st_mtime_ns == stamp
     assert main(["segment", str(out / "train" / "checkpoint.pt"), str(imgs / "rgb.jpg"), "--out", str(imgs), "--quiet"]) == 0
     assert main(["segment", str(out / "train" / "checkpoint.pt"), str(seg / "grey.png"), "--out", str(seg),
                  "--quiet", "--overwrite"]) == 2

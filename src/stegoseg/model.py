@@ -15,6 +15,7 @@ Python use::
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -32,6 +33,8 @@ from stegoseg.errors import StegosegError
 from stegoseg.evaluation.crf import CRFParams, image_to_uint8, run_crf_jobs
 from stegoseg.nn.heads import build_head
 from stegoseg.nn.probes import ClusterProbe, LinearProbe
+
+log = logging.getLogger("stegoseg")
 from stegoseg.checkpoint_io import (  # noqa: F401 - CHECKPOINT_* and the folder names are part of this module's API
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
@@ -386,21 +389,25 @@ class SegmentationModel(nn.Module):
         return write_pretrained_folder(self.state_for_checkpoint(include_backbone), directory)
 
     @classmethod
-    def from_pretrained(cls, directory, weights: Optional[str] = None, device: str = "cpu") -> "SegmentationModel":
+    def from_pretrained(cls, directory, weights: Optional[str] = None, device: str = "cpu",
+                        replace_backbone: bool = False) -> "SegmentationModel":
         """Load a folder written by :meth:`save_pretrained`, with the checks of :func:`load`.
 
         ``weights``: a local backbone weights file, for folders saved without the backbone
         whose spec names hub weights (or to replace the stored backbone).
         """
         return _checked_model(
-            lambda: cls.from_checkpoint(read_pretrained_folder(directory), weights=weights, device=device),
+            lambda: cls.from_checkpoint(read_pretrained_folder(directory), weights=weights, device=device,
+                                        replace_backbone=replace_backbone),
             what=f"model folder {directory}",
             remedy="use the folder save_pretrained wrote",
         )
 
     @classmethod
-    def from_checkpoint(cls, ckpt: dict, weights: Optional[str] = None, device: str = "cpu") -> "SegmentationModel":
+    def from_checkpoint(cls, ckpt: dict, weights: Optional[str] = None, device: str = "cpu",
+                        replace_backbone: bool = False) -> "SegmentationModel":
         bb = ckpt["backbone"]
+        own_weights = check_weights_for_checkpoint(bb, weights, replace_backbone) if weights is not None else True
         if bb.get("state_dict") is not None and weights is None:
             spec = {**bb, "pretrained": False, "weights": None}
             backbone = build_backbone(spec)
@@ -409,6 +416,10 @@ class SegmentationModel(nn.Module):
             backbone.weights_sha256 = bb.get("weights_sha256")
         else:
             backbone = build_backbone(bb, weights=weights)
+            if not own_weights:
+                backbone.weights_replaced = True  # evaluate's metrics.json says so
+                log.warning("--replace-backbone-weights: the backbone of this model is %s, not the one it was trained "
+                            "with; its maps and metrics are those of another backbone", weights)
         head = _build_head(ckpt["head"]) if ckpt.get("head") is not None else None
         spec = {k: bb[k] for k in ("name", "pretrained", "weights", "tiny", "overrides", "pos_embed") if k in bb}
         model = cls(
@@ -425,6 +436,51 @@ class SegmentationModel(nn.Module):
         if ckpt.get("linear_probe") is not None:
             model.linear_probe.load_state_dict(ckpt["linear_probe"])
         return model.to(device).eval()
+
+
+def check_weights_for_checkpoint(bb: dict, weights, replace_backbone: bool = False) -> bool:
+    """``--weights FILE`` for a checkpoint, checked before the model is built: the file must be
+    the checkpoint's own backbone (the same SHA-256 as recorded), or, with ``replace_backbone``,
+    at least of the same architecture (tensor names and shapes as the stored backbone, or as
+    the checkpoint's preset builds it). Anything else is one StegosegError line. Returns whether
+    the file holds the model's own weights."""
+    from stegoseg.backbones.presets import get_backbone_preset
+    from stegoseg.backbones.weights import extract_state_dict, file_sha256, read_weights_file
+
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise StegosegError(f"--weights {path}: no such file")
+    recorded = bb.get("weights_sha256")
+    if recorded is not None and file_sha256(path) == recorded:
+        return True  # the checkpoint's own weights file (e.g. offline, for a model saved without its backbone)
+    preset = get_backbone_preset(bb["name"])
+    given = extract_state_dict(read_weights_file(path), preset, path)
+    if bb.get("state_dict") is not None:
+        expected = {k[len("model."):]: tuple(v.shape) for k, v in bb["state_dict"].items() if k.startswith("model.")}
+    else:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in build_backbone({**bb, "pretrained": False, "weights": None})
+                        .model.state_dict().items()}
+    shapes = {k: tuple(v.shape) for k, v in given.items()}
+    differ = [k for k in expected if k in shapes and shapes[k] != expected[k] and "pos_embed" not in k]
+    missing = [k for k in expected if k not in shapes and not k.endswith("num_batches_tracked")]
+    if differ or len(missing) > len(expected) // 2:
+        what = (f"{differ[0]} {shapes[differ[0]]} vs {expected[differ[0]]}" if differ
+                else f"{len(missing)} of its {len(expected)} tensors missing")
+        raise StegosegError(f"--weights {path} is not a {bb['name']} backbone like the checkpoint's ({what}): pass the "
+                            "weights of the backbone the model was trained with")
+    if bb.get("state_dict") is not None:
+        own = {k[len("model."):]: v for k, v in bb["state_dict"].items() if k.startswith("model.")}
+        if all(k in given and torch.equal(given[k].to(v.dtype), v) for k, v in own.items()):
+            return True  # the stored backbone's own tensors, saved to a file
+    if bb.get("state_dict") is None and recorded is None:
+        return True  # nothing recorded to compare with (a model saved without its random backbone)
+    if not replace_backbone:
+        stored = "stores its backbone" if bb.get("state_dict") is not None else f"was trained with weights {recorded[:12]}"
+        raise StegosegError(f"--weights {path} holds other weights than the model's own backbone (the checkpoint "
+                            f"{stored}): drop --weights, or pass --replace-backbone-weights to run the model on this "
+                            "backbone knowingly")
+    return False
 
 
 def _build_head(entry: dict) -> nn.Module:
@@ -467,19 +523,22 @@ def crop_to_image(code: torch.Tensor, image_size, patch: int) -> torch.Tensor:
     return full[..., :h, :w]
 
 
-def load(path, weights: Optional[str] = None, device: str = "cpu") -> SegmentationModel:
+def load(path, weights: Optional[str] = None, device: str = "cpu", replace_backbone: bool = False) -> SegmentationModel:
     """Load a stegoseg checkpoint file, or a folder written by
     :meth:`SegmentationModel.save_pretrained` (needs no config files).
 
     ``weights``: a local backbone weights file, for checkpoints that name hub weights
-    when there is no network.
+    when there is no network (it must be the model's own backbone: see
+    :func:`check_weights_for_checkpoint`; ``replace_backbone`` allows other weights of the
+    same architecture, knowingly).
     """
     path = Path(path)
     if path.is_dir():
-        return SegmentationModel.from_pretrained(path, weights=weights, device=device)
+        return SegmentationModel.from_pretrained(path, weights=weights, device=device, replace_backbone=replace_backbone)
     ckpt = read_checkpoint_file(path)
     return _checked_model(
-        lambda: SegmentationModel.from_checkpoint(ckpt, weights=weights, device=device),
+        lambda: SegmentationModel.from_checkpoint(ckpt, weights=weights, device=device,
+                                                  replace_backbone=replace_backbone),
         what=f"checkpoint {path}",
         remedy="use the file a stegoseg run wrote",
     )

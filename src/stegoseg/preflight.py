@@ -191,7 +191,7 @@ TRAIN_OUTPUTS = (
     "checkpoint.pt", "config.yaml", "run_config.json", "lightning", "logs", "candidates", "calibration.json", "selection.json",
     "selection.png", "selected_similarity_histogram.png", "similarity_histogram.png", "training_curves.png",
     "selection-eval", "clusterbook.npy", "clusterbook.json", "clusterbook.partial.pt",
-    "modularity_probe.pt",
+    "modularity_probe.pt", "run_inputs.json", "pseudo_masks.json", "base",
 )
 OUTPUTS = {
     "train": TRAIN_OUTPUTS,
@@ -206,15 +206,66 @@ OUTPUTS = {
 
 def prepare_out(out, command: str, marker: str, overwrite: bool, resume: bool = False) -> Path:
     """The output folder of ``command``, checked before any work: writable, and an earlier
-    run's output (``marker``) refused unless ``--overwrite`` or ``--resume``. Nothing is
-    removed here: :func:`clear_outputs` runs after the other checks passed, so a command that
-    stops on bad input never destroys the previous run."""
+    run's output (``marker``) refused unless ``--overwrite`` or ``--resume``; the command
+    takes :func:`lock_out` when its checks have passed. Nothing is removed here:
+    :func:`clear_outputs` runs after the other checks passed, so a command that stops on bad
+    input never destroys the previous run."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise StegosegError(f"--out {out}: a file of that name exists; choose a folder path")
     if not resume and (out / marker).exists() and not overwrite:
         raise StegosegError(f"{out / marker} exists: choose another --out or pass --overwrite")
     return check_writable(out)
+
+
+#: The lock file of an output folder, and the open handles this process holds (until it exits).
+OUT_LOCK = ".stegoseg.lock"
+_HELD_LOCKS: dict = {}
+
+
+def lock_out(out: Path, command: str) -> None:
+    """An exclusive lock on ``<out>/.stegoseg.lock`` (creating ``out``) for the rest of this
+    process, taken when a command's checks have passed and its work begins: a second stegoseg
+    command writing into the same folder stops with one line naming the first one's process id
+    and command, instead of mixing their outputs. Released by the OS when the
+    process ends (also on a kill). The worker processes Lightning starts for multi-device
+    training (``LOCAL_RANK`` > 0) share their launcher's lock."""
+    import fcntl
+
+    if int(os.environ.get("LOCAL_RANK", "0") or 0) > 0 or int(os.environ.get("NODE_RANK", "0") or 0) > 0:
+        return
+    Path(out).mkdir(parents=True, exist_ok=True)
+    path = Path(out).resolve() / OUT_LOCK
+    if str(path) in _HELD_LOCKS:
+        return
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise StegosegError(f"--out {out} is in use by another stegoseg command ({holder}): wait for it to finish, "
+                            "or choose another --out") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}, stegoseg {command}")
+    handle.flush()
+    _HELD_LOCKS[str(path)] = handle
+
+
+def release_out_locks() -> None:
+    """Drop this process's output-folder locks and their files (a command has finished; a
+    killed process's lock goes with it, its file stays and is simply locked anew)."""
+    import fcntl
+
+    for path, handle in list(_HELD_LOCKS.items()):
+        try:
+            Path(path).unlink(missing_ok=True)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+        finally:
+            handle.close()
+            _HELD_LOCKS.pop(path, None)
 
 
 def clear_outputs(out, command: str) -> None:

@@ -14,7 +14,7 @@ from stegoseg.data.io import list_images, load_image
 from stegoseg.errors import StegosegError
 from stegoseg.evaluation.crf import crf_pool
 from stegoseg.model import SegmentationModel
-from stegoseg.preflight import atomic_write, check_writable
+from stegoseg.preflight import atomic_write, check_writable, lock_out
 from stegoseg.reporting.figures import make_palette, overlay, save_label_png
 
 log = logging.getLogger("stegoseg")
@@ -111,6 +111,39 @@ def warn_large_images(paths, patch: int) -> list:
     return large
 
 
+#: The most backbone tokens one image may give (a ViT's cost grows with their square): a 2560 x
+#: 2560 network input at patch 8. Larger inputs are refused before any work.
+MAX_TOKENS = 320 * 320
+
+
+def check_input_images(paths, patch: int, resolution: Optional[int]) -> None:
+    """Before any work: every input opens as an image (its header is read; a non-image or a
+    decompression bomb is one line naming it) and its network input, at ``resolution`` (minor
+    side; None: original size), stays within :data:`MAX_TOKENS` backbone tokens."""
+    from PIL import Image, UnidentifiedImageError
+
+    from stegoseg.data.transforms import minor_side_size
+
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                w, h = im.size
+        except Image.DecompressionBombError:
+            raise StegosegError(f"{p} is too large to decode safely (more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels): "
+                                "downscale or tile it first") from None
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            reason = str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__
+            raise StegosegError(f"{p} is not an image stegoseg can read ({reason}): remove it from the inputs or "
+                                "convert it") from None
+        nw, nh = minor_side_size(w, h, int(resolution)) if resolution else (w, h)
+        tokens = -(-max(1, nw) // patch) * -(-max(1, nh) // patch)
+        if tokens > MAX_TOKENS:
+            at = f"at --resolution {resolution}" if resolution else "at its original size (--resolution 0)"
+            raise StegosegError(f"{p} is {w}x{h}: {at} the network input is {nw}x{nh}, {tokens:,} tokens of patch "
+                                f"{patch}, more than the {MAX_TOKENS:,} one image may use: pass a smaller --resolution, "
+                                "or crop or tile the image")
+
+
 def segment_images(
     model: SegmentationModel,
     inputs,
@@ -129,8 +162,11 @@ def segment_images(
     """Write ``<name>.png`` (palette PNG of labels) and ``<name>_overlay.png`` per input image.
 
     Every input gets its own output names (see :func:`output_stems`). Never writes over an
-    input image (also not through a hard link); refuses existing outputs unless ``overwrite``.
-    Returns the label-map paths.
+    input image (also not through a hard link). Inputs are checked before any work
+    (:func:`check_input_images`). An input whose label map and overlay both exist (a finished
+    earlier run: both are written by rename, the overlay last) is skipped unless ``overwrite``,
+    so a rerun after an interruption does only what is left. Returns the label-map paths
+    written by this call.
     """
     from PIL import Image
     from tqdm.auto import tqdm
@@ -141,6 +177,9 @@ def segment_images(
     paths = expand_inputs(inputs)
     out_dir = check_writable(out_dir)
     input_files = {(st.st_dev, st.st_ino) for st in (os.stat(p) for p in paths)}
+    if out_dir.resolve() in {Path(p).resolve().parent for p in paths}:
+        log.warning("--out %s is also a folder of input images: its label maps and overlays will sit beside them "
+                    "(and a later run over the folder would take them for inputs)", out_dir)
     targets = []
     for p, stem in zip(paths, output_stems(paths)):
         label_path, overlay_path = out_dir / f"{stem}.png", out_dir / f"{stem}_overlay.png"
@@ -149,16 +188,24 @@ def segment_images(
                 st = os.stat(t)
                 if (st.st_dev, st.st_ino) in input_files:
                     raise StegosegError(f"output {t} is an input image (or a link to one): choose another --out")
-                if not overwrite:
-                    raise StegosegError(f"{t} exists: choose another --out or pass --overwrite")
         targets.append((label_path, overlay_path))
     names = [t.name.lower() for pair in targets for t in pair]
     if len(set(names)) != len(names):
         clash = next(n for n in names if names.count(n) > 1)
         raise StegosegError(f"two inputs would both write {out_dir / clash}: rename one, or segment them into "
                             "different --out folders")
+    check_input_images(paths, model.backbone.patch_size, resolution)
     if not resolution:
         warn_large_images(paths, model.backbone.patch_size)
+    if not overwrite:
+        todo = [i for i, (label, over) in enumerate(targets) if not (label.exists() and over.exists())]
+        if len(todo) < len(paths):
+            log.info("%d of %d images are already segmented in %s: skipped (--overwrite redoes them)",
+                     len(paths) - len(todo), len(paths), out_dir)
+        paths, targets = [paths[i] for i in todo], [targets[i] for i in todo]
+        if not paths:
+            return []
+    lock_out(out_dir, "segment")
     out_dir.mkdir(parents=True, exist_ok=True)
     n_colours = max(model.n_clusters, model.n_classes or 0)
     palette = make_palette(n_colours)

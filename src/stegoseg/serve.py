@@ -360,7 +360,7 @@ def build_page(viewer: Viewer, folder: Optional[Path] = None, title: str = "steg
 
 
 def serve(checkpoint, host: str = "127.0.0.1", port: int = 7860, images=None, weights=None, device: str = "cpu",
-          block: bool = True):
+          block: bool = True, replace_backbone: bool = False):
     """Load the model once and start the page; returns the Gradio app (with ``block=False``)."""
     try:
         import gradio  # noqa: F401
@@ -368,7 +368,7 @@ def serve(checkpoint, host: str = "127.0.0.1", port: int = 7860, images=None, we
         raise StegosegError("the web page needs Gradio: pip install 'stegoseg[serve]' (or pip install gradio)") from None
     from stegoseg.model import load
 
-    model = load(checkpoint, weights=weights, device=device)
+    model = load(checkpoint, weights=weights, device=device, replace_backbone=replace_backbone)
     neighbours = None
     here = Path(checkpoint).resolve().parent
     recorded = (model.config or {}).get("cache_dir")

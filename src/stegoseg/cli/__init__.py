@@ -91,6 +91,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("stegoseg: interrupted", file=sys.stderr)
         return 130
+    finally:
+        from stegoseg.preflight import release_out_locks
+
+        release_out_locks()
 
 
 if __name__ == "__main__":  # pragma: no cover

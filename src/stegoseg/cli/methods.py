@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from stegoseg.cli.common import out_arg, print_summary
 from stegoseg.config.stego import add_config_arguments
-from stegoseg.preflight import clear_outputs, prepare_out
+from stegoseg.preflight import clear_outputs, lock_out, prepare_out
 
 
 def cmd_pretrain(args) -> int:
@@ -13,6 +13,7 @@ def cmd_pretrain(args) -> int:
 
     cfg = resolve_config(args, cls=PretrainConfig)
     out = prepare_out(args.out, "pretrain", "backbone.pt", args.overwrite, resume=args.resume)
+    lock_out(out, "pretrain")
     if args.overwrite and not args.resume:
         clear_outputs(out, "pretrain")
     summary = pretrain(cfg, out, resume=args.resume)
@@ -30,6 +31,7 @@ def cmd_datus(args) -> int:
 
     cfg = resolve_config(args)
     out = prepare_out(args.out, "datus", "metrics.json", args.overwrite)
+    lock_out(out, "datus")
     if args.overwrite:
         clear_outputs(out, "datus")
     params = DatusParams(knn=args.graph_knn, min_similarity=args.min_similarity, resolution=args.louvain_resolution,

@@ -5,7 +5,7 @@ import argparse
 
 from stegoseg.cli.common import out_arg, print_summary
 from stegoseg.config.stego import add_config_arguments
-from stegoseg.preflight import check_writable, clear_outputs, prepare_out
+from stegoseg.preflight import check_writable, clear_outputs, lock_out, prepare_out
 
 
 def cmd_run(args) -> int:
@@ -16,6 +16,7 @@ def cmd_run(args) -> int:
     cfg = resolve_config(args)
     out = prepare_out(args.out, "run", "report.md", args.overwrite, resume=args.resume)
     check_before_work(cfg, out, evaluate=True)
+    lock_out(out, "run")
     if args.overwrite and not args.resume:
         clear_outputs(out, "run")
     summary = run_all(cfg, out, resume=args.resume, baseline=args.baseline)
@@ -33,6 +34,7 @@ def cmd_prepare(args) -> int:
     cfg = resolve_config(args)
     out = check_writable(args.out)
     check_before_work(cfg, out, train=False)
+    lock_out(out, "prepare")
     cache = prepare(cfg, out)
     print(f"feature cache: {cache.path} ({cache.n} items, complete={cache.complete})")
     return 0
@@ -46,6 +48,7 @@ def cmd_train(args) -> int:
     cfg = resolve_config(args)
     out = prepare_out(args.out, "train", "checkpoint.pt", args.overwrite, resume=args.resume)
     check_before_work(cfg, out)
+    lock_out(out, "train")
     if args.overwrite and not args.resume:
         clear_outputs(out, "train")
     path = train_method(cfg, out, resume=args.resume)
@@ -62,6 +65,7 @@ def cmd_baseline(args) -> int:
     cfg = resolve_config(args)
     out = prepare_out(args.out, "baseline", "metrics.json", args.overwrite)
     check_before_work(cfg, out, evaluate=True)
+    lock_out(out, "baseline")
     if args.overwrite:
         clear_outputs(out, "baseline")
     result = run_feature_baseline(cfg, out)
@@ -81,12 +85,14 @@ def cmd_evaluate(args) -> int:
     from stegoseg.model import load
     from stegoseg.preflight import check_accelerator
 
-    model = load(args.checkpoint, weights=explicit_values(args).get("weights"), device="cpu")
+    model = load(args.checkpoint, weights=explicit_values(args).get("weights"), device="cpu",
+                 replace_backbone=args.replace_backbone_weights)
     cfg = config_for_checkpoint(model, args)
     check_accelerator(device=cfg.device)  # evaluation runs on --device; the training accelerator does not matter
     model.to(resolve_device(cfg.device))
     out = prepare_out(args.out, "evaluate", "metrics.json", args.overwrite)
     check_eval_labels(cfg, model, out, split=args.split)
+    lock_out(out, "evaluate")
     if args.overwrite:
         clear_outputs(out, "evaluate")
     result = evaluate_checkpoint_model(cfg, model, out, split=args.split)
@@ -142,6 +148,8 @@ def add_commands(sub) -> None:
     p.add_argument("checkpoint", help="checkpoint.pt written by train / baseline / run")
     p.add_argument("--split", default=None, help="split to evaluate (default: the config's val split)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in --out")
+    p.add_argument("--replace-backbone-weights", action="store_true",
+                   help="with --weights: evaluate the model on other weights of the same architecture (knowingly)")
     out_arg(p, "runs/eval")
     add_config_arguments(p, groups=("data", "evaluation", "run"), extra=("weights",))
     p.set_defaults(func=cmd_evaluate)

@@ -21,7 +21,8 @@ def cmd_segment(args) -> int:
         (args.crf_workers >= 1, "--crf-workers must be >= 1"),
     ])
     check_accelerator(device=args.device)
-    model = load(args.checkpoint, weights=args.weights, device=resolve_device(args.device))
+    model = load(args.checkpoint, weights=args.weights, device=resolve_device(args.device),
+                 replace_backbone=args.replace_backbone_weights)
     if args.bf16:
         import torch
 
@@ -48,6 +49,8 @@ def add_commands(sub) -> None:
     p.add_argument("--probe", choices=("cluster", "linear"), default="cluster")
     p.add_argument("--device", default="auto")
     p.add_argument("--weights", default=None, help="local backbone weights if the checkpoint names hub weights")
+    p.add_argument("--replace-backbone-weights", action="store_true",
+                   help="with --weights: run the model on other weights of the same architecture (knowingly)")
     p.add_argument("--num-workers", type=int, default=2, help="image-decoding workers")
     p.add_argument("--batch-size", type=int, default=8, help="images per network batch (same-size images batch together)")
     p.add_argument("--crf-workers", type=int, default=2, help="processes for the CRF")

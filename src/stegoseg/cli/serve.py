@@ -15,7 +15,7 @@ def cmd_serve(args) -> int:
         raise StegosegError(f"--images {args.images}: not a folder")
     check_accelerator(device=args.device)
     serve(args.checkpoint, host=args.host, port=args.port, images=args.images, weights=args.weights,
-          device=resolve_device(args.device), block=True)
+          device=resolve_device(args.device), block=True, replace_backbone=args.replace_backbone_weights)
     return 0
 
 
@@ -34,5 +34,7 @@ def add_commands(sub) -> None:
                    help="interface to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes the page)")
     p.add_argument("--images", default=None, help="a folder whose images the page offers (and searches for neighbours)")
     p.add_argument("--weights", default=None, help="local backbone weights if the checkpoint names hub weights")
+    p.add_argument("--replace-backbone-weights", action="store_true",
+                   help="with --weights: run the model on other weights of the same architecture (knowingly)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_serve)

@@ -51,6 +51,7 @@ from stegoseg.data.base import IGNORE_INDEX, SegmentationDataset, pil_to_tensor
 from stegoseg.data.transforms import TrainTransform, five_crop_boxes
 from stegoseg.errors import StegosegError
 from stegoseg.features.knn import nearest_neighbors
+from stegoseg.features.validate import array_problem, cache_problem, done_flags, file_problems, meta_problem
 from stegoseg.preflight import (
     atomic_save_npy,
     check_free_space,
@@ -180,7 +181,12 @@ class FeatureCache:
         meta_path = self.path / "meta.json"
         if not meta_path.exists():
             raise StegosegError(f"no feature cache at {self.path}: run `stegoseg prepare` first")
-        self.meta = json.loads(meta_path.read_text())
+        meta, problem = meta_problem(self.path)
+        problem = problem or file_problems(self.path, meta)
+        if problem:
+            raise StegosegError(f"the feature cache {self.path} is damaged ({problem}): delete that folder (or pass "
+                                "another --cache-dir) and run again, which rebuilds it")
+        self.meta = meta
         self.n = self.meta["n_items"]
         c, h, w = self.meta["feature_shape"]
         self.features = np.memmap(self.path / "features.f16", dtype=np.float16, mode=mode, shape=(self.n, c, h, w))
@@ -208,7 +214,11 @@ class FeatureCache:
 
     @property
     def done(self) -> np.ndarray:
-        return np.load(self.path / "done.npy")
+        done, problem = done_flags(self.path, self.n)
+        if problem:
+            raise StegosegError(f"the feature cache {self.path} is damaged ({problem}): delete that folder (or pass "
+                                "another --cache-dir) and run again, which rebuilds it")
+        return done
 
     @property
     def complete(self) -> bool:
@@ -255,7 +265,7 @@ class FeatureCache:
         in training mode: Dropout2d(``dropout``) zeroes whole feature channels (drawn from
         ``seed``) before the spatial mean."""
         path = self.path / ("global.npy" if not dropout else f"global_dropout{dropout:g}_s{seed}.npy")
-        if path.exists():
+        if path.exists() and not _stale_array(path, self.n, self.meta["feature_shape"][0]):
             return np.load(path)
         gen = torch.Generator().manual_seed(seed)
         out = np.zeros((self.n, self.meta["feature_shape"][0]), dtype=np.float32)
@@ -274,12 +284,20 @@ class FeatureCache:
         """(N, k) indices of each item's k nearest neighbours by cosine similarity, self
         excluded; cached. ``dropout``/``seed``: see :meth:`global_descriptors`."""
         path = self.path / (f"knn_{k}.npy" if not dropout else f"knn_{k}_dropout{dropout:g}_s{seed}.npy")
-        if path.exists():
+        if path.exists() and not _stale_array(path, self.n, k, below=self.n):
             return np.load(path)
         knn = nearest_neighbors(self.global_descriptors(dropout=dropout, seed=seed), k=k, backend=backend,
                                 device=device)
         atomic_save_npy(path, knn)
         return knn
+
+
+def _stale_array(path: Path, rows: int, columns: int, below=None) -> bool:
+    """A stored descriptor / neighbour file that is damaged: warn, and let the caller recompute it."""
+    problem = array_problem(path, rows, columns, below)
+    if problem:
+        log.warning("%s is damaged (%s): computing it again", path, problem)
+    return problem is not None
 
 
 def extract_features(
@@ -328,6 +346,13 @@ def extract_features(
     ids = [view.item_id(i, j) for j, i in enumerate(_raw_ids(dataset, view.n_crops))]
     files = dataset_fingerprint(dataset)
     with cache_lock(path):
+        problem = cache_problem(path) if (path / "meta.json").exists() else None
+        if problem:
+            if not os.access(path, os.W_OK):
+                raise StegosegError(f"the feature cache {path} is damaged ({problem}) and read-only here: rebuild it "
+                                    "where it can be written, or pass another --cache-dir")
+            log.warning("the feature cache %s is damaged (%s): rebuilding it", path, problem)
+            shutil.rmtree(path)
         if (path / "meta.json").exists():
             old = json.loads((path / "meta.json").read_text())
             if old.get("files") != files or old.get("ids") != ids:

@@ -189,6 +189,7 @@ def prepare(cfg: Config, out, backbone=None, neighbors: bool = True) -> FeatureC
     train = build_split(cfg, cfg.train_split, out)
     if backbone is None:
         backbone, _ = build_backbone_from_config(cfg)
+    check_run_inputs(out, train, backbone)
     kind = "directory" if cfg.dataset == "synthetic" else cfg.dataset
     cache = extract_features(
         backbone,
@@ -210,6 +211,38 @@ def prepare(cfg: Config, out, backbone=None, neighbors: bool = True) -> FeatureC
     config_neighbors(cfg, cache, device=device)
     log.info("nearest neighbours ready for %d items in %.1fs (%s)", cache.n, time.perf_counter() - t0, cache.path)
     return cache
+
+
+#: Beside a run's Lightning checkpoints: the data and backbone weights they were trained on.
+RUN_INPUTS = "run_inputs.json"
+
+
+def check_run_inputs(out: Path, dataset, backbone) -> None:
+    """Before any work: a run folder that holds training checkpoints continues only on the same
+    files (their fingerprint: names, sizes, times) and the same backbone weights (their hash);
+    a moved folder or an offline copy of the same weights is fine. A fresh run records them."""
+    from stegoseg.features.cache import dataset_fingerprint, weights_fingerprint
+    from stegoseg.preflight import atomic_write
+
+    current = {"data_root": str(getattr(dataset, "root", "")), "images": len(dataset),
+               "files": dataset_fingerprint(dataset), "backbone": backbone.name,
+               "weights": getattr(backbone, "weights_sha256", None) or weights_fingerprint(backbone),
+               "weights_source": str(getattr(backbone, "weights_source", ""))}
+    path = Path(out) / RUN_INPUTS
+    started = any((Path(out) / "lightning").glob("*.ckpt")) or (Path(out) / "candidates").exists()
+    if path.exists() and started:
+        old = json.loads(path.read_text())
+        if old.get("files") != current["files"]:
+            raise StegosegError(f"the run in {out} trained on {old.get('images')} images of {old.get('data_root')}; "
+                                f"--data-root {current['data_root']} now gives {current['images']} images with other "
+                                "files: resume it on the same data, or pass --overwrite to start a new run")
+        if old.get("weights") != current["weights"]:
+            raise StegosegError(f"the run in {out} trained on the backbone weights {old.get('weights_source')}; these "
+                                f"are other weights ({current['weights_source']}): resume it with the same --weights, "
+                                "or pass --overwrite to start a new run")
+        return
+    Path(out).mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(current, indent=1)))
 
 
 def eval_config(cfg: Config) -> EvalConfig:
@@ -311,6 +344,8 @@ def evaluate_checkpoint_model(cfg: Config, model: SegmentationModel, out, split:
     result["backbone"] = {
         "name": model.backbone_spec.get("name"),
         "weights_source": getattr(model.backbone, "weights_source", None),
+        # True: --replace-backbone-weights ran the model on weights other than its own backbone's
+        "weights_replaced": bool(getattr(model.backbone, "weights_replaced", False)),
     }
     result["method"] = model.method
     (out / "metrics.json").write_text(json.dumps(result, indent=2, default=float))
