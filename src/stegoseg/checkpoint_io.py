@@ -113,6 +113,12 @@ def read_checkpoint_file(path) -> dict:
     if not path.is_file():
         raise StegosegError(f"checkpoint {path} does not exist: pass the .pt file a `stegoseg train` run wrote "
                             "(or a folder written by save_pretrained)")
+    head = path.read_bytes()[:64]
+    if head and not head.startswith((b"PK\x03\x04", b"\x80")):
+        looks = "a YAML or text file (a config.yaml?)" if head.strip()[:1].isalpha() or head[:1] in b"#{-" else \
+            "not a PyTorch file"
+        raise StegosegError(f"{path} is {looks}, not a checkpoint: pass the checkpoint.pt a `stegoseg train` run "
+                            "wrote, or a folder written by save_pretrained")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling problem is a bad file
@@ -183,5 +189,5 @@ def load_failure(exc: Exception) -> str:
     text = str(exc)
     if isinstance(exc, pickle.UnpicklingError) and ("weights_only" in text or "Unsupported global" in text):
         return ("it contains Python objects other than plain tensors and values, which stegoseg does not load "
-                "(a checkpoint from another program?)")
+                "and nothing in it was run (a checkpoint from another program, or a tampered file?)")
     return "the file is truncated or corrupt, or not a checkpoint (an interrupted copy or a full disk?)"

@@ -420,6 +420,10 @@ class SegmentationModel(nn.Module):
                 backbone.weights_replaced = True  # evaluate's metrics.json says so
                 log.warning("--replace-backbone-weights: the backbone of this model is %s, not the one it was trained "
                             "with; its maps and metrics are those of another backbone", weights)
+        names, n_classes = ckpt.get("class_names"), ckpt.get("n_classes")
+        if names is not None and n_classes and ckpt.get("linear_probe") is not None and len(names) != n_classes:
+            # ValueError: _checked_model names the file or folder
+            raise ValueError(f"class_names lists {len(names)} classes for a model of {n_classes}")
         head = _build_head(ckpt["head"]) if ckpt.get("head") is not None else None
         spec = {k: bb[k] for k in ("name", "pretrained", "weights", "tiny", "overrides", "pos_embed") if k in bb}
         model = cls(

@@ -142,6 +142,42 @@ def files_fingerprint(paths) -> str:
     return h.hexdigest()
 
 
+def check_images(dataset, scan_dir: Optional[Path] = None, min_side: int = 1, what: str = "") -> None:
+    """Before any work: every image file of ``dataset`` opens as an image (its header is read)
+    and has a minor side of at least ``min_side`` pixels; the first bad one is one line naming
+    it. With ``scan_dir`` a clean scan is remembered by the files' fingerprint."""
+    from PIL import Image, UnidentifiedImageError
+
+    paths = list(getattr(dataset, "image_paths", None) or [])
+    if not paths:
+        return
+    done = None
+    if scan_dir is not None:
+        key = hashlib.sha1(f"{files_fingerprint(paths)}:{min_side}".encode()).hexdigest()[:16]
+        done = Path(scan_dir) / f"images-{key}.ok"
+        if done.exists():
+            return
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                w, h = im.size
+        except Image.DecompressionBombError:
+            raise StegosegError(f"image {p} is too large to decode safely (more than {2 * Image.MAX_IMAGE_PIXELS:,} "
+                                "pixels): downscale it, or remove it from the folder") from None
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            reason = str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__
+            raise StegosegError(f"image {p} cannot be read ({reason}): remove it from the folder or convert it") from None
+        if min(w, h) < min_side:
+            raise StegosegError(f"image {p} is {w}x{h}: {what or f'at least {min_side} pixels per side are needed'}; "
+                                "remove it from the folder or enlarge it")
+    if done is not None:
+        try:
+            done.parent.mkdir(parents=True, exist_ok=True)
+            done.write_text("")
+        except OSError:
+            pass  # a read-only cache folder: the scan is simply not remembered
+
+
 def label_values(dataset, scan_dir: Optional[Path] = None, progress: bool = True) -> dict:
     """{value: first label file holding it} over every label file of a labelled dataset,
     after the dataset's own mapping (unlabelled pixels excluded). With ``scan_dir`` the
@@ -165,8 +201,11 @@ def label_values(dataset, scan_dir: Optional[Path] = None, progress: bool = True
             for v in np.unique(label[label != IGNORE_INDEX]).tolist():
                 first.setdefault(int(v), sample.id)
     if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        cache_file.write_text(json.dumps({str(k): v for k, v in sorted(first.items())}))
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            cache_file.write_text(json.dumps({str(k): v for k, v in sorted(first.items())}))
+        except OSError:
+            pass  # a read-only cache folder: the scan is simply not remembered
     return first
 
 
@@ -195,7 +234,7 @@ TRAIN_OUTPUTS = (
 )
 OUTPUTS = {
     "train": TRAIN_OUTPUTS,
-    "run": ("train", "eval", "baseline", "segment", "report.md", "summary.json", "config.yaml"),
+    "run": ("report.md", "summary.json", "config.yaml"),
     "baseline": EVAL_OUTPUTS + ("checkpoint.pt", "config.yaml"),
     "evaluate": EVAL_OUTPUTS,
     "datus": EVAL_OUTPUTS + ("config.yaml",),
@@ -268,12 +307,27 @@ def release_out_locks() -> None:
             _HELD_LOCKS.pop(path, None)
 
 
+#: The sub-folders ``run`` writes, with the command whose outputs each holds.
+RUN_FOLDERS = {"train": "train", "eval": "evaluate", "baseline": "baseline"}
+
+
 def clear_outputs(out, command: str) -> None:
-    """``--overwrite``: remove what ``command`` writes in ``out`` (and only that), so that no
-    output of the earlier run stays beside the new ones."""
+    """``--overwrite``: remove what ``command`` writes in ``out`` (and only that: a user's own
+    files stay, also inside ``run``'s sub-folders), so that no output of the earlier run stays
+    beside the new ones."""
+    out = Path(out)
     for name in OUTPUTS[command]:
-        target = Path(out) / name
+        target = out / name
         if target.is_dir() and not target.is_symlink():
             shutil.rmtree(target)
         elif target.exists() or target.is_symlink():
             target.unlink()
+    if command == "run":
+        for folder, sub in RUN_FOLDERS.items():
+            if (out / folder).is_dir():
+                clear_outputs(out / folder, sub)
+        segments = out / "segment"
+        if segments.is_dir():  # the label maps and overlays of the example segmentations
+            for overlay in segments.glob("*_overlay.png"):
+                overlay.unlink()
+                (segments / (overlay.name[: -len("_overlay.png")] + ".png")).unlink(missing_ok=True)

@@ -11,8 +11,10 @@ see each other's images.
 """
 
 
+import atexit
 import json
 import logging
+import shutil
 import tempfile
 import threading
 import uuid
@@ -54,6 +56,9 @@ def check_upload(path) -> Image.Image:
     try:
         with Image.open(p) as probe:
             w, h = probe.size
+    except Image.DecompressionBombError:
+        raise StegosegError(f"{name} has more than {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels; the page accepts "
+                            f"up to {MAX_PIXELS / 1e6:.0f} megapixels") from None
     except Exception:  # noqa: BLE001 - any failure to parse the header means "not an image"
         raise StegosegError(f"{name} is not an image (or a format PIL cannot read)") from None
     if w * h > MAX_PIXELS:
@@ -271,6 +276,8 @@ def build_page(viewer: Viewer, folder: Optional[Path] = None, title: str = "steg
 
     folder_images = [str(p) for p in list_images(folder)] if folder else []
     work = Path(tempfile.mkdtemp(prefix="stegoseg-serve-"))
+    # the users' label maps and overlays live here while the page runs; they go with the process
+    atexit.register(shutil.rmtree, work, True)
     model = viewer.model
     about = (f"**{title}** · method `{model.method}` · backbone `{model.backbone_spec.get('name')}` · "
              f"{model.n_clusters} clusters" + (f" · linear probe over {model.n_classes} classes" if model.linear_probe
@@ -359,6 +366,20 @@ def build_page(viewer: Viewer, folder: Optional[Path] = None, title: str = "steg
     return page
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Before loading anything: the port must be free on ``host``."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise StegosegError(f"--port {port} on {host} is not free ({exc.strerror or exc}): another program (or "
+                                f"another stegoseg serve) uses it; pass --port with another number, e.g. {port + 1}"
+                                ) from None
+
+
 def serve(checkpoint, host: str = "127.0.0.1", port: int = 7860, images=None, weights=None, device: str = "cpu",
           block: bool = True, replace_backbone: bool = False):
     """Load the model once and start the page; returns the Gradio app (with ``block=False``)."""
@@ -368,6 +389,7 @@ def serve(checkpoint, host: str = "127.0.0.1", port: int = 7860, images=None, we
         raise StegosegError("the web page needs Gradio: pip install 'stegoseg[serve]' (or pip install gradio)") from None
     from stegoseg.model import load
 
+    check_port_free(host, port)
     model = load(checkpoint, weights=weights, device=device, replace_backbone=replace_backbone)
     neighbours = None
     here = Path(checkpoint).resolve().parent

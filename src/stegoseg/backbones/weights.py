@@ -63,11 +63,12 @@ def read_weights_file(path: Path) -> Any:
         with _allow_namespace_unpickling():
             return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        from stegoseg.checkpoint_io import load_failure
+
         raise StegosegError(
-            f"cannot read weights file {path} as a weights-only torch file ({first}); "
-            "save a plain state dict (torch.save(model.state_dict(), ...)) or a .safetensors file"
-        ) from exc
+            f"cannot read weights file {path}: {load_failure(exc)}; save a plain state dict "
+            "(torch.save(model.state_dict(), ...)) or a .safetensors file"
+        ) from None
 
 
 def _allow_namespace_unpickling() -> Any:

@@ -79,7 +79,7 @@ def main(argv=None) -> int:
         return args.func(args)
     except StegosegError as exc:
         print(f"stegoseg: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except OSError as exc:
         # the environment refused a file operation: one line naming the file, not a traceback
         if exc.errno not in _FILE_ERRNOS:

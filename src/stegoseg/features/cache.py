@@ -143,8 +143,16 @@ def cache_lock(path: Path):
     holder dies)."""
     import fcntl
 
-    (path.parent / ".locks").mkdir(parents=True, exist_ok=True)
-    with open(path.parent / ".locks" / (path.name + ".lock"), "a") as handle:
+    try:
+        (path.parent / ".locks").mkdir(parents=True, exist_ok=True)
+        handle = open(path.parent / ".locks" / (path.name + ".lock"), "a")
+    except OSError as exc:
+        if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        # a read-only shared cache: nobody can write it, so there is nothing to wait for
+        yield
+        return
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

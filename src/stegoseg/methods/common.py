@@ -34,6 +34,7 @@ from stegoseg.nn.kmeans import spherical_kmeans
 from stegoseg.nn.probes import set_centroids, train_linear_probe
 from stegoseg.preflight import (
     check_accelerator,
+    check_images,
     check_label_range,
     check_writable,
     label_values,
@@ -144,10 +145,17 @@ def check_before_work(cfg: Config, out: Path, evaluate: bool = False, train: boo
     get_backbone_preset(cfg.backbone)  # an unknown name fails here, with the list of names
     if cfg.weights and not Path(cfg.weights).is_file():
         raise StegosegError(f"--weights {cfg.weights}: file not found")
+    check_token_budget(cfg)
     scan_dir = cache_root(cfg, out) / ".label-scans"
     n_classes, names = None, None
-    if train:
-        train_split = build_split(cfg, cfg.train_split, out)
+    train_split = build_split(cfg, cfg.train_split, out)
+    # five-crop: each crop is half the image; the crop's minor side is resized to --resolution
+    check_images(train_split, scan_dir, min_side=2 if cfg.five_crop else 1,
+                 what="five-crop needs at least 2 pixels per side (pass --no-five-crop)" if cfg.five_crop else "")
+    if not cfg.five_crop and len(train_split) < 2 and cfg.method == "stego":
+        raise StegosegError(f"the {cfg.train_split} split has {len(train_split)} image: STEGO's nearest neighbours need "
+                            "at least 2 training crops; add images, or leave five-crop on (5 crops per image)")
+    if train or (train_split.has_labels and (cfg.n_classes is not None or train_split.n_classes)):
         n_classes = n_classes_for(cfg, train_split)
         if train_split.has_labels:
             values = label_values(train_split, scan_dir, cfg.progress)
@@ -165,6 +173,19 @@ def check_before_work(cfg: Config, out: Path, evaluate: bool = False, train: boo
             check_label_range(label_values(val, scan_dir, cfg.progress), count, cfg.val_split,
                               class_count_source(cfg, val))
     return n_classes
+
+
+def check_token_budget(cfg: Config) -> None:
+    """A ViT's cost grows with the square of its tokens: the training crops and the evaluation
+    crops must stay within :data:`~stegoseg.segment.MAX_TOKENS` tokens."""
+    from stegoseg.segment import MAX_TOKENS
+
+    patch = get_backbone_preset(cfg.backbone).patch_size
+    for option, side in (("--resolution", cfg.resolution), ("--eval-resolution", cfg.eval_resolution)):
+        tokens = (-(-int(side) // patch)) ** 2
+        if tokens > MAX_TOKENS:
+            raise StegosegError(f"{option} {side} gives {tokens:,} tokens of patch {patch} per crop, more than the "
+                                f"{MAX_TOKENS:,} one image may use: pass a smaller {option}")
 
 
 def check_eval_labels(cfg: Config, model: SegmentationModel, out: Path, split: Optional[str] = None) -> None:

@@ -65,9 +65,9 @@ def resume_checkpoint(ckpt_dir: Path, cfg: Config) -> Optional[ResumePoint]:
         try:
             step = int(torch.load(path, map_location="cpu", weights_only=True).get("global_step", 0))
         except Exception as exc:  # noqa: BLE001 - any failure means the file cannot be used
-            reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
-            log.warning("--resume: cannot read %s (%s; truncated by a kill or a full disk?): trying an earlier "
-                        "checkpoint", path, reason)
+            from stegoseg.checkpoint_io import load_failure
+
+            log.warning("--resume: cannot read %s (%s): trying an earlier checkpoint", path, load_failure(exc))
             continue
         if i:
             log.warning("--resume: continuing from %s", path)

@@ -9,10 +9,13 @@ the cache held on the training device when it fits (``--cache-in-memory``).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -20,6 +23,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from stegoseg.errors import RunInterrupted
 from stegoseg.features.cache import CropView, FeatureCache, ResidentFeatures
 from stegoseg.preflight import check_free_space
 from stegoseg.training.resume import (
@@ -198,12 +202,63 @@ def fit_step_module(module: L.LightningModule, cfg, out: Path, cache: FeatureCac
         module.resident = ResidentFeatures(cache, with_thumbs=with_thumbs)
     data = StepDataModule(dataclasses.replace(cfg, steps=max_steps), cache, knn, crop_view, indices_only=resident,
                           with_thumbs=with_thumbs)
-    trainer.fit(module, datamodule=data, ckpt_path=point.path if point is not None else None, weights_only=True)
+    stop = StopAtStepEnd()
+    trainer.callbacks.append(stop)
+    with stop.catching_signals():
+        trainer.fit(module, datamodule=data, ckpt_path=point.path if point is not None else None, weights_only=True)
     module.resident = None
+    if stop.signum is not None:
+        trainer.save_checkpoint(ckpt_dir / "last.ckpt")
+        name = signal.Signals(stop.signum).name
+        raise RunInterrupted(f"stopped by {name} after step {trainer.global_step} of {max_steps}; "
+                             f"{ckpt_dir / 'last.ckpt'} holds it: run the same command with --resume to continue",
+                             stop.signum)
     if trainer.is_global_zero:
         merge_resumed_log(log_dir)
     module.is_global_zero = trainer.is_global_zero
     return module.cpu()
+
+
+class StopAtStepEnd(L.Callback):
+    """Ctrl-C (SIGINT) or SIGTERM during training: finish the current step, then stop (a second
+    Ctrl-C stops at once). :func:`fit_step_module` then saves ``last.ckpt`` and raises
+    :class:`~stegoseg.errors.RunInterrupted`: the work is kept and ``--resume`` continues
+    exactly, instead of a lost run reported as a success."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+
+    @contextlib.contextmanager
+    def catching_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in previous:
+            signal.signal(s, self._handler)
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def _handler(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("%s: stopping after the current training step (Ctrl-C again stops at once)",
+                    signal.Signals(signum).name)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Lightning's own SIGTERM handler ends the process with status 0 at the next step (its
+        # SIGTERMException is a SystemExit): ours replaces it for the fit (Lightning restores its
+        # predecessor, ours, at teardown)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._handler)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.signum is not None:
+            trainer.should_stop = True
 
 
 def check_checkpoint_space(module: torch.nn.Module, out: Path, cfg, steps: Optional[int] = None) -> None:
