@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from tqdm.auto import tqdm
+from stegoseg.progress import progress_bar as tqdm
 
 from stegoseg.data.base import IGNORE_INDEX
 from stegoseg.errors import StegosegError
@@ -142,21 +142,15 @@ def files_fingerprint(paths) -> str:
     return h.hexdigest()
 
 
-def check_images(dataset, scan_dir: Optional[Path] = None, min_side: int = 1, what: str = "") -> None:
-    """Before any work: every image file of ``dataset`` opens as an image (its header is read)
-    and has a minor side of at least ``min_side`` pixels; the first bad one is one line naming
-    it. With ``scan_dir`` a clean scan is remembered by the files' fingerprint."""
+def check_images(dataset, min_side: int = 1, what: str = "") -> None:
+    """Before any work: every image file of ``dataset`` opens as an image (only its header is
+    read: thousands of files a second) and has a minor side of at least ``min_side`` pixels;
+    the first bad one is one line naming it."""
     from PIL import Image, UnidentifiedImageError
 
     paths = list(getattr(dataset, "image_paths", None) or [])
     if not paths:
         return
-    done = None
-    if scan_dir is not None:
-        key = hashlib.sha1(f"{files_fingerprint(paths)}:{min_side}".encode()).hexdigest()[:16]
-        done = Path(scan_dir) / f"images-{key}.ok"
-        if done.exists():
-            return
     for p in paths:
         try:
             with Image.open(p) as im:
@@ -170,12 +164,6 @@ def check_images(dataset, scan_dir: Optional[Path] = None, min_side: int = 1, wh
         if min(w, h) < min_side:
             raise StegosegError(f"image {p} is {w}x{h}: {what or f'at least {min_side} pixels per side are needed'}; "
                                 "remove it from the folder or enlarge it")
-    if done is not None:
-        try:
-            done.parent.mkdir(parents=True, exist_ok=True)
-            done.write_text("")
-        except OSError:
-            pass  # a read-only cache folder: the scan is simply not remembered
 
 
 def label_values(dataset, scan_dir: Optional[Path] = None, progress: bool = True) -> dict:

@@ -169,7 +169,7 @@ def segment_images(
     written by this call.
     """
     from PIL import Image
-    from tqdm.auto import tqdm
+    from stegoseg.progress import progress_bar as tqdm
 
 
     if probe == "linear" and model.linear_probe is None:

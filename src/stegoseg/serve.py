@@ -284,6 +284,9 @@ def build_page(viewer: Viewer, folder: Optional[Path] = None, title: str = "steg
                                                  is not None else "")
              + f" · device `{model.device}` · neighbours: "
              + (viewer.neighbours.source if viewer.neighbours is not None else "none (no training cache or --images)"))
+    if random_backbone(model):
+        about += ("\n\n⚠️ **This model's backbone is randomly initialised** (trained with --no-pretrained): its "
+                  "segmentations show that the pipeline runs, not what the method does on real features.")
 
     def segment_all(files, picked, crf, flip, resolution, linear, session):
         paths = [(Path(f).name, f) for f in (files or [])] + [(Path(p).name, p) for p in ([picked] if picked else [])]
@@ -366,6 +369,11 @@ def build_page(viewer: Viewer, folder: Optional[Path] = None, title: str = "steg
     return page
 
 
+def random_backbone(model) -> bool:
+    """Whether the model's backbone weights are a random initialisation (no file, no download)."""
+    return str(getattr(model.backbone, "weights_source", "")) == "random"
+
+
 def check_port_free(host: str, port: int) -> None:
     """Before loading anything: the port must be free on ``host``."""
     import socket
@@ -391,6 +399,9 @@ def serve(checkpoint, host: str = "127.0.0.1", port: int = 7860, images=None, we
 
     check_port_free(host, port)
     model = load(checkpoint, weights=weights, device=device, replace_backbone=replace_backbone)
+    if random_backbone(model):
+        log.warning("the backbone of %s is randomly initialised (trained with --no-pretrained): the page works, but "
+                    "its segmentations are not meaningful", checkpoint)
     neighbours = None
     here = Path(checkpoint).resolve().parent
     recorded = (model.config or {}).get("cache_dir")

@@ -41,17 +41,58 @@ STUDIES = {
 }
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the help already says it (or there is
+    none worth saying: a switch that is off, no value)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class StrictParser(argparse.ArgumentParser):
+    """Options are spelled out (no abbreviations: ``--res`` is not ``--resolution``), every
+    ``--help`` shows the defaults, and an unknown option gets this command's usage with the
+    closest known names."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, extra = super().parse_known_args(args, namespace)
+        unknown = [a for a in extra if a.startswith("-")]
+        if unknown:
+            self.error_unknown(unknown)
+        return parsed, extra
+
+    def error_unknown(self, unknown) -> None:
+        import difflib
+
+        known = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
+        hints = []
+        for option in unknown:
+            word = option.split("=")[0]
+            close = [o for o in known if o.startswith(word)][:3] or difflib.get_close_matches(word, known, n=3,
+                                                                                               cutoff=0.6)
+            hints.append(f"{option}" + (f" (did you mean {' or '.join(close)}?)" if close else ""))
+        self.error(f"unrecognized option(s): {', '.join(hints)}; `{self.prog} --help` lists the options")
+
+
 def build_parser(study: Optional[str] = None) -> argparse.ArgumentParser:
     """The parser of every command; the study named by ``study`` (or every study with
     ``study="all"``) gets its full parser, the others a listing entry."""
     import importlib
 
-    parser = argparse.ArgumentParser(
+    parser = StrictParser(
         prog="stegoseg",
         description="Unsupervised semantic segmentation with frozen self-supervised ViTs (STEGO and baselines).",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=StrictParser)
     for module in (pipeline, segment, serve, methods, tools):
         module.add_commands(sub)
     for name, (module, help_text) in STUDIES.items():

@@ -13,7 +13,6 @@ def cmd_pretrain(args) -> int:
 
     cfg = resolve_config(args, cls=PretrainConfig)
     out = prepare_out(args.out, "pretrain", "backbone.pt", args.overwrite, resume=args.resume)
-    lock_out(out, "pretrain")
     if args.overwrite and not args.resume:
         clear_outputs(out, "pretrain")
     summary = pretrain(cfg, out, resume=args.resume)

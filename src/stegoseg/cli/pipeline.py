@@ -15,6 +15,8 @@ def cmd_run(args) -> int:
 
     cfg = resolve_config(args)
     out = prepare_out(args.out, "run", "report.md", args.overwrite, resume=args.resume)
+    if args.resume:
+        check_something_to_resume(out / "train", f"--out {out}")
     check_before_work(cfg, out, evaluate=True)
     lock_out(out, "run")
     if args.overwrite and not args.resume:
@@ -25,6 +27,16 @@ def cmd_run(args) -> int:
             print(name + ": " + ", ".join(f"{k} {v:.1f}" for k, v in rows.items()))
         print(f"report: {out / 'report.md'}")
     return 0
+
+
+def check_something_to_resume(train: "Path", where: str) -> None:
+    """``--resume`` into a folder with no run is an error, not a silent fresh start."""
+    from stegoseg.errors import StegosegError
+
+    marks = [train / "lightning", train / "candidates", train / "checkpoint.pt", train / "base", train / "clusterbook.npy"]
+    if not any(m.exists() for m in marks):
+        raise StegosegError(f"--resume: {where} holds no run to resume (no lightning/ checkpoints): drop --resume to "
+                            "start a new run there, or point --out at the interrupted run's folder")
 
 
 def cmd_prepare(args) -> int:
@@ -47,6 +59,8 @@ def cmd_train(args) -> int:
 
     cfg = resolve_config(args)
     out = prepare_out(args.out, "train", "checkpoint.pt", args.overwrite, resume=args.resume)
+    if args.resume:
+        check_something_to_resume(out, f"--out {out}")
     check_before_work(cfg, out)
     lock_out(out, "train")
     if args.overwrite and not args.resume:

@@ -296,6 +296,10 @@ def resolve_config(args: argparse.Namespace, cls=None, presets: Optional[dict] =
     given.update(command_line)
     method = given.get("method", values.get("method", "stego"))
     values.update(METHOD_DEFAULTS.get(method, {}))
+    if "progress" in {f.name for f in dataclasses.fields(cls)} and "progress" not in given:
+        from stegoseg.progress import on_terminal
+
+        values["progress"] = on_terminal()  # bars on a terminal, plain lines in a log file
     values.update(given)
     values.update({k: v for k, v in overrides.items() if v is not None})
     if cls is Config:
@@ -332,7 +336,9 @@ def validate(cfg: Config) -> None:
         (cfg.batch_size >= 2, "--batch-size must be >= 2 (the random term needs a partner image)"),
         (cfg.n_samples >= 1, "--n-samples must be >= 1"),
         (cfg.knn_topk >= 1, "--knn-topk must be >= 1"),
-        (cfg.n_neighbors >= cfg.knn_topk, "--n-neighbors must be >= --knn-topk"),
+        (cfg.n_neighbors >= cfg.knn_topk, f"--n-neighbors {cfg.n_neighbors} is below --knn-topk {cfg.knn_topk} (how many "
+         f"of the cached neighbours training draws from; an option of train and run): cache at least {cfg.knn_topk} "
+         f"neighbours, or train with --knn-topk {cfg.n_neighbors}"),
         (0 <= cfg.feature_dropout < 1, "--feature-dropout must be in [0, 1)"),
         (cfg.eval_crop in ("center", "none"), "--eval-crop must be center or none"),
         (cfg.eval_resample in ("nearest", "bilinear"), "--eval-resample must be nearest or bilinear"),

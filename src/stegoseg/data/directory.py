@@ -14,7 +14,9 @@ from stegoseg.errors import StegosegError
 
 
 class DirectoryDataset(FileDataset):
-    """A user's own data: ``root/imgs/<split>/*`` with optional ``root/labels/<split>/<stem>.png``.
+    """A user's own data: ``root/imgs/<split>/*`` with optional ``root/labels/<split>/<stem>.png``,
+    or a flat folder of images (no ``imgs/``): then every split is that folder, unlabelled (it
+    is trained on and serves the label-free selection and the report).
 
     * Labels are optional: without a ``labels/<split>`` folder the split is unlabelled
       (``has_labels`` False, samples carry no ``label``). With the folder, every image
@@ -45,7 +47,10 @@ class DirectoryDataset(FileDataset):
         root = Path(root)
         super().__init__(root, split, transform)
         require_dir(root, "dataset root", self.layout)
-        img_dir = require_dir(root / "imgs" / split, f"image folder for split {split!r}", self.layout)
+        # a flat folder of images (no imgs/<split>/): every split is that folder, unlabelled
+        self.flat = not (root / "imgs").is_dir() and bool(list_images(root))
+        img_dir = root if self.flat else require_dir(root / "imgs" / split, f"image folder for split {split!r}",
+                                                     self.layout)
         self.image_paths = list_images(img_dir)
         if not self.image_paths:
             raise StegosegError(f"no image files in {img_dir} (expected layout: {self.layout})")
@@ -61,7 +66,7 @@ class DirectoryDataset(FileDataset):
 
         label_dir = root / "labels" / split
         self.label_paths = None
-        if label_dir.is_dir():
+        if label_dir.is_dir() and not self.flat:
             self.label_paths = [label_dir / f"{stem}.png" for stem in self.ids]
             first, count = first_missing(self.label_paths)
             if first is not None:

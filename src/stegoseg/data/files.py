@@ -91,7 +91,7 @@ class FileDataset(SegmentationDataset):
         format's own reading and mapping (unlabelled pixels left out); scanned once per
         dataset object (class-count inference and the label checks share the scan)."""
         if getattr(self, "_label_values", None) is None:
-            from tqdm.auto import tqdm
+            from stegoseg.progress import progress_bar as tqdm
 
             first: dict = {}
             n = len(self) if self.label_paths is not None else 0

@@ -19,7 +19,7 @@ from typing import Optional
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from stegoseg.progress import progress_bar as tqdm
 
 from stegoseg.data.base import IGNORE_INDEX, SegmentationDataset
 from stegoseg.data.transforms import EvalTransform

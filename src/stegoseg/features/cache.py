@@ -45,7 +45,7 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from stegoseg.progress import progress_bar as tqdm
 
 from stegoseg.data.base import IGNORE_INDEX, SegmentationDataset, pil_to_tensor
 from stegoseg.data.transforms import TrainTransform, five_crop_boxes

@@ -150,7 +150,7 @@ def check_before_work(cfg: Config, out: Path, evaluate: bool = False, train: boo
     n_classes, names = None, None
     train_split = build_split(cfg, cfg.train_split, out)
     # five-crop: each crop is half the image; the crop's minor side is resized to --resolution
-    check_images(train_split, scan_dir, min_side=2 if cfg.five_crop else 1,
+    check_images(train_split, min_side=2 if cfg.five_crop else 1,
                  what="five-crop needs at least 2 pixels per side (pass --no-five-crop)" if cfg.five_crop else "")
     if not cfg.five_crop and len(train_split) < 2 and cfg.method == "stego":
         raise StegosegError(f"the {cfg.train_split} split has {len(train_split)} image: STEGO's nearest neighbours need "

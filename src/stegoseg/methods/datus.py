@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm.auto import tqdm
+from stegoseg.progress import progress_bar as tqdm
 
 from stegoseg.data.transforms import EvalTransform
 from stegoseg.errors import StegosegError

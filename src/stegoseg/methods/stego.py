@@ -11,7 +11,7 @@ from typing import Optional
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from stegoseg.progress import progress_bar as tqdm
 
 from stegoseg.config.stego import Config, replace, selection_mode
 from stegoseg.errors import StegosegError

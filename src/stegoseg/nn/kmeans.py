@@ -13,7 +13,7 @@ import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from stegoseg.progress import progress_bar as tqdm
 
 # FAISS subsamples its training set to max_points_per_centroid * k (default 256) anyway:
 # the sample drawn from the stream is at most this many vectors per centroid.

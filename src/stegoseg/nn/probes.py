@@ -7,7 +7,7 @@ from typing import Callable, Iterable, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from stegoseg.progress import progress_bar as tqdm
 
 from stegoseg.data.base import IGNORE_INDEX
 

@@ -403,7 +403,7 @@ def run_correspondence_study(cfg, out, checkpoint=None, sources=None, n_images: 
     (default: features, code when a checkpoint is given, crf). Other options: the fields of
     :class:`StudyOptions`. Returns the content of ``correspondence_ap.json``.
     """
-    from tqdm.auto import tqdm
+    from stegoseg.progress import progress_bar as tqdm
 
     from stegoseg.features.cache import CropView
     from stegoseg.methods.common import (

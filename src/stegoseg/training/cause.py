@@ -30,7 +30,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
+from stegoseg.progress import progress_bar as tqdm
 
 from stegoseg.config.stego import Config
 from stegoseg.errors import StegosegError

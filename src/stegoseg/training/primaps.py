@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from stegoseg.progress import progress_bar as tqdm
 
 from stegoseg.config.stego import Config
 from stegoseg.errors import StegosegError

@@ -2,10 +2,78 @@
 """
 from __future__ import annotations
 
+import logging
+import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
+import lightning as L
 import torch
+
+from stegoseg.progress import _duration, on_terminal
+
+log = logging.getLogger("stegoseg")
+
+
+def quiet_lightning() -> None:
+    """Lightning's and PyTorch's messages that are no news to a stegoseg user (the "GPU
+    available" lines, the LitLogger tip, deprecation notes from inside Lightning, warnings about
+    folders stegoseg resumes into on purpose) are kept out of the log; ``-v`` shows Lightning's
+    INFO lines again."""
+    if not logging.getLogger("stegoseg").isEnabledFor(logging.DEBUG):
+        for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                     "lightning.pytorch.accelerators.cuda", "lightning.pytorch.trainer.connectors.checkpoint_connector"):
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, _LightningNoise) for f in logger.filters):
+                logger.addFilter(_LightningNoise())
+    for pattern in (r".*LeafSpec.*", r".*module\(s\) in eval mode.*", r".*exists and is not empty.*",
+                    r".*litlogger.*", r".*does not have many workers.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+class _LightningNoise(logging.Filter):
+    """Drops Lightning's lines that say nothing to a stegoseg user; keeps the rest (e.g. how
+    many distributed processes started)."""
+
+    NOISE = ("GPU available", "TPU available", "HPU available", "IPU available", "Tip:", "litlogger",
+             "`Trainer.fit` stopped", "Restoring states from the checkpoint", "Restored all states",
+             "LOCAL_RANK:", "You are using a CUDA device")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(n in message for n in self.NOISE)
+
+
+class LogTrainingProgress(L.Callback):
+    """Training progress as log lines when there is no progress bar (a log file): the start,
+    every 10% of the steps (at most one line per 10 s) with the step rate and the time left,
+    and the end."""
+
+    def __init__(self, max_steps: int):
+        self.max_steps, self.next_mark, self.t0, self.start, self.last = max_steps, 0, 0.0, 0, 0.0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.t0 = self.last = time.monotonic()
+        self.start = trainer.global_step
+        self.next_mark = self.start + max(1, self.max_steps // 10)
+        if trainer.is_global_zero:
+            log.info("training: steps %d..%d of %d", self.start, self.max_steps, self.max_steps)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step, now = trainer.global_step, time.monotonic()
+        if step < self.next_mark or now - self.last < 10 or not trainer.is_global_zero:
+            return
+        self.last, self.next_mark = now, step + max(1, self.max_steps // 10)
+        rate = (step - self.start) / max(now - self.t0, 1e-9)
+        loss = trainer.callback_metrics.get("loss")
+        log.info("training: step %d/%d (%.0f%%), %.2f steps/s, about %s left%s", step, self.max_steps,
+                 100 * step / self.max_steps, rate, _duration((self.max_steps - step) / rate if rate else float("nan")),
+                 f", loss {float(loss):.4f}" if loss is not None else "")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            log.info("training: %d steps in %s", trainer.global_step - self.start, _duration(time.monotonic() - self.t0))
 
 
 def default_precision(precision: str, accelerator: str) -> str:
@@ -30,7 +98,6 @@ def build_trainer(cfg, out, max_steps: int, callbacks: Optional[list] = None, **
     ``<out>/lightning/``, the CSV log in ``<out>/logs/metrics.csv``, progress bar. ``cfg``
     is any config with the shared trainer fields (STEGO's and DINO pretraining's);
     ``options`` go to ``lightning.Trainer`` (e.g. ``max_time``, ``gradient_clip_val``)."""
-    import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
@@ -38,6 +105,10 @@ def build_trainer(cfg, out, max_steps: int, callbacks: Optional[list] = None, **
         dirpath=Path(out) / "lightning", filename="step{step:06d}", every_n_train_steps=max(1, cfg.ckpt_every),
         save_last=True, save_top_k=-1, auto_insert_metric_name=False,
     )
+    quiet_lightning()
+    bar = bool(cfg.progress) and on_terminal()
+    if not bar:
+        callbacks = [*(callbacks or []), LogTrainingProgress(max_steps)]
     return L.Trainer(
         max_steps=max_steps,
         max_epochs=-1,
@@ -49,7 +120,7 @@ def build_trainer(cfg, out, max_steps: int, callbacks: Optional[list] = None, **
         callbacks=[checkpoint, *(callbacks or [])],
         logger=CSVLogger(str(out), name="logs", version=""),
         log_every_n_steps=max(1, cfg.log_every),
-        enable_progress_bar=cfg.progress,
+        enable_progress_bar=bar,
         enable_model_summary=False,
         use_distributed_sampler=False,
         num_sanity_val_steps=0,
