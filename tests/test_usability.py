@@ -1,0 +1,120 @@
+"""Day-to-day use (issue #23): readable logs, a strict command line, --resume with nothing to
+resume, a flat folder as input, the page's random-backbone notice. Each test fails on the code
+before the issue."""
+import logging
+import subprocess
+import sys
+
+import pytest
+from conftest import tiny_cli
+from PIL import Image
+
+from stegoseg.cli import build_parser, main
+
+TINY = ["--no-crf", "--shifts", "fixed", "--cluster-fit", "online", "--steps", "4", "--ckpt-every", "2"]
+
+
+def error_line(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if "error:" in line]
+    assert len(err) == 1, err
+    return err[-1]
+
+
+# --------------------------------------------------------------------------- the command line
+@pytest.mark.parametrize("command, typo, meant", [
+    (["run"], ["--probe", "linear"], "--probe-lr"),  # was taken as --probe-lr: "invalid float value"
+    (["segment", "ck.pt", "x.png"], ["--res", "160"], "--resolution"),  # was taken as --resolution
+    (["train"], ["--stepz", "3"], "--steps"),
+])
+def test_options_are_never_abbreviated_and_typos_get_a_suggestion(command, typo, meant, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, *typo])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"usage: stegoseg {command[0]}" in err  # the subcommand's usage, not the top level's
+    assert f"unrecognized option(s): {typo[0]} (did you mean {meant}" in err
+
+
+def test_every_help_shows_the_defaults():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices
+    segment = " ".join(sub["segment"].format_help().split())  # joined: the formatter wraps lines
+    assert "(default: 320)" in segment and "(default: 8)" in segment
+    train = " ".join(sub["train"].format_help().split())
+    assert "(default: 5000)" in train and train.count("(default:") > 50
+    assert "default: runs/train) (default" not in train  # said once
+
+
+def test_resume_with_nothing_to_resume_is_an_error(synthetic_root, tmp_path, capsys):
+    for command in ("train", "run"):
+        assert main([command, "--data-root", str(synthetic_root), "--out", str(tmp_path / command), "--resume",
+                     *tiny_cli(command, *TINY)]) == 2
+        line = error_line(capsys)
+        assert "holds no run to resume" in line and "drop --resume" in line
+    assert not (tmp_path / "train" / "checkpoint.pt").exists()
+
+
+def test_prepare_with_few_neighbours_explains_the_training_option(synthetic_root, tmp_path, capsys):
+    assert main(["prepare", "--data-root", str(synthetic_root), "--out", str(tmp_path / "p"),
+                 *tiny_cli("prepare", "--n-neighbors", "2")]) == 2
+    line = error_line(capsys)
+    assert "--n-neighbors 2 is below --knn-topk" in line and "an option of train and run" in line
+
+
+# ----------------------------------------------------------------------------------- logs
+def test_a_log_file_gets_lines_not_bars_and_no_third_party_noise(synthetic_root, tmp_path):
+    """The command's stderr is a file (not a terminal): no carriage returns, one line per stage
+    with counts, and none of Lightning's banner lines."""
+    args = [sys.executable, "-m", "stegoseg", "train", "--data-root", str(synthetic_root), "--out",
+            str(tmp_path / "t"), *[a for a in tiny_cli("train", *TINY) if a != "--no-progress"]]
+    with open(tmp_path / "log.txt", "w") as log:
+        assert subprocess.run(args, stderr=log, stdout=log, timeout=600).returncode == 0
+    text = (tmp_path / "log.txt").read_text()
+    assert "\r" not in text
+    assert "features train: 120 of 120 img to do" in text and "features train: done, 120 img in" in text
+    assert "training: steps 0..4 of 4" in text and "training: 4 steps in" in text
+    for noise in ("GPU available", "TPU available", "litlogger", "LeafSpec", "module(s) in eval mode"):
+        assert noise not in text, noise
+
+
+def test_log_progress_reports_rate_and_time_left(caplog):
+    from stegoseg.progress import LogProgress
+
+    caplog.set_level(logging.INFO, logger="stegoseg")
+    bar = LogProgress(total=100, desc="stage", min_seconds=0.0)
+    for _ in range(100):
+        bar.update(1)
+    bar.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == "stage: 100 of 100 it to do" and lines[-1].startswith("stage: done, 100 it in")
+    middle = [m for m in lines if "left" in m]
+    assert len(middle) == 9 and "10/100 it (10%)" in middle[0] and "it/s" in middle[0]
+    silent = LogProgress(total=100, desc="inner", silent=True)
+    silent.update(100)
+    silent.close()
+    assert not any("inner" in r.getMessage() for r in caplog.records)
+
+
+# ------------------------------------------------------------------------------- inputs
+def test_a_flat_folder_of_images_is_the_main_jobs_input(tmp_path, capsys):
+    flat = tmp_path / "photos"
+    flat.mkdir()
+    for i in range(6):
+        Image.new("RGB", (64, 48), (40 * i, 255 - 30 * i, 90)).save(flat / f"p{i}.jpg")
+    out = tmp_path / "run"
+    assert main(["run", "--data-root", str(flat), "--out", str(out), "--n-classes", "3", "--no-baseline",
+                 *tiny_cli("run", *TINY)]) == 0
+    assert (out / "train" / "checkpoint.pt").exists() and (out / "report.md").exists()
+    assert len(list((out / "segment").glob("*_overlay.png"))) == 6
+
+
+def test_the_page_says_when_the_backbone_is_random(synthetic_root, tmp_path):
+    from stegoseg.methods.baseline import fit_feature_baseline
+    from stegoseg.serve import random_backbone
+    from conftest import tiny_config
+
+    model = fit_feature_baseline(tiny_config(synthetic_root, cache_dir=str(tmp_path / "c")), tmp_path / "b")
+    path = model.save(tmp_path / "ck.pt")
+    from stegoseg.model import load
+
+    assert random_backbone(load(path))
