@@ -118,3 +118,30 @@ def test_the_page_says_when_the_backbone_is_random(synthetic_root, tmp_path):
     from stegoseg.model import load
 
     assert random_backbone(load(path))
+
+
+# ------------------------------------------------------------------------------ named classes
+def test_after_a_labelled_run_segment_and_the_page_show_class_names(synthetic_root, tmp_path):
+    import json
+
+    import numpy as np
+
+    from stegoseg.model import load
+    from stegoseg.serve import Viewer
+
+    out = tmp_path / "run"
+    assert main(["run", "--data-root", str(synthetic_root), "--out", str(out), "--no-baseline",
+                 *tiny_cli("run", *TINY)]) == 0
+    model = load(out / "train" / "checkpoint.pt")
+    assignment = json.loads((out / "eval" / "metrics.json").read_text())["cluster"]["strict"]["assignment"]
+    assert model.cluster_classes == [a if a < 4 else None for a in assignment]
+    names = model.label_names("cluster")
+    assert names[:4] == model.class_names  # the same names (and palette slots) as the linear probe's
+    image = sorted((synthetic_root / "imgs" / "val").iterdir())[0]
+    named = model.segment_batch([image], resolution=48)[0]
+    raw = model.segment_probes([image], resolution=48, raw_clusters=True)[0]["cluster"]
+    np.testing.assert_array_equal(named, model.cluster_lookup()[raw])  # class ids, not cluster ids
+    legend = Viewer(model).legend(named)
+    assert {name for _, name, _, _ in legend} <= set(names) and any(n in model.class_names for _, n, _, _ in legend)
+    again = load(model.save_pretrained(tmp_path / "folder"))  # the matching travels with the model
+    assert again.cluster_classes == model.cluster_classes

@@ -99,6 +99,9 @@ class SegmentationModel(nn.Module):
         self.class_names = list(class_names) if class_names else None
         self.method = method
         self.config = dict(config or {})
+        # cluster -> class id found by an evaluation against labels (None: an unmatched cluster);
+        # with it, the cluster probe's maps come out as class ids (see :meth:`named_clusters`)
+        self.cluster_classes: Optional[list] = None
         # Inference precision: None (float32) or torch.bfloat16 (autocast on CUDA only).
         self.autocast_dtype: Optional[torch.dtype] = None
 
@@ -302,9 +305,12 @@ class SegmentationModel(nn.Module):
         probes: Sequence[str] = ("cluster",),
         crf_pool=None,
         crf_params: Optional[CRFParams] = None,
+        raw_clusters: bool = False,
     ) -> list:
         """:meth:`segment_batch` for several probes from one pass of the network: one dict per
-        image, probe name -> (H, W) labels."""
+        image, probe name -> (H, W) labels. With a stored cluster -> class matching
+        (:meth:`set_cluster_classes`) the cluster probe's labels are class ids (unmatched
+        clusters after them, see :meth:`cluster_lookup`) unless ``raw_clusters``."""
         for probe in probes:
             if probe == "linear" and self.linear_probe is None:
                 raise StegosegError("this checkpoint has no linear probe (trained without labels): use probe='cluster'")
@@ -329,7 +335,46 @@ class SegmentationModel(nn.Module):
             for i, out in zip(idx, self._label_maps(x, sizes, flip, tuple(probes), crf_images, params)):
                 outputs[i] = out
         self._run_crf(outputs, crf_pool)  # all groups' CRF jobs in one round
+        if self.cluster_classes is not None and not raw_clusters:
+            lookup = self.cluster_lookup()
+            for out in outputs:
+                if "cluster" in out:
+                    out["cluster"] = lookup[out["cluster"]]
         return outputs
+
+    def set_cluster_classes(self, assignment: Sequence[int]) -> None:
+        """Store the cluster -> class matching of an evaluation (its ``assignment``: a class id per
+        cluster, ids >= n_classes for clusters matched to no class)."""
+        n = self.n_classes or (len(self.class_names) if self.class_names else 0)
+        if len(assignment) != self.n_clusters:
+            raise ValueError(f"{len(assignment)} assignments for {self.n_clusters} clusters")
+        self.cluster_classes = [int(a) if 0 <= int(a) < n else None for a in assignment]
+
+    def cluster_lookup(self) -> np.ndarray:
+        """(n_clusters,) int: the label a cluster id becomes: its class id when matched, else
+        n_classes + its rank among the unmatched clusters (identity without a matching)."""
+        if self.cluster_classes is None:
+            return np.arange(self.n_clusters)
+        n = self.n_classes or (len(self.class_names) if self.class_names else 0)
+        spare = iter(range(n, n + self.n_clusters))
+        return np.asarray([c if c is not None else next(spare) for c in self.cluster_classes], dtype=np.int64)
+
+    def label_names(self, probe: str = "cluster") -> list:
+        """The name of every label id the probe's maps hold: class names (linear probe, or the
+        cluster probe once matched), else "cluster i"; unmatched clusters stay "cluster i"."""
+        names = list(self.class_names or [])
+        if probe == "linear":
+            return names or [f"class {i}" for i in range(self.n_classes or 0)]
+        if self.cluster_classes is None:
+            return [f"cluster {i}" for i in range(self.n_clusters)]
+        lookup = self.cluster_lookup()
+        out = names + [""] * max(0, int(lookup.max()) + 1 - len(names))
+        for cluster, label in enumerate(lookup.tolist()):
+            if self.cluster_classes[cluster] is None:
+                out[label] = f"cluster {cluster}"
+            elif not out[label]:
+                out[label] = f"class {label}"
+        return out
 
     # ----------------------------------------------------------------- persistence
     def state_for_checkpoint(self, include_backbone: Optional[bool] = None) -> dict:
@@ -364,6 +409,7 @@ class SegmentationModel(nn.Module):
             "linear_probe": self.linear_probe.state_dict() if self.linear_probe is not None else None,
             "n_classes": self.n_classes,
             "class_names": self.class_names,
+            "cluster_classes": self.cluster_classes,
             "config": self.config,
         }
         return ckpt
@@ -439,6 +485,10 @@ class SegmentationModel(nn.Module):
         model.cluster_probe.load_state_dict(ckpt["cluster_probe"])
         if ckpt.get("linear_probe") is not None:
             model.linear_probe.load_state_dict(ckpt["linear_probe"])
+        if ckpt.get("cluster_classes") is not None:
+            if len(ckpt["cluster_classes"]) != model.n_clusters:
+                raise ValueError(f"cluster_classes lists {len(ckpt['cluster_classes'])} clusters for {model.n_clusters}")
+            model.cluster_classes = list(ckpt["cluster_classes"])
         return model.to(device).eval()
 
 

@@ -169,13 +169,14 @@ class Viewer:
         )
 
     def legend(self, labels: np.ndarray, linear: bool = False) -> list:
-        """(id, name, colour, share of pixels) of every id present; cluster ids are unnamed
-        (clusters are not classes), class ids use the checkpoint's class names."""
+        """(id, name, colour, share of pixels) of every id present: class names for the linear
+        probe and for a cluster probe whose clusters were matched to classes (the model's
+        ``cluster_classes``), "cluster i" for unmatched clusters."""
         ids, counts = np.unique(labels, return_counts=True)
-        names = self.model.class_names or []
+        names = self.model.label_names("linear" if linear else "cluster")
         rows = []
         for i, c in zip(ids.tolist(), counts.tolist()):
-            name = names[i] if linear and i < len(names) else f"cluster {i}"
+            name = names[i] if i < len(names) else f"cluster {i}"
             rows.append((i, name, tuple(int(v) for v in self.palette[i]), c / labels.size))
         return rows
 

@@ -42,6 +42,7 @@ def run_all(cfg: Config, out, resume: bool = False, baseline: bool = True, n_seg
     (out / "config.yaml").write_text((out / "train" / "config.yaml").read_text())
     model = load_model_for(ckpt, cfg)
     results = {METHOD_NAMES[cfg.method]: evaluate_checkpoint_model(cfg, model, out / "eval")}
+    store_cluster_classes(model, results[METHOD_NAMES[cfg.method]], ckpt)
     if baseline:
         base = fit_feature_baseline(cfg, out / "baseline", backbone=model.backbone)
         base.save(out / "baseline" / "checkpoint.pt")
@@ -55,3 +56,18 @@ def run_all(cfg: Config, out, resume: bool = False, baseline: bool = True, n_seg
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     write_report(out, "stegoseg run", results, cfg, notes)
     return summary
+
+
+def store_cluster_classes(model, result: dict, ckpt) -> None:
+    """With labels, the evaluation matched every cluster to a class (Hungarian, strict
+    counting): keep that matching in the checkpoint, so that ``segment``, ``stegoseg.load``
+    and the page show class names and one colour per class, as the evaluation's figures do."""
+    import logging
+
+    assignment = ((result.get("cluster") or {}).get("strict") or {}).get("assignment")
+    if not assignment or not model.class_names:
+        return
+    model.set_cluster_classes(assignment)
+    model.save(ckpt)
+    logging.getLogger("stegoseg").info("the evaluation's cluster -> class matching is stored in %s: segment shows "
+                                       "class names", ckpt)
