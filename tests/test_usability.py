@@ -145,3 +145,66 @@ def test_after_a_labelled_run_segment_and_the_page_show_class_names(synthetic_ro
     assert {name for _, name, _, _ in legend} <= set(names) and any(n in model.class_names for _, n, _, _ in legend)
     again = load(model.save_pretrained(tmp_path / "folder"))  # the matching travels with the model
     assert again.cluster_classes == model.cluster_classes
+
+
+# ------------------------------------------------------------------------- paths and defaults
+def test_a_run_records_its_data_root_absolute_and_its_folder_loads(synthetic_root, tmp_path, monkeypatch, capsys):
+    import os
+
+    from stegoseg.model import load
+
+    monkeypatch.chdir(synthetic_root.parent)
+    out = tmp_path / "t"
+    assert main(["train", "--data-root", synthetic_root.name, "--out", str(out), *tiny_cli("train", *TINY)]) == 0
+    model = load(out)  # the run's folder: its checkpoint.pt
+    assert model.config["data_root"] == str(synthetic_root.resolve())
+    monkeypatch.chdir(tmp_path)  # evaluate from elsewhere: the recorded root still resolves
+    assert main(["evaluate", str(out / "checkpoint.pt"), "--out", str(tmp_path / "e"), "--no-crf",
+                 "--eval-resolution", "48", "--device", "cpu"]) == 0
+    folder = model.save_pretrained(tmp_path / "m")
+    assert (folder / "model.safetensors").stat().st_mode & 0o777 == (folder / "config.json").stat().st_mode & 0o777
+    image = sorted((synthetic_root / "imgs" / "val").iterdir())[0]
+    capsys.readouterr()
+    assert main(["segment", str(folder), str(image), "--out", str(tmp_path / "s"), "--no-progress",
+                 "--bf16-inference", "--device", "cpu"]) == 0
+    assert "wrote 1 label map (+ overlays)" in capsys.readouterr().out
+
+
+def test_save_pretrained_over_a_model_says_so(synthetic_root, tmp_path, caplog):
+    from stegoseg.methods.baseline import fit_feature_baseline
+    from conftest import tiny_config
+
+    model = fit_feature_baseline(tiny_config(synthetic_root, cache_dir=str(tmp_path / "c")), tmp_path / "b")
+    model.save_pretrained(tmp_path / "m")
+    assert "replacing the model" not in caplog.text
+    model.save_pretrained(tmp_path / "m")
+    assert "replacing the model saved in" in caplog.text
+
+
+def test_the_api_and_the_command_line_use_the_checkpoints_crf_setting(synthetic_root, tmp_path):
+    import numpy as np
+    from conftest import tiny_config
+
+    from stegoseg.methods.baseline import fit_feature_baseline
+    from stegoseg.model import load
+
+    model = fit_feature_baseline(tiny_config(synthetic_root, cache_dir=str(tmp_path / "c"), crf=True), tmp_path / "b")
+    path = model.save(tmp_path / "ck.pt")
+    model = load(path)
+    assert model.default_crf() is True
+    image = sorted((synthetic_root / "imgs" / "val").iterdir())[0]
+    default = model.segment(image, resolution=48)
+    np.testing.assert_array_equal(default, model.segment(image, resolution=48, crf=True))
+    assert main(["segment", str(path), str(image), "--out", str(tmp_path / "s"), "--resolution", "48",
+                 "--device", "cpu", "--no-progress", "--crf-workers", "1"]) == 0
+    from PIL import Image as PILImage
+
+    np.testing.assert_array_equal(np.asarray(PILImage.open(tmp_path / "s" / f"{image.stem}.png")), default)
+
+
+def test_checkpoints_default_to_a_tenth_of_the_steps():
+    from stegoseg.config.stego import make_config
+
+    assert make_config({"steps": 100}).ckpt_every == 10
+    assert make_config({"steps": 5000}).ckpt_every == 500
+    assert make_config({"steps": 100, "ckpt_every": 7}).ckpt_every == 7

@@ -14,7 +14,7 @@ protocol, CRF); ``methods`` composes them (baseline, STEGO, DatUS^2, the main jo
 __version__ = "0.1.0"
 
 
-def load(path, weights=None, device="cpu"):
+def load(path, weights=None, device="auto"):
     """Load a stegoseg checkpoint file or ``save_pretrained`` folder (see :func:`stegoseg.model.load`)."""
     from stegoseg.model import load as load_model
 

@@ -8,11 +8,16 @@ These functions handle files and plain dicts only; :mod:`stegoseg.model` turns a
 from __future__ import annotations
 
 import json
+import logging
+import os
 from pathlib import Path
 
 import torch
 
 from stegoseg.errors import StegosegError
+from stegoseg.preflight import default_file_mode
+
+log = logging.getLogger("stegoseg")
 
 CHECKPOINT_FORMAT = "stegoseg"
 CHECKPOINT_VERSION = 1
@@ -53,12 +58,15 @@ def write_pretrained_folder(ckpt: dict, directory) -> Path:
                             "nothing was written") from None
     from safetensors.torch import save_file
 
+    if config_path.exists():
+        log.warning("replacing the model saved in %s", directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
         # Without config.json the folder reads as incomplete: drop the old one before
         # replacing the tensors, write the new one last.
         config_path.unlink(missing_ok=True)
         save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
+        os.chmod(tmp_weights, default_file_mode())  # safetensors writes 0600; config.json gets the usual mode
         tmp_config.write_text(text)
         tmp_weights.replace(weights_path)
         tmp_config.replace(config_path)

@@ -240,7 +240,7 @@ class SegmentationModel(nn.Module):
     def segment(
         self,
         image: Union[Image.Image, np.ndarray, str, Path],
-        crf: bool = False,
+        crf: Optional[bool] = None,
         flip: bool = True,
         resolution: Optional[int] = 320,
         probe: str = "cluster",
@@ -273,7 +273,7 @@ class SegmentationModel(nn.Module):
     def segment_batch(
         self,
         images: Sequence,
-        crf: bool = False,
+        crf: Optional[bool] = None,
         flip: bool = True,
         resolution: Optional[int] = 320,
         probe: str = "cluster",
@@ -299,7 +299,7 @@ class SegmentationModel(nn.Module):
     def segment_probes(
         self,
         images: Sequence,
-        crf: bool = False,
+        crf: Optional[bool] = None,
         flip: bool = True,
         resolution: Optional[int] = 320,
         probes: Sequence[str] = ("cluster",),
@@ -317,6 +317,7 @@ class SegmentationModel(nn.Module):
             if probe not in ("cluster", "linear"):
                 raise StegosegError(f"unknown probe '{probe}': use cluster or linear")
         params = crf_params if crf_params is not None else CRFParams()
+        crf = self.default_crf() if crf is None else bool(crf)
         images = list(images)
         pil = [
             image_from_array_or_pil(image, name="image" if len(images) == 1 else f"image {k}")
@@ -341,6 +342,11 @@ class SegmentationModel(nn.Module):
                 if "cluster" in out:
                     out["cluster"] = lookup[out["cluster"]]
         return outputs
+
+    def default_crf(self) -> bool:
+        """The dense CRF setting ``segment`` uses when not told: the checkpoint's (its run's
+        ``crf``; True for a checkpoint that records none), as the command line's ``segment``."""
+        return bool((self.config or {}).get("crf", True))
 
     def set_cluster_classes(self, assignment: Sequence[int]) -> None:
         """Store the cluster -> class matching of an evaluation (its ``assignment``: a class id per
@@ -577,7 +583,7 @@ def crop_to_image(code: torch.Tensor, image_size, patch: int) -> torch.Tensor:
     return full[..., :h, :w]
 
 
-def load(path, weights: Optional[str] = None, device: str = "cpu", replace_backbone: bool = False) -> SegmentationModel:
+def load(path, weights: Optional[str] = None, device: str = "auto", replace_backbone: bool = False) -> SegmentationModel:
     """Load a stegoseg checkpoint file, or a folder written by
     :meth:`SegmentationModel.save_pretrained` (needs no config files).
 
@@ -586,7 +592,11 @@ def load(path, weights: Optional[str] = None, device: str = "cpu", replace_backb
     :func:`check_weights_for_checkpoint`; ``replace_backbone`` allows other weights of the
     same architecture, knowingly).
     """
+    if device == "auto":  # a GPU when there is one, as the command line does
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     path = Path(path)
+    if path.is_dir() and not (path / "config.json").exists() and (path / "checkpoint.pt").is_file():
+        path = path / "checkpoint.pt"  # a run's folder (`train --out`): its checkpoint
     if path.is_dir():
         return SegmentationModel.from_pretrained(path, weights=weights, device=device, replace_backbone=replace_backbone)
     ckpt = read_checkpoint_file(path)

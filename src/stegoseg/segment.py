@@ -148,7 +148,7 @@ def segment_images(
     model: SegmentationModel,
     inputs,
     out_dir,
-    crf: bool = False,
+    crf: Optional[bool] = None,
     flip: bool = True,
     resolution: Optional[int] = 320,
     probe: str = "cluster",
@@ -227,6 +227,7 @@ def segment_images(
             written.append(label_path)
         bar.update(len(buffer))
 
+    crf = model.default_crf() if crf is None else crf
     pool = crf_pool(crf_workers) if crf and crf_workers > 1 else None
     try:
         buffer = []

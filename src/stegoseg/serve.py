@@ -418,5 +418,10 @@ def serve(checkpoint, host: str = "127.0.0.1", port: int = 7860, images=None, we
                     host, port)
     page = build_page(Viewer(model, neighbours), Path(images) if images else None, title=f"stegoseg: {Path(checkpoint).name}")
     page.queue(default_concurrency_limit=2)
-    page.launch(server_name=host, server_port=port, prevent_thread_lock=not block, show_error=True, quiet=not block)
+    # the page's address is stegoseg's line; Gradio's banner (with its share=True hint) and httpx's
+    # request lines are no news
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    if block:
+        log.info("serving %s at http://%s:%d (Ctrl-C stops)", checkpoint, host, port)
+    page.launch(server_name=host, server_port=port, prevent_thread_lock=not block, show_error=True, quiet=True)
     return page

@@ -33,10 +33,14 @@ def check_something_to_resume(train: "Path", where: str) -> None:
     """``--resume`` into a folder with no run is an error, not a silent fresh start."""
     from stegoseg.errors import StegosegError
 
-    marks = [train / "lightning", train / "candidates", train / "checkpoint.pt", train / "base", train / "clusterbook.npy"]
+    # any trace of a started run (a run killed while preparing has written its config.yaml)
+    marks = [train / "config.yaml", train / "lightning", train / "candidates", train / "checkpoint.pt",
+             train / "run_inputs.json"]
+    if train.name == "train":  # `run`'s layout: the run folder's own config.yaml counts too
+        marks.append(train.parent / "config.yaml")
     if not any(m.exists() for m in marks):
-        raise StegosegError(f"--resume: {where} holds no run to resume (no lightning/ checkpoints): drop --resume to "
-                            "start a new run there, or point --out at the interrupted run's folder")
+        raise StegosegError(f"--resume: {where} holds no run to resume (no config.yaml, no lightning/ checkpoints): "
+                            "drop --resume to start a new run there, or point --out at the interrupted run's folder")
 
 
 def cmd_prepare(args) -> int:

@@ -34,7 +34,7 @@ def cmd_segment(args) -> int:
         batch_size=args.batch_size, crf_workers=args.crf_workers,
         crf_params=crf_params_from(model.config),
     )
-    print(f"wrote {len(written)} label maps (+ overlays) to {args.out}")
+    print(f"wrote {len(written)} label map{'' if len(written) == 1 else 's'} (+ overlays) to {args.out}")
     return 0
 
 
@@ -43,7 +43,8 @@ def add_commands(sub) -> None:
     p.add_argument("checkpoint", help="checkpoint.pt")
     p.add_argument("inputs", nargs="+", help="image files, folders, or glob patterns (quoted)")
     out_arg(p, "segmented")
-    p.add_argument("--crf", action=argparse.BooleanOptionalAction, default=True, help="dense CRF refinement")
+    p.add_argument("--crf", action=argparse.BooleanOptionalAction, default=None,
+                   help="dense CRF refinement (default: the checkpoint's setting, as model.segment)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True, help="flip averaging")
     p.add_argument("--resolution", type=int, default=320, help="network input minor side (0: original size)")
     p.add_argument("--probe", choices=("cluster", "linear"), default="cluster")
@@ -54,7 +55,9 @@ def add_commands(sub) -> None:
     p.add_argument("--num-workers", type=int, default=2, help="image-decoding workers")
     p.add_argument("--batch-size", type=int, default=8, help="images per network batch (same-size images batch together)")
     p.add_argument("--crf-workers", type=int, default=2, help="processes for the CRF")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast on CUDA (faster; no effect on CPU)")
+    p.add_argument("--bf16-inference", "--bf16", dest="bf16", action="store_true",
+                   help="bfloat16 autocast on CUDA (faster; no effect on CPU); --bf16: the old name")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", "--quiet", dest="quiet", action="store_true",
+                   help="no progress bar (log lines instead), as the other commands; --quiet: the old name")
     p.set_defaults(func=cmd_segment)

@@ -109,7 +109,7 @@ class Config(ConfigBase):
     strategy: str = "auto"
     num_nodes: int = 1
     precision: str = "auto"  # auto: bf16-mixed on GPU, 32 on CPU
-    ckpt_every: int = 500
+    ckpt_every: Optional[int] = None  # Lightning checkpoint (and selection candidate) interval; None: a tenth of --steps
     log_every: int = 25
     # ---- raw-feature baseline
     kmeans_iters: int = 30
@@ -150,6 +150,8 @@ class Config(ConfigBase):
         for name in CLEAN_PROTOCOL:
             if getattr(self, name) is None:
                 setattr(self, name, table[name])
+        if self.ckpt_every is None and isinstance(self.steps, int):
+            self.ckpt_every = max(1, self.steps // 10)  # ten checkpoints (selection candidates) per run
 
     def validate(self) -> None:
         validate(self)
@@ -302,6 +304,9 @@ def resolve_config(args: argparse.Namespace, cls=None, presets: Optional[dict] =
         values["progress"] = on_terminal()  # bars on a terminal, plain lines in a log file
     values.update(given)
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if values.get("data_root") and "://" not in str(values["data_root"]):
+        # stored absolute: a checkpoint's config then finds its data from any working folder
+        values["data_root"] = str(Path(values["data_root"]).expanduser().resolve())
     if cls is Config:
         values = apply_protocol(values, command_line)
     cfg = make_config(values, cls)

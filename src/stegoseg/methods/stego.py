@@ -115,6 +115,10 @@ def train_stego(cfg: Config, out, resume: bool = False) -> Optional[Path]:
     variants = auto_variants(cfg, out, cache, knn, n_clusters)
     crop_view = (CropView(train, cfg.resolution, cfg.five_crop, cfg.train_resample, jpeg=cfg.crop_jpeg)
                  if cfg.live_backbone else None)
+    if len(variants) > 1:
+        log.info("STEGO trains %d runs of %d steps (%s), then --select %s picks one of their checkpoints (every %d "
+                 "steps)", len(variants), cfg.steps, ", ".join(name for name, _, _ in variants), selection_mode(cfg),
+                 cfg.ckpt_every)
     t0 = time.perf_counter()
     runs = []
     for name, vcfg, calibration in variants:
@@ -198,7 +202,9 @@ def select_checkpoint(cfg: Config, out: Path, runs: list, model_from, cache: Fea
     chosen = max(rows, key=lambda key: rows[key][metric])  # ties: the earliest candidate
     write_selection(out, mode, rows, chosen, reference)
     save_similarity_samples(keep[chosen], out / "selected_similarity_histogram.png", chosen)
-    log.info("--select %s: %s of %d candidates (%s %.3f)", mode, chosen, len(rows), metric, rows[chosen][metric])
+    log.info("--select %s: chose the checkpoint %s among %d (%s %.3f, higher is better; docs/label_free.md)", mode,
+             f"at step {chosen}" if chosen.isdigit() else chosen.replace("/", " at step "), len(rows), metric,
+             rows[chosen][metric])
     run, _, state = candidates[chosen]
     return run, model_from(run, state)
 

@@ -32,6 +32,10 @@ def quiet_lightning() -> None:
         warnings.filterwarnings("ignore", message=pattern)
 
 
+#: Steps measured before the training time is estimated.
+WARMUP_STEPS = 5
+
+
 class _LightningNoise(logging.Filter):
     """Drops Lightning's lines that say nothing to a stegoseg user; keeps the rest (e.g. how
     many distributed processes started)."""
@@ -62,6 +66,10 @@ class LogTrainingProgress(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step, now = trainer.global_step, time.monotonic()
+        if step == self.start + WARMUP_STEPS and step < self.max_steps and trainer.is_global_zero:
+            rate = WARMUP_STEPS / max(now - self.t0, 1e-9)
+            log.info("training: %.2f steps/s over the first %d steps: about %s for the %d steps", rate, WARMUP_STEPS,
+                     _duration((self.max_steps - self.start) / rate), self.max_steps - self.start)
         if step < self.next_mark or now - self.last < 10 or not trainer.is_global_zero:
             return
         self.last, self.next_mark = now, step + max(1, self.max_steps // 10)
