@@ -88,6 +88,8 @@ def train_row(setting: Setting, method: str, cfg, folder: Path) -> dict:
     finished = reuse(cfg, folder)
     if finished is not None:
         return finished
+    if folder.exists():  # an interrupted row (no bench_row.json): start it again
+        shutil.rmtree(folder)
     t = time.perf_counter()
     if method == "raw":
         model = fit_feature_baseline(cfg, folder, backbone=setting.shared)

@@ -208,3 +208,26 @@ def test_checkpoints_default_to_a_tenth_of_the_steps():
     assert make_config({"steps": 100}).ckpt_every == 10
     assert make_config({"steps": 5000}).ckpt_every == 500
     assert make_config({"steps": 100, "ckpt_every": 7}).ckpt_every == 7
+
+
+def test_the_report_names_clusters_per_class_iou_and_timings(synthetic_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "--data-root", str(synthetic_root), "--out", str(out), "--no-baseline",
+                 *tiny_cli("run", *TINY)]) == 0
+    report = (out / "report.md").read_text()
+    assert "code dimension 16, 4 clusters" in report and "K = 16" not in report
+    assert "Per-class IoU of the cluster probe" in report and "| meadow |" in report
+    assert "Time per stage: prepare + train" in report
+
+
+def test_a_label_free_run_says_it_has_no_metrics(tmp_path, capsys):
+    flat = tmp_path / "photos"
+    flat.mkdir()
+    for i in range(6):
+        Image.new("RGB", (64, 48), (40 * i, 200, 30 * i)).save(flat / f"p{i}.jpg")
+    out = tmp_path / "run"
+    assert main(["run", "--data-root", str(flat), "--out", str(out), "--n-classes", "3", "--no-baseline",
+                 *tiny_cli("run", *TINY)]) == 0
+    assert "STEGO: no metrics (no labels)" in capsys.readouterr().out
+    report = (out / "report.md").read_text()
+    assert "No metrics: the evaluation split has no labels" in report and "| - |" not in report

@@ -222,7 +222,7 @@ TRAIN_OUTPUTS = (
 )
 OUTPUTS = {
     "train": TRAIN_OUTPUTS,
-    "run": ("report.md", "summary.json", "config.yaml"),
+    "run": ("report.md", "summary.json", "config.yaml", "timings.json"),
     "baseline": EVAL_OUTPUTS + ("checkpoint.pt", "config.yaml"),
     "evaluate": EVAL_OUTPUTS,
     "datus": EVAL_OUTPUTS + ("config.yaml",),

@@ -24,7 +24,7 @@ def cmd_run(args) -> int:
     summary = run_all(cfg, out, resume=args.resume, baseline=args.baseline)
     if summary is not None:
         for name, rows in summary.items():
-            print(name + ": " + ", ".join(f"{k} {v:.1f}" for k, v in rows.items()))
+            print(name + ": " + (", ".join(f"{k} {v:.1f}" for k, v in rows.items()) or "no metrics (no labels)"))
         print(f"report: {out / 'report.md'}")
     return 0
 

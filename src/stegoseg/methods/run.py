@@ -35,23 +35,37 @@ def run_all(cfg: Config, out, resume: bool = False, baseline: bool = True, n_seg
     notes = []
     if not cfg.pretrained and not cfg.weights:
         notes.append(RANDOM_BACKBONE_WARNING.format(name=cfg.backbone))
+    import logging
+    import time
+
+    timings: dict = {}
+    t = time.perf_counter()
     ckpt = train_method(cfg, out / "train", resume=resume)
     if ckpt is None:  # a non-zero DDP rank: the main process does the rest
         return None
+    timings["prepare + train"] = time.perf_counter() - t
     # the run's config with what training resolved (calibrated shifts, selection mode)
     (out / "config.yaml").write_text((out / "train" / "config.yaml").read_text())
     model = load_model_for(ckpt, cfg)
+    t = time.perf_counter()
     results = {METHOD_NAMES[cfg.method]: evaluate_checkpoint_model(cfg, model, out / "eval")}
+    timings["evaluate"] = time.perf_counter() - t
     store_cluster_classes(model, results[METHOD_NAMES[cfg.method]], ckpt)
     if baseline:
+        t = time.perf_counter()
         base = fit_feature_baseline(cfg, out / "baseline", backbone=model.backbone)
         base.save(out / "baseline" / "checkpoint.pt")
         results["raw features (k-means / linear)"] = evaluate_checkpoint_model(cfg, base, out / "baseline")
+        timings["baseline"] = time.perf_counter() - t
     val = build_split(cfg, cfg.val_split, out)
     paths = [p for p in getattr(val, "image_paths", [])][:n_segment]
     if paths:
+        t = time.perf_counter()
         segment_images(model, paths, out / "segment", crf=cfg.crf, resolution=cfg.eval_resolution,
                        overwrite=True, progress=cfg.progress)
+        timings["segment"] = time.perf_counter() - t
+    (out / "timings.json").write_text(json.dumps(timings, indent=1))
+    logging.getLogger("stegoseg").info("time per stage: %s", ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
     summary = {name: summary_rows(r) for name, r in results.items()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     write_report(out, "stegoseg run", results, cfg, notes)

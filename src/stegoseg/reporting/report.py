@@ -20,7 +20,8 @@ def write_report(out: Path, title: str, results: dict, cfg: Config, notes: list)
         f"Dataset `{cfg.dataset}` ({cfg.data_root or 'generated'}), train split `{cfg.train_split}`, "
         f"evaluated on `{cfg.val_split}`; backbone `{cfg.backbone}` "
         f"({'random init' if not cfg.pretrained and not cfg.weights else cfg.weights or 'pretrained'}); "
-        f"{cfg.steps} steps, batch {cfg.batch_size}, K = {cfg.dim}; CRF {'on' if cfg.crf else 'off'}.",
+        f"{cfg.steps} steps, batch {cfg.batch_size}, code dimension {cfg.dim}, "
+        f"{cluster_count(results, cfg)} clusters; CRF {'on' if cfg.crf else 'off'}.",
         "",
     ]
     if cfg.method == "primaps" or cfg.method.endswith("+primaps"):
@@ -32,8 +33,14 @@ def write_report(out: Path, title: str, results: dict, cfg: Config, notes: list)
                   f"({book_steps} steps); stage 2, the head against its EMA teacher ({cfg.steps} steps); stage 3, "
                   f"the cluster probe by modularity ({cfg.cause_probe_steps} steps); the last step is kept.", ""]
     rows = [{"method": name, **summary_rows(res)} for name, res in results.items()]
-    lines.append(metrics_table(rows, (("method", "method"),)))
-    lines.append("")
+    if any(len(r) > 1 for r in rows):
+        lines.append(metrics_table(rows, (("method", "method"),)))
+        lines.append("")
+        lines += per_class_lines(results)
+    else:
+        lines += ["No metrics: the evaluation split has no labels (a label-free run). The segmentations below and in "
+                  "`segment/` are what the run produced; label a few images (`labels/<split>/`) to measure them.", ""]
+    lines += timing_lines(out)
     lines += calibration_report_lines(out / "train")
     for caption, rel in (
         ("Code similarity histogram (paper A.11: healthy runs are bimodal)", "train/similarity_histogram.png"),
@@ -114,3 +121,38 @@ def primaps_report_lines(train: Path, cfg) -> list:
             f"({per_crop}, threshold {cfg.primaps_threshold}, coverage {cfg.primaps_coverage}, dense CRF), then "
             f"{cfg.primaps_steps or cfg.steps} EM steps on {start}; the cluster probe is the EMA teacher's "
             "prototypes at the last step.", ""]
+
+
+def cluster_count(results: dict, cfg) -> str:
+    """The number of clusters the report's models have (classes + extra clusters)."""
+    n = cfg.n_classes
+    for res in results.values():
+        assignment = ((res.get("cluster") or {}).get("strict") or {}).get("assignment")
+        if assignment:
+            return str(len(assignment))
+    return str(n + cfg.extra_clusters) if n else "?"
+
+
+def per_class_lines(results: dict) -> list:
+    """A per-class IoU table (strict counting) of every result that has one."""
+    per = {name: ((res.get("cluster") or {}).get("strict") or {}).get("per_class_iou") for name, res in results.items()}
+    per = {name: v for name, v in per.items() if v}
+    if not per:
+        return []
+    classes = list(next(iter(per.values())))
+    lines = ["Per-class IoU of the cluster probe (strict counting, percent):", "",
+             "| class | " + " | ".join(per) + " |", "|---|" + "---|" * len(per)]
+    for c in classes:
+        lines.append(f"| {c} | " + " | ".join(f"{v.get(c, float('nan')):.1f}" for v in per.values()) + " |")
+    return lines + [""]
+
+
+def timing_lines(out: Path) -> list:
+    """The run's time per stage (``timings.json``, written by the main job)."""
+    path = out / "timings.json"
+    if not path.exists():
+        return []
+    stages = json.loads(path.read_text())
+    total = sum(stages.values())
+    cells = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in stages.items())
+    return [f"Time per stage: {cells} (total {total:.0f} s).", ""]
