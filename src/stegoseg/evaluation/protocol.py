@@ -173,17 +173,28 @@ def write_eval_outputs(result: dict, grid_rows: list, out_dir, n_classes: int, n
     if "cluster" in result:
         strict = result["cluster"]["strict"]
         plot_confusion(strict, out_dir / "confusion_cluster.png", title=f"cluster probe (strict) mIoU {strict['miou']:.1f}")
-        # Paint clusters with the colour of their matched class; unmatched clusters get colours after the classes.
+        # Paint clusters with the colour of their matched class; unmatched clusters get the colours after the
+        # classes, in cluster order: the same labels and colours as `segment` of a model with this matching
         mapping = np.asarray(strict["assignment"])
-        remap = np.where(mapping >= 0, mapping, n_classes + np.arange(len(mapping)))
+        spare = iter(range(n_classes, n_classes + len(mapping)))
+        remap = np.asarray([int(a) if 0 <= a < n_classes else next(spare) for a in mapping.tolist()])
         palette = make_palette(max(n_classes, int(remap.max()) + 1))
         for row in grid_rows:
             row["cluster"] = remap[row["cluster"]]
+        names = list(strict.get("per_class_iou") or {}) or [f"class {i}" for i in range(n_classes)]
+        names += [""] * (len(palette) - len(names))
+        for cluster, label in enumerate(remap.tolist()):
+            if label >= n_classes:
+                names[label] = f"cluster {cluster}"
+    else:
+        names = None
     if "linear" in result:
         lin = result["linear"]
         plot_confusion(lin, out_dir / "confusion_linear.png", title=f"linear probe mIoU {lin['miou']:.1f}")
     if grid_rows:
-        prediction_grid(grid_rows, out_dir / "predictions.png", palette)
+        if names is None and "linear" in result:
+            names = list(result["linear"].get("per_class_iou") or {})
+        prediction_grid(grid_rows, out_dir / "predictions.png", palette, names=names)
 
 
 def summary_rows(result: dict) -> dict:

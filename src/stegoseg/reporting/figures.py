@@ -125,11 +125,15 @@ def overlay(image: np.ndarray, labels: np.ndarray, palette: np.ndarray, alpha: f
     return (image.astype(np.float32) * (1 - alpha) + col * alpha).round().clip(0, 255).astype(np.uint8)
 
 
+COLUMN_TITLES = {"image": "image", "label": "ground truth", "cluster": "cluster probe", "linear": "linear probe"}
+
+
 def prediction_grid(
     rows: Sequence[dict],
     path,
     palette: np.ndarray,
     columns: Sequence[str] = ("image", "label", "cluster", "linear"),
+    names: Optional[Sequence[str]] = None,
 ) -> None:
     """Save a grid PNG: one row per sample, columns image | ground truth | predictions.
 
@@ -152,8 +156,17 @@ def prediction_grid(
                 continue
             ax.imshow(value if col == "image" else colorize(value, palette))
             if i == 0:
-                ax.set_title(col, fontsize=9)
-    fig.tight_layout()
+                ax.set_title(COLUMN_TITLES.get(col, col), fontsize=9)
+    if names:  # one legend: the colours mean the same class in every column
+        from matplotlib.patches import Patch
+
+        shown = sorted({int(v) for r in rows for c in cols if c != "image" and r.get(c) is not None
+                        for v in np.unique(r[c]) if 0 <= v < len(palette) and v < len(names)})
+        handles = [Patch(color=palette[v] / 255.0, label=names[v] or f"label {v}") for v in shown]
+        fig.legend(handles=handles, loc="lower center", ncol=min(6, max(1, len(handles))), fontsize=7, frameon=False)
+        fig.tight_layout(rect=(0, 0.04 + 0.03 * ((len(handles) - 1) // 6), 1, 1))
+    else:
+        fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -47,8 +47,7 @@ def write_report(out: Path, title: str, results: dict, cfg: Config, notes: list)
         ("Code similarity histogram of the selected checkpoint", "train/selected_similarity_histogram.png"),
         ("Checkpoint selection criterion", "train/selection.png"),
         ("Training curves", "train/training_curves.png"),
-        (f"{next(iter(results), 'STEGO')} predictions (image | ground truth | cluster probe | linear probe)",
-         "eval/predictions.png"),
+        (f"{next(iter(results), 'STEGO')} predictions ({prediction_columns(results)})", "eval/predictions.png"),
         ("Raw-feature baseline predictions", "baseline/predictions.png"),
         ("Cluster-probe confusion (rows: ground truth, normalised)", "eval/confusion_cluster.png"),
     ):
@@ -156,3 +155,10 @@ def timing_lines(out: Path) -> list:
     total = sum(stages.values())
     cells = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in stages.items())
     return [f"Time per stage: {cells} (total {total:.0f} s).", ""]
+
+
+def prediction_columns(results: dict) -> str:
+    """The columns of the evaluation's predictions figure: ground truth and linear probe only with labels."""
+    first = next(iter(results.values()), {}) if results else {}
+    columns = ["image"] + (["ground truth"] if "cluster" in first else []) + ["cluster probe"]
+    return " | ".join(columns + (["linear probe"] if "linear" in first else []))
