@@ -90,3 +90,14 @@ def tiny_cli(command: str, *extra: str) -> list:
             out += item
         i += len(item)
     return out
+
+
+def one_line_error(capsys, args, *fragments):
+    """``stegoseg ARGS`` exits 2 with one ``stegoseg: error:`` line holding every fragment."""
+    from stegoseg.cli import main
+
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("stegoseg: error:") and len(err.splitlines()) == 1, err
+    for fragment in fragments:
+        assert fragment in err, err

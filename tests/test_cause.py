@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_cli, tiny_config
+from conftest import one_line_error, tiny_cli, tiny_config
 
 from stegoseg.cli import main
 from stegoseg.losses.cause import ConceptBank, concept_contrastive_loss, modularity_loss
@@ -183,13 +183,6 @@ def test_import_checkpoint_writes_a_model_that_segments_and_evaluates(synthetic_
                  "--no-crf", "--eval-resolution", "32", "--device", "cpu", "--no-progress"]) == 0
     assert (tmp_path / "eval" / "metrics.json").exists()
 
-
-def one_line_error(capsys, args, *fragments):
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("stegoseg: error:") and len(err.splitlines()) == 1, err
-    for fragment in fragments:
-        assert fragment in err, err
 
 
 def test_bad_cause_input_is_one_line(synthetic_root, tmp_path, capsys):

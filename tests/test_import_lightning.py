@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import one_line_error
+
 from stegoseg.cli import main
 from stegoseg.model import load
 
@@ -16,13 +18,6 @@ RELEASE = Path(__file__).parent / "fixtures" / "lightning_release"
 STEGO_REF = torch.load(RELEASE / "stego_forward.pt", weights_only=True)
 PRIMAPS_REF = torch.load(RELEASE / "primaps_forward.pt", weights_only=True)
 
-
-def one_line_error(capsys, args, *fragments):
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("stegoseg: error:") and len(err.splitlines()) == 1, err
-    for fragment in fragments:
-        assert fragment in err, err
 
 
 @pytest.mark.parametrize("tag", ["cocostuff27", "potsdam_linear"])

@@ -5,19 +5,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_cli, tiny_config
+from conftest import one_line_error, tiny_cli, tiny_config
 
 from stegoseg.cli import main
 
 PRIMAPS_CLI = ["--ckpt-every", "3", "--crf-workers", "1"]
 
-
-def one_line_error(capsys, args, *fragments):
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("stegoseg: error:") and len(err.splitlines()) == 1, err
-    for fragment in fragments:
-        assert fragment in err, err
 
 
 @pytest.mark.slow

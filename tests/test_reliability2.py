@@ -121,7 +121,7 @@ def test_corrupt_or_tiny_training_image_is_named_before_feature_extraction(data,
     (data / "imgs" / "train" / "zzz_last.jpg").write_bytes(b"\xff\xd8 broken")
     Image.new("L", (64, 48)).save(labels / "zzz_last.png")
     assert train(data, tmp_path / "a") == 2
-    assert "zzz_last.jpg cannot be read" in error_line(capsys)
+    assert "zzz_last.jpg is not an image stegoseg can read" in error_line(capsys)
     assert not list((tmp_path / "a" / "cache").glob("*/meta.json"))
     (data / "imgs" / "train" / "zzz_last.jpg").unlink()
     (labels / "zzz_last.png").unlink()

@@ -345,8 +345,8 @@ class SegmentationModel(nn.Module):
 
     def default_crf(self) -> bool:
         """The dense CRF setting ``segment`` uses when not told: the checkpoint's (its run's
-        ``crf``; True for a checkpoint that records none), as the command line's ``segment``."""
-        return bool((self.config or {}).get("crf", True))
+        ``crf``), as the command line's ``segment`` does; off for a model whose config records none."""
+        return bool((self.config or {}).get("crf", False))
 
     def set_cluster_classes(self, assignment: Sequence[int]) -> None:
         """Store the cluster -> class matching of an evaluation (its ``assignment``: a class id per

@@ -142,25 +142,32 @@ def files_fingerprint(paths) -> str:
     return h.hexdigest()
 
 
+def image_size(path, remedy: str) -> tuple:
+    """(width, height) from an image file's header, or one StegosegError line naming the file
+    (not an image, damaged, or a decompression bomb) with ``remedy``."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except Image.DecompressionBombError:
+        raise StegosegError(f"image {path} is too large to decode safely (more than {2 * Image.MAX_IMAGE_PIXELS:,} "
+                            f"pixels): downscale or tile it, or {remedy}") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        reason = str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__
+        raise StegosegError(f"image {path} is not an image stegoseg can read ({reason}): {remedy}, or convert it"
+                            ) from None
+
+
 def check_images(dataset, min_side: int = 1, what: str = "") -> None:
     """Before any work: every image file of ``dataset`` opens as an image (only its header is
     read: thousands of files a second) and has a minor side of at least ``min_side`` pixels;
     the first bad one is one line naming it."""
-    from PIL import Image, UnidentifiedImageError
-
     paths = list(getattr(dataset, "image_paths", None) or [])
     if not paths:
         return
     for p in paths:
-        try:
-            with Image.open(p) as im:
-                w, h = im.size
-        except Image.DecompressionBombError:
-            raise StegosegError(f"image {p} is too large to decode safely (more than {2 * Image.MAX_IMAGE_PIXELS:,} "
-                                "pixels): downscale it, or remove it from the folder") from None
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
-            reason = str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__
-            raise StegosegError(f"image {p} cannot be read ({reason}): remove it from the folder or convert it") from None
+        w, h = image_size(p, "remove it from the folder")
         if min(w, h) < min_side:
             raise StegosegError(f"image {p} is {w}x{h}: {what or f'at least {min_side} pixels per side are needed'}; "
                                 "remove it from the folder or enlarge it")

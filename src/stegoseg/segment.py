@@ -120,21 +120,11 @@ def check_input_images(paths, patch: int, resolution: Optional[int]) -> None:
     """Before any work: every input opens as an image (its header is read; a non-image or a
     decompression bomb is one line naming it) and its network input, at ``resolution`` (minor
     side; None: original size), stays within :data:`MAX_TOKENS` backbone tokens."""
-    from PIL import Image, UnidentifiedImageError
-
     from stegoseg.data.transforms import minor_side_size
+    from stegoseg.preflight import image_size
 
     for p in paths:
-        try:
-            with Image.open(p) as im:
-                w, h = im.size
-        except Image.DecompressionBombError:
-            raise StegosegError(f"{p} is too large to decode safely (more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels): "
-                                "downscale or tile it first") from None
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
-            reason = str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__
-            raise StegosegError(f"{p} is not an image stegoseg can read ({reason}): remove it from the inputs or "
-                                "convert it") from None
+        w, h = image_size(p, "remove it from the inputs")
         nw, nh = minor_side_size(w, h, int(resolution)) if resolution else (w, h)
         tokens = -(-max(1, nw) // patch) * -(-max(1, nh) // patch)
         if tokens > MAX_TOKENS:
