@@ -231,3 +231,31 @@ def test_a_label_free_run_says_it_has_no_metrics(tmp_path, capsys):
     assert "STEGO: no metrics (no labels)" in capsys.readouterr().out
     report = (out / "report.md").read_text()
     assert "No metrics: the evaluation split has no labels" in report and "| - |" not in report
+
+
+def test_training_curves_name_their_runs_and_terms(tmp_path):
+    from stegoseg.reporting.figures import curve_label, plot_log_curves
+
+    assert curve_label("loss/loss") == "total" and curve_label("loss/self") == "self"
+    assert curve_label("loss/knn", "centring-on") == "centring-on: knn"
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.csv").write_text("step,loss/loss,loss/self\n1,0.5,0.2\n2,0.4,0.1\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seen = []
+    real = plt.Axes.legend
+
+    def spy(self, *args, **kwargs):
+        seen.extend(self.get_legend_handles_labels()[1])
+        return real(self, *args, **kwargs)
+
+    plt.Axes.legend = spy
+    try:
+        assert plot_log_curves({"a": tmp_path / "a.csv", "b": tmp_path / "b.csv"}, tmp_path / "c.png",
+                               {"losses": ["loss/"]})
+    finally:
+        plt.Axes.legend = real
+    assert seen == ["a: total", "a: self", "b: total", "b: self"]

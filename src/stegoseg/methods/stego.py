@@ -154,7 +154,9 @@ def train_stego(cfg: Config, out, resume: bool = False) -> Optional[Path]:
     if run["cfg"].cluster_fit == "kmeans":
         log.info("cluster probe refitted by spherical k-means on the trained code (--cluster-fit kmeans)")
     path = model.save(out / "checkpoint.pt")
-    plot_training_curves(run["folder"] / "logs" / "metrics.csv", out / "training_curves.png")
+    # every run's curves, named (with --auto-centring both: the centring-on and centring-off runs)
+    plot_training_curves({r["name"] or "run": r["folder"] / "logs" / "metrics.csv" for r in runs},
+                         out / "training_curves.png")
     log.info("trained %d steps x %d run(s) in %.1fs; checkpoint %s", cfg.steps, len(runs), time.perf_counter() - t0, path)
     return path
 

@@ -11,10 +11,20 @@ import numpy as np
 from PIL import Image
 
 
+def curve_label(key: str, run: str = "") -> str:
+    """A log column as a legend entry: the prefix of its panel dropped ("loss/self" -> "self",
+    "loss/loss" -> "total"), the run's name in front when there are several runs."""
+    prefix, _, name = key.rpartition("/")
+    name = "total" if prefix and name == prefix else name
+    return f"{run}: {name}" if run else name
+
+
 def plot_log_curves(csv_path, png_path, panels: dict, reference_lines: Optional[dict] = None) -> bool:
-    """The one plotter of a Lightning CSV log: ``panels`` maps a panel title to the column
-    names (or name prefixes ending in "/") drawn in it against step; ``reference_lines``
-    maps a panel title to (y, label) horizontal lines. Returns False when there is no log."""
+    """The one plotter of Lightning CSV logs: ``csv_path`` is one log, or a dict run name ->
+    log (several runs in one figure, named in the legend); ``panels`` maps a panel title to
+    the column names (or name prefixes ending in "/") drawn in it against step;
+    ``reference_lines`` maps a panel title to (y, label) horizontal lines. Returns False when
+    there is no log."""
     import csv
 
     import matplotlib
@@ -22,20 +32,25 @@ def plot_log_curves(csv_path, png_path, panels: dict, reference_lines: Optional[
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if not Path(csv_path).exists():
+    sources = csv_path if isinstance(csv_path, dict) else {"": csv_path}
+    logs = {}
+    for run, path in sources.items():
+        if Path(path).exists():
+            with open(path, newline="") as f:
+                rows = list(csv.DictReader(f))
+            if rows:
+                logs[run if len(sources) > 1 else ""] = rows
+    if not logs:
         return False
-    with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        return False
-    columns = list(rows[0])
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.3), squeeze=False)
     for ax, (title, wanted) in zip(axes[0], panels.items()):
-        keys = [c for c in columns if any(c == w or (w.endswith("/") and c.startswith(w)) for w in wanted)]
-        for key in keys:
-            pts = [(int(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
-            if pts:
-                ax.plot(*zip(*pts), lw=0.8, label=key)
+        for run, rows in logs.items():
+            columns = list(rows[0])
+            keys = [c for c in columns if any(c == w or (w.endswith("/") and c.startswith(w)) for w in wanted)]
+            for key in keys:
+                pts = [(int(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
+                if pts:
+                    ax.plot(*zip(*pts), lw=0.8, label=curve_label(key, run))
         for y, label in (reference_lines or {}).get(title, []):
             ax.axhline(y, color="gray", ls="--", lw=0.8, label=label)
         ax.set_title(title, fontsize=9)
@@ -49,7 +64,8 @@ def plot_log_curves(csv_path, png_path, panels: dict, reference_lines: Optional[
 
 
 def plot_training_curves(csv_path, png_path) -> bool:
-    """STEGO: loss terms, and mean KNN / random code similarity (paper A.11 targets) against step."""
+    """STEGO: loss terms, and mean KNN / random code similarity (paper A.11 targets) against step
+    (``csv_path``: one log or {run name: log})."""
     return plot_log_curves(csv_path, png_path, {"losses": ["loss/"],
                                                 "mean code similarity (A.11: KNN ~0.3, random ~0)": ["sim/"]})
 
@@ -179,12 +195,12 @@ def histogram_png(values: dict, path, title: str = "", bins: int = 50, xlabel: s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig, ax = plt.subplots(figsize=(6, 3.4))
     for name, v in values.items():
         ax.hist(np.asarray(v).reshape(-1), bins=bins, range=(-1, 1), alpha=0.55, label=name, density=True)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("density")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9, wrap=True)  # a long title wraps instead of being cut off
     ax.legend()
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
