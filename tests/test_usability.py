@@ -259,3 +259,11 @@ def test_training_curves_name_their_runs_and_terms(tmp_path):
     finally:
         plt.Axes.legend = real
     assert seen == ["a: total", "a: self", "b: total", "b: self"]
+
+
+def test_a_refused_run_leaves_no_cache_folder_behind(synthetic_root, tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(["train", "--data-root", str(synthetic_root), "--out", str(out), "--class-names", "a,b",
+                 *tiny_cli("train", *TINY)]) == 2
+    assert "holds the value" in error_line(capsys)
+    assert not (out / "cache").exists()

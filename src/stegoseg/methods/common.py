@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Optional
@@ -133,6 +134,18 @@ def class_count_source(cfg: Config, dataset) -> str:
 
 
 def check_before_work(cfg: Config, out: Path, evaluate: bool = False, train: bool = True) -> Optional[int]:
+    """:func:`_check_before_work`; a refusal leaves no cache folder it created (the label scans)."""
+    root = cache_root(cfg, out)
+    existed = root.exists()
+    try:
+        return _check_before_work(cfg, out, evaluate, train)
+    except StegosegError:
+        if not existed and root.exists():
+            shutil.rmtree(root, ignore_errors=True)
+        raise
+
+
+def _check_before_work(cfg: Config, out: Path, evaluate: bool = False, train: bool = True) -> Optional[int]:
     """Everything that can be checked before the long work starts, so that bad input ends
     in one line at once instead of after preparing and training: the output folder is
     writable, the accelerator exists, the splits exist, and every label value of the
