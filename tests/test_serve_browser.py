@@ -124,3 +124,29 @@ def test_a_bad_upload_shows_a_message_and_the_page_keeps_working(server, browser
         text = browser.find_element(By.CSS_SELECTOR, "#message").text
         time.sleep(0.5)
     assert "notes.png is not an image" in text
+
+
+def test_dropping_an_image_segments_it_without_the_button(server, browser, tmp_path):
+    """Uploading starts the segmentation (the button is for changed settings), the message says
+    what was segmented, and both downloads of every image are offered."""
+    from selenium.webdriver.common.by import By
+
+    url, _ = server
+    images = []
+    for i, colour in enumerate(((200, 60, 40), (40, 160, 90))):
+        path = tmp_path / f"dropped{i}.png"
+        arr = np.zeros((64, 96, 3), np.uint8)
+        arr[:, :48] = colour
+        Image.fromarray(arr).save(path)
+        images.append(str(path))
+    browser.get(url)
+    file_input(browser).send_keys("\n".join(images))
+    wait_for(browser, "#cluster-map img")
+    deadline, text = time.time() + 60, ""
+    while "Segmented" not in text and time.time() < deadline:
+        text = browser.find_element(By.CSS_SELECTOR, "#message").text
+        time.sleep(0.5)
+    assert "Segmented 2 image(s) (2 upload(s))" in text
+    downloads = browser.find_element(By.CSS_SELECTOR, "#downloads").text.replace("\n.png", ".png")
+    for stem in ("dropped0", "dropped1"):
+        assert f"{stem}_labels.png" in downloads and f"{stem}_overlay.png" in downloads

@@ -267,3 +267,21 @@ def test_a_refused_run_leaves_no_cache_folder_behind(synthetic_root, tmp_path, c
                  *tiny_cli("train", *TINY)]) == 2
     assert "holds the value" in error_line(capsys)
     assert not (out / "cache").exists()
+
+
+def test_the_pages_neighbours_carry_their_file_names(synthetic_root, tmp_path):
+    from conftest import tiny_config
+
+    from stegoseg.methods.baseline import fit_feature_baseline
+    from stegoseg.serve import Neighbours, Viewer
+
+    model = fit_feature_baseline(tiny_config(synthetic_root, cache_dir=str(tmp_path / "c")), tmp_path / "b")
+    folder = synthetic_root / "imgs" / "val"
+    neighbours = Neighbours.from_folder(model, folder)
+    assert neighbours.names == sorted(p.name for p in folder.iterdir())
+    from_cache = Neighbours.from_cache(model, tmp_path / "c")
+    assert from_cache is not None and all(" crop " in n for n in from_cache.names)
+    image = Image.open(sorted(folder.iterdir())[0])
+    panels = Viewer(model, neighbours).correspondence(image, 5, 5, resolution=48)
+    titles = [title for _, title in panels[3:]]
+    assert titles and all(t.split(": ", 1)[1] in neighbours.names for t in titles)

@@ -39,6 +39,7 @@ log = logging.getLogger("stegoseg")
 
 MAX_UPLOAD_BYTES = 30 * 1024 * 1024  # a larger upload is refused with a message
 MAX_PIXELS = 40_000_000
+SLOW_RESOLUTION = 512  # above this network resolution the page says that segmenting will be slow
 NEIGHBOUR_RESOLUTION = 224  # folder images are embedded at this minor side for the neighbour search
 
 
@@ -89,8 +90,9 @@ class Neighbours:
     the checkpoint's training cache (its thumbnails and cached features) or the images of a
     folder (embedded once at start)."""
 
-    def __init__(self, thumbs: list, features: torch.Tensor, source: str):
+    def __init__(self, thumbs: list, features: torch.Tensor, source: str, names: Optional[list] = None):
         self.thumbs, self.features, self.source = thumbs, features, source
+        self.names = list(names) if names is not None else [f"item {i}" for i in range(len(thumbs))]
         self.descriptors = F.normalize(features.float().mean(dim=(2, 3)), dim=1)
 
     def __len__(self) -> int:
@@ -113,7 +115,8 @@ class Neighbours:
             idx = np.linspace(0, cache.n - 1, min(limit, cache.n)).round().astype(int)
             thumbs = [np.ascontiguousarray(cache.thumbs[i].transpose(1, 2, 0)) for i in idx]
             feats = torch.from_numpy(np.array(cache.features[idx]))  # float16, as stored
-            return cls(thumbs, feats, f"training cache {meta.parent.name} ({len(idx)} crops)")
+            names = [str(cache.ids[i]).replace("#crop", " crop ") for i in idx]  # the image's name and its crop
+            return cls(thumbs, feats, f"training cache {meta.parent.name} ({len(idx)} crops)", names)
         return None
 
     @classmethod
@@ -130,7 +133,7 @@ class Neighbours:
                               align_corners=False)
             thumbs.append(np.asarray(image))
             feats.append(f[0].cpu().half())
-        return cls(thumbs, torch.stack(feats), f"folder {folder} ({len(paths)} images)")
+        return cls(thumbs, torch.stack(feats), f"folder {folder} ({len(paths)} images)", [p.name for p in paths])
 
     def nearest(self, descriptor: torch.Tensor, k: int) -> list:
         sims = self.descriptors @ F.normalize(descriptor.float().cpu(), dim=0)
@@ -236,8 +239,9 @@ class Viewer:
                     nf = self.neighbours.features[j].float()
                     ncode = self.model.code_from_features(nf[None].to(self.model.device))[0].float().cpu()
                     thumb = self.neighbours.thumbs[j]
-                    panels.append((heat(thumb, similarity(nf, feats[:, r, c])), f"features: neighbour {j}"))
-                    panels.append((heat(thumb, similarity(ncode, code[:, r, c])), f"code: neighbour {j}"))
+                    name = self.neighbours.names[j]
+                    panels.append((heat(thumb, similarity(nf, feats[:, r, c])), f"features: {name}"))
+                    panels.append((heat(thumb, similarity(ncode, code[:, r, c])), f"code: {name}"))
         return panels
 
 
@@ -292,7 +296,7 @@ def build_page(viewer: Viewer, folder: Optional[Path] = None, title: str = "steg
     def segment_all(files, picked, crf, flip, resolution, linear, session):
         paths = [(Path(f).name, f) for f in (files or [])] + [(Path(p).name, p) for p in ([picked] if picked else [])]
         if not paths:
-            return (*([gr.update()] * 7), "Add an image (upload or pick one) first.", session)
+            return (*([gr.update()] * 8), "Add an image (upload or pick one) first.", session)
         results, problems = [], []
         for name, path in paths:
             try:
@@ -306,10 +310,24 @@ def build_page(viewer: Viewer, folder: Optional[Path] = None, title: str = "steg
         session = {"results": results, "current": 0, "resolution": int(resolution)}
         message = "\n".join(f"⚠️ {p}" for p in problems)
         if not results:
-            return (*([None] * 4), "", None, [], message or "No image could be read.", session)
-        done = f"Segmented {len(results)} image(s) in {sum(r.seconds for r, _ in results):.1f} s."
-        return (*show(results[0][0]), [(r.overlay, r.name) for r, _ in results],
+            return (*([None] * 4), "", None, [], [], message or "No image could be read.", session)
+        what = {"uploads": sum(1 for n, _ in paths[: len(files or [])]), "pick": 1 if picked else 0}
+        origin = " and ".join(part for part in (f"{what['uploads']} upload(s)" if what["uploads"] else "",
+                                                "the image picked from the folder" if what["pick"] else "") if part)
+        done = f"Segmented {len(results)} image(s) ({origin}) in {sum(r.seconds for r, _ in results):.1f} s."
+        if int(resolution) > SLOW_RESOLUTION:
+            done += (f" Resolution {int(resolution)}: the network sees about {(int(resolution) // 8) ** 2:,}+ tokens "
+                     "per image; on a CPU that takes much longer than at 320.")
+        shown_outputs = list(show(results[0][0]))
+        shown_outputs[5] = [f for r, _ in results for f in r.files]  # every image's label map and overlay
+        return (*shown_outputs, [(r.overlay, r.name) for r, _ in results], [],
                 (message + "\n" if message else "") + done, session)
+
+    def resolution_note(value):
+        if int(value) <= SLOW_RESOLUTION:
+            return gr.update()
+        return (f"⏱️ Resolution {int(value)}: about {(int(value) // model.backbone.patch_size) ** 2:,} or more tokens "
+                "per image; attention grows with their square, so on a CPU one image can take minutes.")
 
     def show(result: Segmentation):
         return (result.image, result.cluster_rgb, result.overlay, result.linear_rgb,
@@ -363,8 +381,14 @@ def build_page(viewer: Viewer, folder: Optional[Path] = None, title: str = "steg
                 corr = gr.Gallery(label="correspondences (features | code; same image, then nearest neighbours)",
                                   columns=3, elem_id="correspondences")
         outputs = [shown, cluster, over, lin, legend, downloads]
-        run.click(segment_all, [files, picked, crf, flip, resolution, linear, session],
-                  [*outputs, gallery, message, session])
+        inputs = [files, picked, crf, flip, resolution, linear, session]
+        run.click(segment_all, inputs, [*outputs, gallery, corr, message, session])
+        # dropping images (or picking one) segments at once: the uploads alone, or the pick alone
+        files.upload(lambda f, *rest: segment_all(f, None, *rest), [files, *inputs[2:]],
+                     [*outputs, gallery, corr, message, session])
+        picked.input(lambda p, *rest: segment_all(None, p, *rest), [picked, *inputs[2:]],
+                     [*outputs, gallery, corr, message, session])
+        resolution.release(resolution_note, [resolution], [message])  # said before the slow run, not after
         gallery.select(pick, [session], [*outputs, session])
         shown.select(click, [session], [corr, message])
     return page
