@@ -407,7 +407,7 @@ def test_appledouble_files_in_a_segment_folder_are_skipped(checkpoint, tmp_path)
     Image.fromarray(np.full((20, 20, 3), 9, np.uint8)).save(src / "x.jpg")
     (src / "._x.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
     assert main(["segment", str(checkpoint), str(src), "--out", str(tmp_path / "s"), "--quiet", "--no-crf"]) == 0
-    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["x.png", "x_overlay.png"]
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["labels.json", "x.png", "x_overlay.png"]
 
 
 def test_original_size_segmentation_of_a_huge_image_warns_first(tmp_path, caplog):

@@ -285,3 +285,35 @@ def test_the_pages_neighbours_carry_their_file_names(synthetic_root, tmp_path):
     panels = Viewer(model, neighbours).correspondence(image, 5, 5, resolution=48)
     titles = [title for _, title in panels[3:]]
     assert titles and all(t.split(": ", 1)[1] in neighbours.names for t in titles)
+
+
+def test_a_label_free_models_clusters_can_be_named_for_segment_and_the_page(synthetic_root, tmp_path, capsys):
+    import json
+
+    from conftest import tiny_config
+
+    from stegoseg.errors import StegosegError
+    from stegoseg.labels import names_file, parse_cluster_names, save_cluster_names
+    from stegoseg.methods.baseline import fit_feature_baseline
+    from stegoseg.model import load
+
+    cfg = tiny_config(synthetic_root, cache_dir=str(tmp_path / "c"))
+    path = fit_feature_baseline(cfg, tmp_path / "b").save(tmp_path / "ck.pt")
+    model = load(path)
+    assert model.label_names()[:2] == ["cluster 0", "cluster 1"]
+    assert parse_cluster_names("0=sky, 2 = road\n1=", 4) == {0: "sky", 2: "road", 1: ""}
+    for bad in ("sky", "7=sea", "x=sea"):
+        with pytest.raises(StegosegError):
+            parse_cluster_names(bad, 4)
+    file = save_cluster_names(model, path, parse_cluster_names("0=sky, 2=road", 4))
+    assert file == names_file(path) == tmp_path / "ck.names.json"
+    again = load(path)
+    assert again.label_names() == ["sky", "cluster 1", "road", "cluster 3"]
+    image = sorted((synthetic_root / "imgs" / "val").iterdir())[0]
+    assert main(["segment", str(path), str(image), "--out", str(tmp_path / "s"), "--device", "cpu", "--no-progress",
+                 "--no-crf"]) == 0
+    written = json.loads((tmp_path / "s" / "labels.json").read_text())
+    assert written["labels"]["0"] == "sky" and written["labels"]["1"] == "cluster 1" and len(written["colours"]) == 4
+    (tmp_path / "ck.names.json").write_text('{"cluster_names": {"9": "x"}}')
+    with pytest.raises(StegosegError, match="names cluster 9"):
+        load(path)

@@ -199,3 +199,155 @@ def load_failure(exc: Exception) -> str:
         return ("it contains Python objects other than plain tensors and values, which stegoseg does not load "
                 "and nothing in it was run (a checkpoint from another program, or a tampered file?)")
     return "the file is truncated or corrupt, or not a checkpoint (an interrupted copy or a full disk?)"
+
+
+def check_weights_for_checkpoint(bb: dict, weights, replace_backbone: bool = False) -> bool:
+    """``--weights FILE`` for a checkpoint, checked before the model is built: the file must be
+    the checkpoint's own backbone (the same SHA-256 as recorded), or, with ``replace_backbone``,
+    at least of the same architecture (tensor names and shapes as the stored backbone, or as
+    the checkpoint's preset builds it). Anything else is one StegosegError line. Returns whether
+    the file holds the model's own weights."""
+    from stegoseg.backbones.presets import get_backbone_preset
+    from stegoseg.backbones.weights import extract_state_dict, file_sha256, read_weights_file
+    from stegoseg.model import build_backbone
+
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise StegosegError(f"--weights {path}: no such file")
+    recorded = bb.get("weights_sha256")
+    if recorded is not None and file_sha256(path) == recorded:
+        return True  # the checkpoint's own weights file (e.g. offline, for a model saved without its backbone)
+    preset = get_backbone_preset(bb["name"])
+    given = extract_state_dict(read_weights_file(path), preset, path)
+    if bb.get("state_dict") is not None:
+        expected = {k[len("model."):]: tuple(v.shape) for k, v in bb["state_dict"].items() if k.startswith("model.")}
+    else:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in build_backbone({**bb, "pretrained": False, "weights": None})
+                        .model.state_dict().items()}
+    shapes = {k: tuple(v.shape) for k, v in given.items()}
+    differ = [k for k in expected if k in shapes and shapes[k] != expected[k] and "pos_embed" not in k]
+    missing = [k for k in expected if k not in shapes and not k.endswith("num_batches_tracked")]
+    if differ or len(missing) > len(expected) // 2:
+        what = (f"{differ[0]} {shapes[differ[0]]} vs {expected[differ[0]]}" if differ
+                else f"{len(missing)} of its {len(expected)} tensors missing")
+        raise StegosegError(f"--weights {path} is not a {bb['name']} backbone like the checkpoint's ({what}): pass the "
+                            "weights of the backbone the model was trained with")
+    if bb.get("state_dict") is not None:
+        own = {k[len("model."):]: v for k, v in bb["state_dict"].items() if k.startswith("model.")}
+        if all(k in given and torch.equal(given[k].to(v.dtype), v) for k, v in own.items()):
+            return True  # the stored backbone's own tensors, saved to a file
+    if bb.get("state_dict") is None and recorded is None:
+        return True  # nothing recorded to compare with (a model saved without its random backbone)
+    if not replace_backbone:
+        stored = "stores its backbone" if bb.get("state_dict") is not None else f"was trained with weights {recorded[:12]}"
+        raise StegosegError(f"--weights {path} holds other weights than the model's own backbone (the checkpoint "
+                            f"{stored}): drop --weights, or pass --replace-backbone-weights to run the model on this "
+                            "backbone knowingly")
+    return False
+
+
+def model_from_checkpoint(cls, ckpt: dict, weights=None, device: str = "cpu", replace_backbone: bool = False):
+    """A ``cls`` (:class:`~stegoseg.model.SegmentationModel`) from a checkpoint dict: the stored
+    backbone (or ``weights``, checked by :func:`check_weights_for_checkpoint`), head, probes,
+    class names and the cluster -> class matching."""
+    from stegoseg.model import build_backbone
+
+    bb = ckpt["backbone"]
+    own_weights = check_weights_for_checkpoint(bb, weights, replace_backbone) if weights is not None else True
+    if bb.get("state_dict") is not None and weights is None:
+        spec = {**bb, "pretrained": False, "weights": None}
+        backbone = build_backbone(spec)
+        backbone.load_state_dict(bb["state_dict"])
+        backbone.weights_source = bb.get("weights_source", "checkpoint")
+        backbone.weights_sha256 = bb.get("weights_sha256")
+    else:
+        backbone = build_backbone(bb, weights=weights)
+        if not own_weights:
+            backbone.weights_replaced = True  # evaluate's metrics.json says so
+            log.warning("--replace-backbone-weights: the backbone of this model is %s, not the one it was trained "
+                        "with; its maps and metrics are those of another backbone", weights)
+    names, n_classes = ckpt.get("class_names"), ckpt.get("n_classes")
+    if names is not None and n_classes and ckpt.get("linear_probe") is not None and len(names) != n_classes:
+        # ValueError: _checked_model names the file or folder
+        raise ValueError(f"class_names lists {len(names)} classes for a model of {n_classes}")
+    head = _build_head(ckpt["head"]) if ckpt.get("head") is not None else None
+    spec = {k: bb[k] for k in ("name", "pretrained", "weights", "tiny", "overrides", "pos_embed") if k in bb}
+    model = cls(
+        backbone,
+        spec,
+        head,
+        n_clusters=ckpt["n_clusters"],
+        n_classes=ckpt.get("n_classes") if ckpt.get("linear_probe") is not None else None,
+        class_names=ckpt.get("class_names"),
+        method=ckpt.get("method", "stego"),
+        config=ckpt.get("config"),
+    )
+    model.cluster_probe.load_state_dict(ckpt["cluster_probe"])
+    if ckpt.get("linear_probe") is not None:
+        model.linear_probe.load_state_dict(ckpt["linear_probe"])
+    if ckpt.get("cluster_classes") is not None:
+        if len(ckpt["cluster_classes"]) != model.n_clusters:
+            raise ValueError(f"cluster_classes lists {len(ckpt['cluster_classes'])} clusters for {model.n_clusters}")
+        model.cluster_classes = list(ckpt["cluster_classes"])
+    return model.to(device).eval()
+
+
+def _build_head(entry: dict):
+    """A checkpoint's head, by its recorded kind (checkpoints without a kind hold STEGO's)."""
+    from stegoseg.nn.heads import build_head
+
+    head = build_head(entry.get("kind", "stego"), entry["in_dim"], entry["dim"], entry.get("options"))
+    head.load_state_dict(entry["state_dict"])
+    return head
+
+
+def load_model(path, weights=None, device: str = "auto", replace_backbone: bool = False):
+    """Load a stegoseg checkpoint file, or a folder written by
+    :meth:`SegmentationModel.save_pretrained` (needs no config files).
+
+    ``weights``: a local backbone weights file, for checkpoints that name hub weights
+    when there is no network (it must be the model's own backbone: see
+    :func:`check_weights_for_checkpoint`; ``replace_backbone`` allows other weights of the
+    same architecture, knowingly).
+    """
+    from stegoseg import labels
+    from stegoseg.model import SegmentationModel
+
+    if device == "auto":  # a GPU when there is one, as the command line does
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    path = Path(path)
+    if path.is_dir() and not (path / "config.json").exists() and (path / "checkpoint.pt").is_file():
+        path = path / "checkpoint.pt"  # a run's folder (`train --out`): its checkpoint
+    if path.is_dir():
+        model = SegmentationModel.from_pretrained(path, weights=weights, device=device,
+                                                  replace_backbone=replace_backbone)
+    else:
+        ckpt = read_checkpoint_file(path)
+        model = _checked_model(
+            lambda: SegmentationModel.from_checkpoint(ckpt, weights=weights, device=device,
+                                                      replace_backbone=replace_backbone),
+            what=f"checkpoint {path}",
+            remedy="use the file a stegoseg run wrote",
+        )
+    model.cluster_names = labels.read_cluster_names(path, model.n_clusters)
+    return model
+
+
+def _checked_model(build, what: str, remedy: str):
+    """``build()`` (a model from a checkpoint dict) with the checks both saved formats share:
+    a dict that does not fit the model, or NaN/inf weights, is one StegosegError line
+    naming ``what`` (the file or folder)."""
+    try:
+        model = build()
+    except StegosegError:
+        raise
+    except (KeyError, RuntimeError, TypeError, ValueError, AttributeError) as exc:
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise StegosegError(f"{what} is damaged or was edited ({reason}): {remedy}") from None
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise StegosegError(f"{what} holds NaN or infinite weights ({bad[0]}"
+                            f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}): the run that wrote it diverged "
+                            "or the file is damaged")
+    return model

@@ -31,7 +31,9 @@ from stegoseg.data.io import image_from_array_or_pil
 from stegoseg.data.transforms import minor_side_size
 from stegoseg.errors import StegosegError
 from stegoseg.evaluation.crf import CRFParams, image_to_uint8, run_crf_jobs
-from stegoseg.nn.heads import build_head
+from stegoseg.labels import classes_from_assignment
+from stegoseg.labels import cluster_lookup as lookup_of_clusters
+from stegoseg.labels import label_names as names_of_labels
 from stegoseg.nn.probes import ClusterProbe, LinearProbe
 
 log = logging.getLogger("stegoseg")
@@ -40,6 +42,10 @@ from stegoseg.checkpoint_io import (  # noqa: F401 - CHECKPOINT_* and the folder
     CHECKPOINT_VERSION,
     PRETRAINED_CONFIG,
     PRETRAINED_WEIGHTS,
+    _checked_model,
+    check_weights_for_checkpoint,
+    load_model,
+    model_from_checkpoint,
     read_checkpoint_file,
     read_pretrained_folder,
     write_checkpoint_file,
@@ -102,6 +108,8 @@ class SegmentationModel(nn.Module):
         # cluster -> class id found by an evaluation against labels (None: an unmatched cluster);
         # with it, the cluster probe's maps come out as class ids (see :meth:`named_clusters`)
         self.cluster_classes: Optional[list] = None
+        # names a user gave to clusters of a label-free model (the page; a file beside the checkpoint)
+        self.cluster_names: dict = {}
         # Inference precision: None (float32) or torch.bfloat16 (autocast on CUDA only).
         self.autocast_dtype: Optional[torch.dtype] = None
 
@@ -349,38 +357,20 @@ class SegmentationModel(nn.Module):
         return bool((self.config or {}).get("crf", False))
 
     def set_cluster_classes(self, assignment: Sequence[int]) -> None:
-        """Store the cluster -> class matching of an evaluation (its ``assignment``: a class id per
-        cluster, ids >= n_classes for clusters matched to no class)."""
-        n = self.n_classes or (len(self.class_names) if self.class_names else 0)
-        if len(assignment) != self.n_clusters:
-            raise ValueError(f"{len(assignment)} assignments for {self.n_clusters} clusters")
-        self.cluster_classes = [int(a) if 0 <= int(a) < n else None for a in assignment]
+        """Store an evaluation's cluster -> class matching (see :mod:`stegoseg.labels`)."""
+        self.cluster_classes = classes_from_assignment(assignment, self.n_clusters, self.n_known_classes)
+
+    @property
+    def n_known_classes(self) -> int:
+        return self.n_classes or (len(self.class_names) if self.class_names else 0)
 
     def cluster_lookup(self) -> np.ndarray:
-        """(n_clusters,) int: the label a cluster id becomes: its class id when matched, else
-        n_classes + its rank among the unmatched clusters (identity without a matching)."""
-        if self.cluster_classes is None:
-            return np.arange(self.n_clusters)
-        n = self.n_classes or (len(self.class_names) if self.class_names else 0)
-        spare = iter(range(n, n + self.n_clusters))
-        return np.asarray([c if c is not None else next(spare) for c in self.cluster_classes], dtype=np.int64)
+        """(n_clusters,) the label each cluster id becomes (:func:`stegoseg.labels.cluster_lookup`)."""
+        return lookup_of_clusters(self.cluster_classes, self.n_clusters, self.n_known_classes)
 
     def label_names(self, probe: str = "cluster") -> list:
-        """The name of every label id the probe's maps hold: class names (linear probe, or the
-        cluster probe once matched), else "cluster i"; unmatched clusters stay "cluster i"."""
-        names = list(self.class_names or [])
-        if probe == "linear":
-            return names or [f"class {i}" for i in range(self.n_classes or 0)]
-        if self.cluster_classes is None:
-            return [f"cluster {i}" for i in range(self.n_clusters)]
-        lookup = self.cluster_lookup()
-        out = names + [""] * max(0, int(lookup.max()) + 1 - len(names))
-        for cluster, label in enumerate(lookup.tolist()):
-            if self.cluster_classes[cluster] is None:
-                out[label] = f"cluster {cluster}"
-            elif not out[label]:
-                out[label] = f"class {label}"
-        return out
+        """The name of every label id the probe's maps hold (:func:`stegoseg.labels.label_names`)."""
+        return names_of_labels(self, probe)
 
     # ----------------------------------------------------------------- persistence
     def state_for_checkpoint(self, include_backbone: Optional[bool] = None) -> dict:
@@ -458,96 +448,8 @@ class SegmentationModel(nn.Module):
     @classmethod
     def from_checkpoint(cls, ckpt: dict, weights: Optional[str] = None, device: str = "cpu",
                         replace_backbone: bool = False) -> "SegmentationModel":
-        bb = ckpt["backbone"]
-        own_weights = check_weights_for_checkpoint(bb, weights, replace_backbone) if weights is not None else True
-        if bb.get("state_dict") is not None and weights is None:
-            spec = {**bb, "pretrained": False, "weights": None}
-            backbone = build_backbone(spec)
-            backbone.load_state_dict(bb["state_dict"])
-            backbone.weights_source = bb.get("weights_source", "checkpoint")
-            backbone.weights_sha256 = bb.get("weights_sha256")
-        else:
-            backbone = build_backbone(bb, weights=weights)
-            if not own_weights:
-                backbone.weights_replaced = True  # evaluate's metrics.json says so
-                log.warning("--replace-backbone-weights: the backbone of this model is %s, not the one it was trained "
-                            "with; its maps and metrics are those of another backbone", weights)
-        names, n_classes = ckpt.get("class_names"), ckpt.get("n_classes")
-        if names is not None and n_classes and ckpt.get("linear_probe") is not None and len(names) != n_classes:
-            # ValueError: _checked_model names the file or folder
-            raise ValueError(f"class_names lists {len(names)} classes for a model of {n_classes}")
-        head = _build_head(ckpt["head"]) if ckpt.get("head") is not None else None
-        spec = {k: bb[k] for k in ("name", "pretrained", "weights", "tiny", "overrides", "pos_embed") if k in bb}
-        model = cls(
-            backbone,
-            spec,
-            head,
-            n_clusters=ckpt["n_clusters"],
-            n_classes=ckpt.get("n_classes") if ckpt.get("linear_probe") is not None else None,
-            class_names=ckpt.get("class_names"),
-            method=ckpt.get("method", "stego"),
-            config=ckpt.get("config"),
-        )
-        model.cluster_probe.load_state_dict(ckpt["cluster_probe"])
-        if ckpt.get("linear_probe") is not None:
-            model.linear_probe.load_state_dict(ckpt["linear_probe"])
-        if ckpt.get("cluster_classes") is not None:
-            if len(ckpt["cluster_classes"]) != model.n_clusters:
-                raise ValueError(f"cluster_classes lists {len(ckpt['cluster_classes'])} clusters for {model.n_clusters}")
-            model.cluster_classes = list(ckpt["cluster_classes"])
-        return model.to(device).eval()
-
-
-def check_weights_for_checkpoint(bb: dict, weights, replace_backbone: bool = False) -> bool:
-    """``--weights FILE`` for a checkpoint, checked before the model is built: the file must be
-    the checkpoint's own backbone (the same SHA-256 as recorded), or, with ``replace_backbone``,
-    at least of the same architecture (tensor names and shapes as the stored backbone, or as
-    the checkpoint's preset builds it). Anything else is one StegosegError line. Returns whether
-    the file holds the model's own weights."""
-    from stegoseg.backbones.presets import get_backbone_preset
-    from stegoseg.backbones.weights import extract_state_dict, file_sha256, read_weights_file
-
-    path = Path(weights).expanduser()
-    if not path.is_file():
-        raise StegosegError(f"--weights {path}: no such file")
-    recorded = bb.get("weights_sha256")
-    if recorded is not None and file_sha256(path) == recorded:
-        return True  # the checkpoint's own weights file (e.g. offline, for a model saved without its backbone)
-    preset = get_backbone_preset(bb["name"])
-    given = extract_state_dict(read_weights_file(path), preset, path)
-    if bb.get("state_dict") is not None:
-        expected = {k[len("model."):]: tuple(v.shape) for k, v in bb["state_dict"].items() if k.startswith("model.")}
-    else:
-        with torch.device("meta"):
-            expected = {k: tuple(v.shape) for k, v in build_backbone({**bb, "pretrained": False, "weights": None})
-                        .model.state_dict().items()}
-    shapes = {k: tuple(v.shape) for k, v in given.items()}
-    differ = [k for k in expected if k in shapes and shapes[k] != expected[k] and "pos_embed" not in k]
-    missing = [k for k in expected if k not in shapes and not k.endswith("num_batches_tracked")]
-    if differ or len(missing) > len(expected) // 2:
-        what = (f"{differ[0]} {shapes[differ[0]]} vs {expected[differ[0]]}" if differ
-                else f"{len(missing)} of its {len(expected)} tensors missing")
-        raise StegosegError(f"--weights {path} is not a {bb['name']} backbone like the checkpoint's ({what}): pass the "
-                            "weights of the backbone the model was trained with")
-    if bb.get("state_dict") is not None:
-        own = {k[len("model."):]: v for k, v in bb["state_dict"].items() if k.startswith("model.")}
-        if all(k in given and torch.equal(given[k].to(v.dtype), v) for k, v in own.items()):
-            return True  # the stored backbone's own tensors, saved to a file
-    if bb.get("state_dict") is None and recorded is None:
-        return True  # nothing recorded to compare with (a model saved without its random backbone)
-    if not replace_backbone:
-        stored = "stores its backbone" if bb.get("state_dict") is not None else f"was trained with weights {recorded[:12]}"
-        raise StegosegError(f"--weights {path} holds other weights than the model's own backbone (the checkpoint "
-                            f"{stored}): drop --weights, or pass --replace-backbone-weights to run the model on this "
-                            "backbone knowingly")
-    return False
-
-
-def _build_head(entry: dict) -> nn.Module:
-    """A checkpoint's head, by its recorded kind (checkpoints without a kind hold STEGO's)."""
-    head = build_head(entry.get("kind", "stego"), entry["in_dim"], entry["dim"], entry.get("options"))
-    head.load_state_dict(entry["state_dict"])
-    return head
+        """A model from a checkpoint dict (:func:`stegoseg.checkpoint_io.model_from_checkpoint`)."""
+        return model_from_checkpoint(cls, ckpt, weights=weights, device=device, replace_backbone=replace_backbone)
 
 
 def resize_minor(image: Image.Image, resolution: Optional[int]) -> Image.Image:
@@ -584,44 +486,11 @@ def crop_to_image(code: torch.Tensor, image_size, patch: int) -> torch.Tensor:
 
 
 def load(path, weights: Optional[str] = None, device: str = "auto", replace_backbone: bool = False) -> SegmentationModel:
-    """Load a stegoseg checkpoint file, or a folder written by
-    :meth:`SegmentationModel.save_pretrained` (needs no config files).
-
-    ``weights``: a local backbone weights file, for checkpoints that name hub weights
-    when there is no network (it must be the model's own backbone: see
-    :func:`check_weights_for_checkpoint`; ``replace_backbone`` allows other weights of the
-    same architecture, knowingly).
-    """
-    if device == "auto":  # a GPU when there is one, as the command line does
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    path = Path(path)
-    if path.is_dir() and not (path / "config.json").exists() and (path / "checkpoint.pt").is_file():
-        path = path / "checkpoint.pt"  # a run's folder (`train --out`): its checkpoint
-    if path.is_dir():
-        return SegmentationModel.from_pretrained(path, weights=weights, device=device, replace_backbone=replace_backbone)
-    ckpt = read_checkpoint_file(path)
-    return _checked_model(
-        lambda: SegmentationModel.from_checkpoint(ckpt, weights=weights, device=device,
-                                                  replace_backbone=replace_backbone),
-        what=f"checkpoint {path}",
-        remedy="use the file a stegoseg run wrote",
-    )
-
-
-def _checked_model(build, what: str, remedy: str) -> SegmentationModel:
-    """``build()`` (a model from a checkpoint dict) with the checks both saved formats share:
-    a dict that does not fit the model, or NaN/inf weights, is one StegosegError line
-    naming ``what`` (the file or folder)."""
-    try:
-        model = build()
-    except StegosegError:
-        raise
-    except (KeyError, RuntimeError, TypeError, ValueError, AttributeError) as exc:
-        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise StegosegError(f"{what} is damaged or was edited ({reason}): {remedy}") from None
-    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:
-        raise StegosegError(f"{what} holds NaN or infinite weights ({bad[0]}"
-                            f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}): the run that wrote it diverged "
-                            "or the file is damaged")
-    return model
+    """Load a stegoseg checkpoint file, a folder written by :meth:`SegmentationModel.save_pretrained`
+    (needs no config files), or a run's folder holding ``checkpoint.pt``; ``device="auto"``: a GPU
+    when there is one. ``weights``: a local backbone weights file, for checkpoints that name hub
+    weights when there is no network (it must be the model's own backbone:
+    :func:`~stegoseg.checkpoint_io.check_weights_for_checkpoint`; ``replace_backbone`` allows
+    other weights of the same architecture, knowingly). The names a user gave the clusters
+    (:mod:`stegoseg.labels`) come with it."""
+    return load_model(path, weights=weights, device=device, replace_backbone=replace_backbone)

@@ -323,6 +323,7 @@ def clear_outputs(out, command: str) -> None:
                 clear_outputs(out / folder, sub)
         segments = out / "segment"
         if segments.is_dir():  # the label maps and overlays of the example segmentations
+            (segments / "labels.json").unlink(missing_ok=True)
             for overlay in segments.glob("*_overlay.png"):
                 overlay.unlink()
                 (segments / (overlay.name[: -len("_overlay.png")] + ".png")).unlink(missing_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import json
 import os
 from pathlib import Path
 from typing import Optional
@@ -218,6 +219,10 @@ def segment_images(
         bar.update(len(buffer))
 
     crf = model.default_crf() if crf is None else crf
+    names = model.label_names(probe)  # what every label id means: written beside the maps
+    atomic_write(out_dir / "labels.json", lambda tmp: Path(tmp).write_text(json.dumps(
+        {"probe": probe, "labels": {str(i): name for i, name in enumerate(names)},
+         "colours": {str(i): [int(c) for c in palette[i]] for i in range(min(len(names), len(palette)))}}, indent=1)))
     pool = crf_pool(crf_workers) if crf and crf_workers > 1 else None
     try:
         buffer = []

@@ -275,8 +275,10 @@ def mark(image: np.ndarray, x: int, y: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- the page
-def build_page(viewer: Viewer, folder: Optional[Path] = None, title: str = "stegoseg"):
-    """The Gradio page over ``viewer``; ``folder``: images offered in a list besides uploads."""
+def build_page(viewer: Viewer, folder: Optional[Path] = None, title: str = "stegoseg", names_path=None):
+    """The Gradio page over ``viewer``; ``folder``: images offered in a list besides uploads;
+    ``names_path``: the checkpoint beside which cluster names given on the page are saved (a
+    model whose clusters are not matched to classes)."""
     import gradio as gr
 
     folder_images = [str(p) for p in list_images(folder)] if folder else []
@@ -323,6 +325,22 @@ def build_page(viewer: Viewer, folder: Optional[Path] = None, title: str = "steg
         return (*shown_outputs, [(r.overlay, r.name) for r, _ in results], [],
                 (message + "\n" if message else "") + done, session)
 
+    def name_clusters(text, session):
+        from stegoseg.labels import parse_cluster_names, save_cluster_names
+
+        try:
+            file = save_cluster_names(model, names_path, parse_cluster_names(text, model.n_clusters))
+        except StegosegError as exc:
+            return gr.update(), f"⚠️ {exc}"
+        except OSError as exc:
+            return gr.update(), f"⚠️ cannot save the names beside {names_path}: {exc.strerror or exc}"
+        current = None
+        if session and session.get("results"):
+            result = session["results"][session["current"]][0]
+            result.legend = viewer.legend(result.labels)
+            current = viewer.legend_html(result.legend)
+        return (current if current is not None else gr.update()), f"Saved {len(model.cluster_names)} name(s) in {file}."
+
     def resolution_note(value):
         if int(value) <= SLOW_RESOLUTION:
             return gr.update()
@@ -367,6 +385,11 @@ def build_page(viewer: Viewer, folder: Optional[Path] = None, title: str = "steg
                                      elem_id="linear")
                 run = gr.Button("Segment", variant="primary", elem_id="segment-button")
                 message = gr.Markdown(elem_id="message")
+                naming = names_path is not None and model.cluster_classes is None
+                with gr.Group(visible=naming):
+                    names_box = gr.Textbox(label="name clusters (e.g. 0=sky, 3=road; saved for segment and this page)",
+                                           elem_id="cluster-names")
+                    save_names = gr.Button("Save names", elem_id="save-names")
             with gr.Column(scale=4):
                 with gr.Row():
                     shown = gr.Image(label="image: click a point for its correspondences", interactive=False,
@@ -389,6 +412,7 @@ def build_page(viewer: Viewer, folder: Optional[Path] = None, title: str = "steg
         picked.input(lambda p, *rest: segment_all(None, p, *rest), [picked, *inputs[2:]],
                      [*outputs, gallery, corr, message, session])
         resolution.release(resolution_note, [resolution], [message])  # said before the slow run, not after
+        save_names.click(name_clusters, [names_box, session], [legend, message])
         gallery.select(pick, [session], [*outputs, session])
         shown.select(click, [session], [corr, message])
     return page
@@ -440,7 +464,8 @@ def serve(checkpoint, host: str = "127.0.0.1", port: int = 7860, images=None, we
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s: anyone who can reach this machine's port %d can use the page and upload files",
                     host, port)
-    page = build_page(Viewer(model, neighbours), Path(images) if images else None, title=f"stegoseg: {Path(checkpoint).name}")
+    page = build_page(Viewer(model, neighbours), Path(images) if images else None,
+                      title=f"stegoseg: {Path(checkpoint).name}", names_path=Path(checkpoint))
     page.queue(default_concurrency_limit=2)
     # the page's address is stegoseg's line; Gradio's banner (with its share=True hint) and httpx's
     # request lines are no news
