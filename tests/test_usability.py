@@ -317,3 +317,16 @@ def test_a_label_free_models_clusters_can_be_named_for_segment_and_the_page(synt
     (tmp_path / "ck.names.json").write_text('{"cluster_names": {"9": "x"}}')
     with pytest.raises(StegosegError, match="names cluster 9"):
         load(path)
+
+
+def test_run_and_train_folders_load_alike_and_segment_takes_eval_resolution(synthetic_root, tmp_path):
+    from stegoseg.model import load
+
+    out = tmp_path / "run"
+    assert main(["run", "--data-root", str(synthetic_root), "--out", str(out), "--no-baseline",
+                 *tiny_cli("run", *TINY)]) == 0
+    assert load(out).n_clusters == load(out / "train").n_clusters == load(out / "train" / "checkpoint.pt").n_clusters
+    image = sorted((synthetic_root / "imgs" / "val").iterdir())[0]
+    assert main(["segment", str(out), str(image), "--out", str(tmp_path / "s"), "--eval-resolution", "48",
+                 "--device", "cpu", "--no-progress"]) == 0
+    assert (tmp_path / "s" / f"{image.stem}.png").exists()

@@ -317,8 +317,11 @@ def load_model(path, weights=None, device: str = "auto", replace_backbone: bool 
     if device == "auto":  # a GPU when there is one, as the command line does
         device = "cuda" if torch.cuda.is_available() else "cpu"
     path = Path(path)
-    if path.is_dir() and not (path / "config.json").exists() and (path / "checkpoint.pt").is_file():
-        path = path / "checkpoint.pt"  # a run's folder (`train --out`): its checkpoint
+    if path.is_dir() and not (path / "config.json").exists():
+        for inside in ("checkpoint.pt", "train/checkpoint.pt"):  # `train --out` and `run --out` folders
+            if (path / inside).is_file():
+                path = path / inside
+                break
     if path.is_dir():
         model = SegmentationModel.from_pretrained(path, weights=weights, device=device,
                                                   replace_backbone=replace_backbone)

@@ -46,7 +46,9 @@ def add_commands(sub) -> None:
     p.add_argument("--crf", action=argparse.BooleanOptionalAction, default=None,
                    help="dense CRF refinement (default: the checkpoint's setting, as model.segment)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True, help="flip averaging")
-    p.add_argument("--resolution", type=int, default=320, help="network input minor side (0: original size)")
+    p.add_argument("--eval-resolution", "--resolution", dest="resolution", type=int, default=320,
+                   help="network input minor side (0: original size); the name evaluate and run use for it "
+                   "(--resolution: the old name)")
     p.add_argument("--probe", choices=("cluster", "linear"), default="cluster")
     p.add_argument("--device", default="auto")
     p.add_argument("--weights", default=None, help="local backbone weights if the checkpoint names hub weights")
