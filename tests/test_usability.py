@@ -330,3 +330,17 @@ def test_run_and_train_folders_load_alike_and_segment_takes_eval_resolution(synt
     assert main(["segment", str(out), str(image), "--out", str(tmp_path / "s"), "--eval-resolution", "48",
                  "--device", "cpu", "--no-progress"]) == 0
     assert (tmp_path / "s" / f"{image.stem}.png").exists()
+
+
+def test_old_option_names_work_and_say_their_new_name(synthetic_root, tmp_path, caplog):
+    from conftest import tiny_config
+
+    from stegoseg.methods.baseline import fit_feature_baseline
+
+    path = fit_feature_baseline(tiny_config(synthetic_root, cache_dir=str(tmp_path / "c")), tmp_path / "b").save(
+        tmp_path / "ck.pt")
+    image = sorted((synthetic_root / "imgs" / "val").iterdir())[0]
+    assert main(["segment", str(path), str(image), "--out", str(tmp_path / "s"), "--resolution", "48", "--quiet",
+                 "--device", "cpu", "--no-crf"]) == 0
+    assert "--resolution is the old name of --eval-resolution" in caplog.text
+    assert "--quiet is the old name of --no-progress" in caplog.text

@@ -52,6 +52,21 @@ class DefaultsFormatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
+#: Old option names kept for one release: each still works and says its new name.
+DEPRECATED_OPTIONS = {"--resolution": "--eval-resolution", "--quiet": "--no-progress", "--bf16": "--bf16-inference"}
+
+
+def warn_deprecated_options(command: str, words) -> None:
+    """One line per old option name used (``segment``'s old spellings; see DEPRECATED_OPTIONS)."""
+    if command not in ("segment",):
+        return
+    for word in words:
+        name = str(word).split("=")[0]
+        if name in DEPRECATED_OPTIONS:
+            log.warning("%s %s is the old name of %s, which this release also accepts; the old one goes in the next "
+                        "release", command, name, DEPRECATED_OPTIONS[name])
+
+
 class StrictParser(argparse.ArgumentParser):
     """Options are spelled out (no abbreviations: ``--res`` is not ``--resolution``), every
     ``--help`` shows the defaults, and an unknown option gets this command's usage with the
@@ -116,6 +131,7 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    warn_deprecated_options(getattr(args, "command", ""), words)
     try:
         return args.func(args)
     except StegosegError as exc:
