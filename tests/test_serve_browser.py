@@ -150,3 +150,20 @@ def test_dropping_an_image_segments_it_without_the_button(server, browser, tmp_p
     downloads = browser.find_element(By.CSS_SELECTOR, "#downloads").text.replace("\n.png", ".png")
     for stem in ("dropped0", "dropped1"):
         assert f"{stem}_labels.png" in downloads and f"{stem}_overlay.png" in downloads
+
+
+def test_gallery_captions_show_whole_file_names(server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    url, _ = server
+    path = tmp_path / "a_rather_long_photo_name_from_the_field_0001.png"
+    Image.fromarray(np.full((64, 96, 3), 120, np.uint8)).save(path)
+    browser.get(url)
+    file_input(browser).send_keys(str(path))
+    wait_for(browser, "#cluster-map img")
+    deadline = time.time() + 30
+    while time.time() < deadline and not browser.find_elements(By.CSS_SELECTOR, "#all-images .caption-label"):
+        time.sleep(0.5)
+    caption = browser.find_element(By.CSS_SELECTOR, "#all-images .caption-label")
+    assert browser.execute_script("return getComputedStyle(arguments[0]).whiteSpace", caption) == "normal"
+    assert caption.text.replace("\n", "") == path.name

@@ -39,6 +39,8 @@ log = logging.getLogger("stegoseg")
 
 MAX_UPLOAD_BYTES = 30 * 1024 * 1024  # a larger upload is refused with a message
 MAX_PIXELS = 40_000_000
+#: The page's own style: thumbnail captions wrap instead of ending in an ellipsis ("0....jpg").
+PAGE_CSS = ".caption-label { white-space: normal !important; max-width: 100% !important; word-break: break-all; }"
 SLOW_RESOLUTION = 512  # above this network resolution the page says that segmenting will be slow
 NEIGHBOUR_RESOLUTION = 224  # folder images are embedded at this minor side for the neighbour search
 
@@ -472,5 +474,6 @@ def serve(checkpoint, host: str = "127.0.0.1", port: int = 7860, images=None, we
     logging.getLogger("httpx").setLevel(logging.WARNING)
     if block:
         log.info("serving %s at http://%s:%d (Ctrl-C stops)", checkpoint, host, port)
-    page.launch(server_name=host, server_port=port, prevent_thread_lock=not block, show_error=True, quiet=True)
+    page.launch(server_name=host, server_port=port, prevent_thread_lock=not block, show_error=True, quiet=True,
+                css=PAGE_CSS)
     return page
