@@ -344,3 +344,31 @@ def test_old_option_names_work_and_say_their_new_name(synthetic_root, tmp_path, 
                  "--device", "cpu", "--no-crf"]) == 0
     assert "--resolution is the old name of --eval-resolution" in caplog.text
     assert "--quiet is the old name of --no-progress" in caplog.text
+
+
+def test_a_two_run_training_says_so_estimates_its_time_and_explains_the_selection(synthetic_root, tmp_path, caplog):
+    out = tmp_path / "run"
+    args = ["run", "--data-root", str(synthetic_root), "--out", str(out), "--no-baseline",
+            *tiny_cli("run", "--no-crf", "--steps", "8", "--ckpt-every", "4")]  # --shifts auto: two runs
+    caplog.set_level(logging.INFO, logger="stegoseg")
+    assert main(args) == 0
+    text = caplog.text
+    assert "STEGO trains 2 runs of 8 steps (centring-on, centring-off), then --select label-free" in text
+    assert "steps/s over the first 5 steps: about" in text
+    assert "--select label-free: chose the checkpoint" in text and " among " in text and "higher is better" in text
+    assert "of 2 candidates" not in text
+    report = (out / "report.md").read_text()
+    assert "The label-free score of a checkpoint" in report
+
+
+def test_the_pages_linear_probe_map_has_a_named_legend(synthetic_root, tmp_path):
+    from conftest import tiny_config
+
+    from stegoseg.methods.baseline import fit_feature_baseline
+    from stegoseg.serve import Viewer
+
+    model = fit_feature_baseline(tiny_config(synthetic_root, cache_dir=str(tmp_path / "c")), tmp_path / "b")
+    image = Image.open(sorted((synthetic_root / "imgs" / "val").iterdir())[0])
+    result = Viewer(model).segment(image, resolution=48, linear=True)
+    assert result.linear_legend and {name for _, name, _, _ in result.linear_legend} <= set(model.class_names)
+    assert not Viewer(model).segment(image, resolution=48).linear_legend

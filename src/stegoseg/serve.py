@@ -85,6 +85,7 @@ class Segmentation:
     legend: list  # [(id, name, (r, g, b), pixel share)]
     seconds: float
     files: list = field(default_factory=list)  # downloadable label PNG and overlay
+    linear_legend: list = field(default_factory=list)  # the linear-probe map's, when it is shown
 
 
 class Neighbours:
@@ -171,6 +172,7 @@ class Viewer:
         return Segmentation(
             name=name, image=rgb, labels=labels, cluster_rgb=self.palette[labels], overlay=overlay(rgb, labels, self.palette),
             linear_rgb=None if lin is None else self.palette[lin], legend=legend, seconds=time.perf_counter() - t0,
+            linear_legend=[] if lin is None else self.legend(lin, linear=True),
         )
 
     def legend(self, labels: np.ndarray, linear: bool = False) -> list:
@@ -350,8 +352,10 @@ def build_page(viewer: Viewer, folder: Optional[Path] = None, title: str = "steg
                 "per image; attention grows with their square, so on a CPU one image can take minutes.")
 
     def show(result: Segmentation):
-        return (result.image, result.cluster_rgb, result.overlay, result.linear_rgb,
-                viewer.legend_html(result.legend), result.files)
+        legends = viewer.legend_html(result.legend)
+        if result.linear_legend:  # the linear-probe map's colours, named by class
+            legends = f"<b>cluster map</b> {legends}<b>linear probe</b> {viewer.legend_html(result.linear_legend)}"
+        return (result.image, result.cluster_rgb, result.overlay, result.linear_rgb, legends, result.files)
 
     # (no `from __future__ import annotations` in this module: Gradio finds SelectData by the annotation's type)
     def pick(session, evt: gr.SelectData):

@@ -90,6 +90,12 @@ def calibration_report_lines(train_dir: Path) -> list:
     if sel_path.exists():
         sel = json.loads(sel_path.read_text())
         lines += [f"## Checkpoint selection (`--select {sel['mode']}`): {sel['chosen']}", ""]
+        if sel["mode"] == "label-free":
+            lines += ["The label-free score of a checkpoint: how much of STEGO's own objective its hard cluster map "
+                      "reaches on pairs drawn as in training (within an image, with a nearest neighbour, with a random "
+                      "image), as a fraction of the best possible, averaged over the three pair types. 1 would join "
+                      "exactly the pairs whose feature correspondence is above its shift; 0 or below: a collapsed or "
+                      "over-split code. Higher is better; no label is read (docs/label_free.md).", ""]
         rows = sel["candidates"]
         if len(rows) > 1:
             has_val = any("val_cluster_miou" in r for r in rows.values())
