@@ -354,3 +354,55 @@ def test_a_read_only_cache_folder_needs_no_lock_or_scan_files(data, tmp_path, mo
     with cache_module.cache_lock(_cache(out)):
         pass
     assert train(data, tmp_path / "t", "--cache-dir", str(out / "cache")) == 0
+
+
+# ------------------------------------------------------------------------------- full disks
+def test_a_full_disk_during_training_names_the_checkpoint_and_leaves_no_partial_file(data, tmp_path, capsys,
+                                                                                     monkeypatch):
+    import errno
+
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if str(f).endswith(".ckpt.tmp") and "global_step" in obj and obj["global_step"] >= 2:
+            with open(f, "wb") as handle:
+                handle.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device", str(f))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    out = tmp_path / "t"
+    assert train(data, out) == 2
+    line = error_line(capsys)
+    assert "disk full while writing the training checkpoint" in line and str(out / "lightning") in line
+    assert "--resume" in line and ".tmp" not in line
+    left = sorted(p.name for p in (out / "lightning").iterdir())
+    assert all(not n.endswith(".tmp") for n in left) and all((out / "lightning" / n).stat().st_size > 1000 for n in left)
+
+
+def test_segment_into_a_full_disk_names_the_file_and_keeps_images_whole(trained, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from PIL import Image as PILImage
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(3):
+        PILImage.new("RGB", (64, 48), (80 * i, 40, 40)).save(imgs / f"a{i}.png")
+    real = PILImage.Image.save
+    calls = {"n": 0}
+
+    def save(self, fp, *args, **kwargs):
+        if str(fp).endswith(".png") and ".a1_overlay." in str(fp):
+            raise OSError(errno.ENOSPC, "No space left on device", str(fp))
+        calls["n"] += 1
+        return real(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(PILImage.Image, "save", save)
+    out = tmp_path / "s"
+    assert main(["segment", str(trained / "checkpoint.pt"), str(imgs), "--out", str(out), "--no-progress",
+                 "--no-crf", "--batch-size", "1", "--num-workers", "0"]) == 2
+    line = error_line(capsys)
+    assert "disk full while writing" in line and "a1_overlay.png" in line and "skips the images already" in line
+    assert not (out / "a1.png").exists()  # no label map without its overlay
+    assert (out / "a0.png").exists() and (out / "a0_overlay.png").exists()

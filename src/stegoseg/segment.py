@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import errno
 import json
 import os
 from pathlib import Path
@@ -212,9 +213,19 @@ def segment_images(
             buffer, model.segment_batch(images, crf=crf, flip=flip, resolution=resolution, probe=probe, crf_pool=pool,
                                         crf_params=crf_params)
         ):
-            atomic_write(label_path, lambda tmp: save_label_png(labels, tmp, palette), suffix=".png")
-            atomic_write(overlay_path, lambda tmp: Image.fromarray(overlay(np.asarray(image), labels, palette)).save(
-                tmp, format="PNG"), suffix=".png")
+            target = label_path
+            try:
+                atomic_write(label_path, lambda tmp: save_label_png(labels, tmp, palette), suffix=".png")
+                target = overlay_path
+                atomic_write(overlay_path, lambda tmp: Image.fromarray(overlay(np.asarray(image), labels, palette))
+                             .save(tmp, format="PNG"), suffix=".png")
+            except OSError as exc:
+                label_path.unlink(missing_ok=True)  # an image is done with both files or not at all
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise StegosegError(f"disk full while writing {target} ({len(written)} images done): free some "
+                                        "space and run the same command again, which skips the images already "
+                                        "segmented") from None
+                raise
             written.append(label_path)
         bar.update(len(buffer))
 

@@ -10,6 +10,7 @@ from typing import Optional
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins import TorchCheckpointIO
 
 from stegoseg.progress import _duration, on_terminal
 
@@ -30,6 +31,29 @@ def quiet_lightning() -> None:
     for pattern in (r".*LeafSpec.*", r".*module\(s\) in eval mode.*", r".*exists and is not empty.*",
                     r".*litlogger.*", r".*does not have many workers.*"):
         warnings.filterwarnings("ignore", message=pattern)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint files written by rename (a temporary file beside the checkpoint):
+    a full disk never leaves a 0-byte or partial ``stepNNNNNN.ckpt``, and the error names the
+    checkpoint, not a temporary file."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        import errno
+
+        from stegoseg.errors import StegosegError
+        from stegoseg.preflight import atomic_write
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            atomic_write(path, lambda tmp: torch.save(checkpoint, tmp), suffix=".ckpt.tmp")
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StegosegError(f"disk full while writing the training checkpoint {path}: free some space and "
+                                    "run the same command with --resume (it continues from the last complete "
+                                    "checkpoint)") from None
+            raise
 
 
 #: Steps measured before the training time is estimated.
@@ -114,6 +138,7 @@ def build_trainer(cfg, out, max_steps: int, callbacks: Optional[list] = None, **
         save_last=True, save_top_k=-1, auto_insert_metric_name=False,
     )
     quiet_lightning()
+    options.setdefault("plugins", [AtomicCheckpointIO()])
     bar = bool(cfg.progress) and on_terminal()
     if not bar:
         callbacks = [*(callbacks or []), LogTrainingProgress(max_steps)]
