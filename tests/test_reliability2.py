@@ -406,3 +406,30 @@ def test_segment_into_a_full_disk_names_the_file_and_keeps_images_whole(trained,
     assert "disk full while writing" in line and "a1_overlay.png" in line and "skips the images already" in line
     assert not (out / "a1.png").exists()  # no label map without its overlay
     assert (out / "a0.png").exists() and (out / "a0_overlay.png").exists()
+
+
+def test_removing_an_image_reuses_the_cache_of_the_others(data, tmp_path, caplog):
+    import time
+
+    from stegoseg.features.cache import FeatureCache
+
+    out = tmp_path / "p"
+    prepare = ["prepare", "--data-root", str(data), "--out", str(out), *tiny_cli("prepare")]
+    assert main(prepare) == 0
+    first = FeatureCache(_cache(out))
+    before = {i: first.feature_batch([k]).clone() for k, i in enumerate(first.ids)}
+    victim = sorted((data / "imgs" / "train").iterdir())[0]
+    victim.unlink()
+    (data / "labels" / "train" / f"{victim.stem}.png").unlink()
+    changed = sorted((data / "imgs" / "train").iterdir())[0]
+    time.sleep(0.01)
+    Image.open(changed).transpose(Image.FLIP_LEFT_RIGHT).save(changed)  # new content: recomputed
+    caplog.clear()
+    caplog.set_level("INFO", logger="stegoseg")
+    assert main(prepare) == 0
+    assert "reused 40 of 45 items" in caplog.text  # 9 images x 5 crops, one of them rewritten
+    after = FeatureCache(_cache(out))
+    assert after.complete and after.n == 45 and not list((out / "cache").glob("*.previous"))
+    for k, item in enumerate(after.ids):
+        if not item.startswith(changed.stem):
+            assert torch.equal(after.feature_batch([k]), before[item]), item

@@ -361,16 +361,24 @@ def extract_features(
                                     "where it can be written, or pass another --cache-dir")
             log.warning("the feature cache %s is damaged (%s): rebuilding it", path, problem)
             shutil.rmtree(path)
+        keys = item_keys(dataset, view.n_crops)
+        previous = None
         if (path / "meta.json").exists():
             old = json.loads((path / "meta.json").read_text())
             if old.get("files") != files or old.get("ids") != ids:
                 log.warning(
                     "the files of %s split '%s' changed since its feature cache was built (%d items then, %d now): "
-                    "rebuilding %s", spec.root, spec.split, old.get("n_items", 0), n, path,
+                    "rebuilding %s, reusing the items whose files did not change", spec.root, spec.split,
+                    old.get("n_items", 0), n, path,
                 )
-                shutil.rmtree(path)
+                previous = path.with_name(path.name + ".previous")
+                shutil.rmtree(previous, ignore_errors=True)
+                os.replace(path, previous)
         if not (path / "meta.json").exists():
-            _create_cache(path, spec, dataset, ids, files, n, backbone.embed_dim, h, w, resolution)
+            _create_cache(path, spec, dataset, ids, files, n, backbone.embed_dim, h, w, resolution, keys)
+        if previous is not None:
+            reuse_items(previous, path)
+            shutil.rmtree(previous, ignore_errors=True)
         done = np.load(path / "done.npy")
         todo = np.flatnonzero(~done)
         if len(todo):
@@ -426,8 +434,56 @@ def dataset_fingerprint(dataset: SegmentationDataset) -> str:
     return hashlib.sha1("\n".join(_raw_ids(dataset, 1)).encode()).hexdigest()
 
 
+def item_keys(dataset: SegmentationDataset, n_crops: int) -> Optional[list]:
+    """Per cached item, what its features depend on besides the spec: its image (and label)
+    file's path, size and modification time, and its crop; None for datasets without files."""
+    images = list(getattr(dataset, "image_paths", None) or [])
+    if not images:
+        return None
+    labels = list(getattr(dataset, "label_paths", None) or []) or [None] * len(images)
+    keys = []
+    for image, label in zip(images, labels):
+        st = os.stat(image)
+        key = f"{Path(image).resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        if label is not None:
+            sl = os.stat(label)
+            key += f"|{sl.st_size}|{sl.st_mtime_ns}"
+        keys.extend(f"{key}#{c}" for c in range(n_crops))
+    return keys
+
+
+def reuse_items(previous: Path, path: Path, chunk: int = 256) -> int:
+    """Copy into the new cache at ``path`` every finished item of the ``previous`` cache of the
+    same spec whose files did not change (:func:`item_keys`); returns how many."""
+    try:
+        old = FeatureCache(previous)
+        old_done = old.done
+    except StegosegError:
+        return 0
+    new = FeatureCache(path, writable=True)
+    old_keys, new_keys = old.meta.get("item_keys"), new.meta.get("item_keys")
+    if not old_keys or not new_keys or old.has_labels != new.has_labels:
+        return 0
+    where = {k: i for i, k in enumerate(old_keys) if old_done[i]}
+    pairs = np.asarray([(i, where[k]) for i, k in enumerate(new_keys) if k in where], dtype=np.int64).reshape(-1, 2)
+    done = new.done
+    for start in range(0, len(pairs), chunk):
+        dst, src = pairs[start:start + chunk, 0], pairs[start:start + chunk, 1]
+        new.features[dst] = old.features[src]
+        new.thumbs[dst] = old.thumbs[src]
+        if new.has_labels:
+            new.labels[dst] = old.labels[src]
+    for name in ("features", "thumbs", "labels"):
+        if getattr(new, name) is not None:
+            getattr(new, name).flush()
+    done[pairs[:, 0]] = True
+    atomic_save_npy(path / "done.npy", done)
+    log.info("reused %d of %d items from the earlier cache (their files did not change)", len(pairs), new.n)
+    return len(pairs)
+
+
 def _create_cache(path: Path, spec: CacheSpec, dataset, ids: list, files: str, n: int, c: int, h: int, w: int,
-                  resolution: int) -> None:
+                  resolution: int, keys: Optional[list] = None) -> None:
     """Allocate a new cache's files (after checking the free space) and write meta.json last."""
     has_labels = dataset.has_labels
     t = thumb_size(resolution)
@@ -451,6 +507,7 @@ def _create_cache(path: Path, spec: CacheSpec, dataset, ids: list, files: str, n
         "label_shape": [resolution, resolution] if has_labels else None,
         "ids": ids,
         "files": files,
+        "item_keys": keys,
         "thumb_size": t,
         "n_classes": dataset.n_classes if has_labels else None,
         "class_names": list(dataset.class_names) if has_labels else None,
