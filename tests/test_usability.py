@@ -372,3 +372,52 @@ def test_the_pages_linear_probe_map_has_a_named_legend(synthetic_root, tmp_path)
     result = Viewer(model).segment(image, resolution=48, linear=True)
     assert result.linear_legend and {name for _, name, _, _ in result.linear_legend} <= set(model.class_names)
     assert not Viewer(model).segment(image, resolution=48).linear_legend
+
+
+def test_sigterm_outside_training_exits_with_its_status_and_says_how_to_continue(synthetic_root, tmp_path, capsys,
+                                                                                 monkeypatch):
+    import os
+    import signal
+    import time
+
+    import stegoseg.methods.common as common
+
+    def slow_prepare(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        raise AssertionError("SIGTERM did not stop the command")
+
+    monkeypatch.setattr(common, "prepare", slow_prepare)
+    assert main(["prepare", "--data-root", str(synthetic_root), "--out", str(tmp_path / "p"),
+                 *tiny_cli("prepare")]) == 143
+    err = capsys.readouterr().err
+    assert "interrupted by SIGTERM: what was finished is kept" in err and "run the same command again" in err
+    assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is back
+
+
+def test_a_long_stage_in_a_log_estimates_its_time_early(caplog):
+    from stegoseg.progress import LogProgress
+
+    caplog.set_level(logging.INFO, logger="stegoseg")
+    bar = LogProgress(total=100, desc="features train", unit="img")
+    for _ in range(6):
+        bar.update(1)
+    assert any("img/s so far: about" in r.getMessage() and "for the 100 img" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_the_serve_scratch_folder_goes_with_the_process(synthetic_root, tmp_path, monkeypatch):
+    import atexit
+    import shutil
+
+    from conftest import tiny_config
+
+    from stegoseg.methods.baseline import fit_feature_baseline
+    from stegoseg.serve import Viewer, build_page
+
+    model = fit_feature_baseline(tiny_config(synthetic_root, cache_dir=str(tmp_path / "c")), tmp_path / "b")
+    registered = []
+    monkeypatch.setattr(atexit, "register", lambda fn, *args: registered.append((fn, args)))
+    build_page(Viewer(model))
+    cleanup = [(fn, args) for fn, args in registered if fn is shutil.rmtree]
+    assert cleanup and "stegoseg-serve-" in str(cleanup[0][1][0])

@@ -46,6 +46,7 @@ class LogProgress:
         self.t0 = self.last = time.monotonic()
         self.next_mark = initial + every * total if total else None
         self.closed = False
+        self.estimated = False  # the one early estimate of the stage's time (after a short warm-up)
         if not silent:
             log.info("%s: %d of %d %s to do", desc, total - initial, total, unit)
 
@@ -63,6 +64,12 @@ class LogProgress:
         now = time.monotonic()
         if self.silent or self.total is None or self.n >= self.total:
             return
+        if not self.estimated and (now - self.t0 >= 2.0 or self.n - self.start_n >= 0.05 * self.total):
+            self.estimated = True
+            rate = (self.n - self.start_n) / max(now - self.t0, 1e-9)
+            log.info("%s: %.2f %s/s so far: about %s for the %d %s", self.desc, rate, self.unit,
+                     _duration((self.total - self.start_n) / rate if rate > 0 else float("nan")),
+                     self.total - self.start_n, self.unit)
         if self.n >= self.next_mark and now - self.last >= self.min_seconds:
             self.last = now
             self.next_mark = self.n + self.every * self.total

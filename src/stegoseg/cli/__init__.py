@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import signal
 import sys
+import threading
 from typing import Optional
 
 from stegoseg.cli import methods, pipeline, segment, serve, tools
@@ -132,6 +134,13 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     warn_deprecated_options(getattr(args, "command", ""), words)
+    stopped = {}
+
+    def terminate(signum, frame):  # SIGTERM outside training (which stops at a step end itself): as Ctrl-C
+        stopped["signum"] = signum
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminate) if threading.current_thread() is threading.main_thread() else None
     try:
         return args.func(args)
     except StegosegError as exc:
@@ -146,12 +155,18 @@ def main(argv=None) -> int:
         print(f"stegoseg: error: {where}{exc.strerror or exc} ({advice})", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("stegoseg: interrupted", file=sys.stderr)
-        return 130
+        signum = stopped.get("signum", signal.SIGINT)
+        print(f"stegoseg: interrupted by {signal.Signals(signum).name}: what was finished is kept (the feature cache, "
+              "pseudo masks and clusterbook resume by themselves; training checkpoints with --resume): run the same "
+              "command again" + (" with --resume" if getattr(args, "command", "") in ("train", "run") else ""),
+              file=sys.stderr)
+        return 128 + int(signum)
     finally:
         from stegoseg.preflight import release_out_locks
 
         release_out_locks()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":  # pragma: no cover
