@@ -421,3 +421,15 @@ def test_the_serve_scratch_folder_goes_with_the_process(synthetic_root, tmp_path
     build_page(Viewer(model))
     cleanup = [(fn, args) for fn, args in registered if fn is shutil.rmtree]
     assert cleanup and "stegoseg-serve-" in str(cleanup[0][1][0])
+
+
+def test_a_folder_with_only_a_training_split_runs_without_val_split(tmp_path, caplog):
+    data = tmp_path / "data" / "imgs" / "train"
+    data.mkdir(parents=True)
+    for i in range(6):
+        Image.new("RGB", (64, 48), (30 * i, 90, 200 - 20 * i)).save(data / f"p{i}.jpg")
+    out = tmp_path / "run"
+    assert main(["run", "--data-root", str(tmp_path / "data"), "--out", str(out), "--n-classes", "3", "--no-baseline",
+                 *tiny_cli("run", *TINY)]) == 0
+    assert "has no val split: the evaluation and report use the train images" in caplog.text
+    assert (out / "report.md").exists()

@@ -9,11 +9,11 @@ from stegoseg.preflight import check_writable, clear_outputs, lock_out, prepare_
 
 
 def cmd_run(args) -> int:
-    from stegoseg.config.stego import resolve_config
-    from stegoseg.methods.common import check_before_work
+    from stegoseg.config.stego import explicit_values, resolve_config
+    from stegoseg.methods.common import check_before_work, with_default_val_split
     from stegoseg.methods.run import run_all
 
-    cfg = resolve_config(args)
+    cfg = with_default_val_split(resolve_config(args), explicit_values(args))
     out = prepare_out(args.out, "run", "report.md", args.overwrite, resume=args.resume)
     if args.resume:
         check_something_to_resume(out / "train", f"--out {out}")

@@ -408,6 +408,19 @@ def load_model_for(checkpoint, cfg: Config) -> SegmentationModel:
     return load(checkpoint, device=resolve_device(cfg.device))
 
 
+def with_default_val_split(cfg: Config, given: dict) -> Config:
+    """A folder with ``imgs/<train>/`` and no ``imgs/<val>/`` (and ``--val-split`` not given): the
+    report and the label-free selection use the training images, said once, instead of an error."""
+    if cfg.dataset != "directory" or "val_split" in given or not cfg.data_root:
+        return cfg
+    images = Path(cfg.data_root) / "imgs"
+    if (images / cfg.train_split).is_dir() and not (images / cfg.val_split).exists():
+        log.warning("%s has no %s split: the evaluation and report use the %s images (pass --val-split to choose)",
+                    cfg.data_root, cfg.val_split, cfg.train_split)
+        return replace(cfg, val_split=cfg.train_split)
+    return cfg
+
+
 def resolve_run_paths(cfg: Config, out: Path) -> Config:
     """Create ``out`` and pin the paths a multi-stage run shares: the generated data folder
     (dataset=synthetic without a root) and the feature cache (default ``out/cache``)."""
