@@ -34,7 +34,7 @@ from stegoseg.evaluation.crf import CRFParams, image_to_uint8, run_crf_jobs
 from stegoseg.labels import classes_from_assignment
 from stegoseg.labels import cluster_lookup as lookup_of_clusters
 from stegoseg.labels import label_names as names_of_labels
-from stegoseg.nn.probes import ClusterProbe, LinearProbe
+from stegoseg.nn.probes import CRF_ALPHA, ClusterProbe, LinearProbe, probe_kind  # noqa: F401 - CRF_ALPHA: API
 
 log = logging.getLogger("stegoseg")
 from stegoseg.checkpoint_io import (  # noqa: F401 - CHECKPOINT_* and the folder names are part of this module's API
@@ -51,19 +51,6 @@ from stegoseg.checkpoint_io import (  # noqa: F401 - CHECKPOINT_* and the folder
     write_checkpoint_file,
     write_pretrained_folder,
 )
-
-#: The sharpness of the cluster probe's soft assignment log_softmax(alpha * cos) that the dense
-#: CRF receives, per method (the reference implementations' values; STEGO's for the others).
-CRF_ALPHA = {"stego": 2.0, "cause-mlp": 3.0, "cause-tr": 3.0}
-
-
-def probe_kind(method: str) -> tuple:
-    """(alpha, metric) of a method's cluster probe: PriMaPs-EM's prototypes (``primaps`` and
-    ``METHOD+primaps``) give plain logits (alpha 1, inner product), the others alpha * cosine."""
-    if method == "primaps" or method.endswith("+primaps"):
-        return 1.0, "dot"
-    return CRF_ALPHA.get(method, 2.0), "cosine"
-
 
 def build_backbone(spec: dict, weights: Optional[str] = None):
     """Build a backbone from a spec {name, pretrained, weights, tiny, overrides}."""

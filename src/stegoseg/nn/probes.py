@@ -12,6 +12,19 @@ from stegoseg.progress import progress_bar as tqdm
 from stegoseg.data.base import IGNORE_INDEX
 
 
+#: The sharpness of the cluster probe's soft assignment log_softmax(alpha * cos) that the dense
+#: CRF receives, per method (the reference implementations' values; STEGO's for the others).
+CRF_ALPHA = {"stego": 2.0, "cause-mlp": 3.0, "cause-tr": 3.0}
+
+
+def probe_kind(method: str) -> tuple:
+    """(alpha, metric) of a method's cluster probe: PriMaPs-EM's prototypes (``primaps`` and
+    ``METHOD+primaps``) give plain logits (alpha 1, inner product), the others alpha * cosine."""
+    if method == "primaps" or method.endswith("+primaps"):
+        return 1.0, "dot"
+    return CRF_ALPHA.get(method, 2.0), "cosine"
+
+
 class ClusterProbe(nn.Module):
     """Clustering of a (B, D, h, w) map into ``n_clusters`` clusters by the similarity of every
     code vector to every centroid: ``metric="cosine"`` (STEGO, CAUSE, k-means) or ``"dot"``
