@@ -409,12 +409,14 @@ def load_model_for(checkpoint, cfg: Config) -> SegmentationModel:
 
 
 def with_default_val_split(cfg: Config, given: dict) -> Config:
-    """A folder with ``imgs/<train>/`` and no ``imgs/<val>/`` (and ``--val-split`` not given): the
-    report and the label-free selection use the training images, said once, instead of an error."""
+    """A label-free folder with ``imgs/<train>/`` and no ``imgs/<val>/`` (and ``--val-split`` not
+    given): the report uses the training images, said once, instead of an error. With labels
+    the error stays: metrics on the training images must be asked for (``--val-split train``)."""
     if cfg.dataset != "directory" or "val_split" in given or not cfg.data_root:
         return cfg
     images = Path(cfg.data_root) / "imgs"
-    if (images / cfg.train_split).is_dir() and not (images / cfg.val_split).exists():
+    labelled = (Path(cfg.data_root) / "labels" / cfg.train_split).is_dir()
+    if not labelled and (images / cfg.train_split).is_dir() and not (images / cfg.val_split).exists():
         log.warning("%s has no %s split: the evaluation and report use the %s images (pass --val-split to choose)",
                     cfg.data_root, cfg.val_split, cfg.train_split)
         return replace(cfg, val_split=cfg.train_split)
