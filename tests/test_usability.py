@@ -266,7 +266,12 @@ def test_a_refused_run_leaves_no_cache_folder_behind(synthetic_root, tmp_path, c
     assert main(["train", "--data-root", str(synthetic_root), "--out", str(out), "--class-names", "a,b",
                  *tiny_cli("train", *TINY)]) == 2
     assert "holds the value" in error_line(capsys)
-    assert not (out / "cache").exists()
+    assert not (out / "cache").exists() and not (out / "config.yaml").exists()
+    run = tmp_path / "run"
+    assert main(["run", "--data-root", str(synthetic_root), "--out", str(run), "--class-names", "a,b",
+                 *tiny_cli("run", *TINY)]) == 2
+    assert "holds the value" in error_line(capsys)
+    assert not (run / "cache").exists() and not (run / "config.yaml").exists()
 
 
 def test_the_pages_neighbours_carry_their_file_names(synthetic_root, tmp_path):
@@ -433,3 +438,29 @@ def test_a_folder_with_only_a_training_split_runs_without_val_split(tmp_path, ca
                  *tiny_cli("run", *TINY)]) == 0
     assert "has no val split: the evaluation and report use the train images" in caplog.text
     assert (out / "report.md").exists()
+
+
+def test_a_refused_pick_is_one_log_line_not_a_traceback(synthetic_root, tmp_path, capfd, caplog):
+    import socket
+
+    pytest.importorskip("gradio_client")
+    from conftest import tiny_config
+    from gradio_client import Client
+
+    from stegoseg.methods.baseline import fit_feature_baseline
+    from stegoseg.serve import serve
+
+    path = fit_feature_baseline(tiny_config(synthetic_root, cache_dir=str(tmp_path / "c")), tmp_path / "b").save(
+        tmp_path / "ck.pt")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    page = serve(path, port=port, block=False, images=str(synthetic_root / "imgs" / "val"))
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        with pytest.raises(Exception, match="not one the page offers"):
+            client.predict(None, "/etc/passwd", False, True, 320, False, api_name="/segment_all")
+    finally:
+        page.close()
+    assert "Traceback" not in capfd.readouterr().err
+    assert "page: refused a request for '/etc/passwd'" in caplog.text

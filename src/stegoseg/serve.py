@@ -285,6 +285,7 @@ def build_page(viewer: Viewer, folder: Optional[Path] = None, title: str = "steg
     model whose clusters are not matched to classes)."""
     import gradio as gr
 
+    QuietDropdown = quiet_dropdown_class()  # noqa: N806 - a class made once Gradio is imported
     folder_images = [str(p) for p in list_images(folder)] if folder else []
     work = Path(tempfile.mkdtemp(prefix="stegoseg-serve-"))
     # the users' label maps and overlays live here while the page runs; they go with the process
@@ -381,8 +382,8 @@ def build_page(viewer: Viewer, folder: Optional[Path] = None, title: str = "steg
         with gr.Row():
             with gr.Column(scale=1, min_width=260):
                 files = gr.File(label="images (drop one or more)", file_count="multiple", elem_id="upload")
-                picked = gr.Dropdown(choices=folder_images, value=None, label="…or an image of the folder",
-                                     visible=bool(folder_images), elem_id="folder-pick")
+                picked = QuietDropdown(choices=folder_images, value=None, label="…or an image of the folder",
+                                       visible=bool(folder_images), elem_id="folder-pick")
                 crf = gr.Checkbox(value=False, label="dense CRF (slower)", elem_id="crf")
                 flip = gr.Checkbox(value=True, label="flip averaging", elem_id="flip")
                 resolution = gr.Slider(64, 1024, value=320, step=16, label="network resolution (minor side, px)",
@@ -422,6 +423,23 @@ def build_page(viewer: Viewer, folder: Optional[Path] = None, title: str = "steg
         gallery.select(pick, [session], [*outputs, session])
         shown.select(click, [session], [corr, message])
     return page
+
+
+def quiet_dropdown_class():
+    """Gradio's Dropdown whose refusal of a value outside its choices (a request that names a file
+    the page does not offer) is one log line, not a traceback on the server's stderr per request."""
+    import gradio as gr
+    from gradio.exceptions import Error
+
+    class QuietDropdown(gr.Dropdown):
+        def preprocess(self, payload):
+            try:
+                return super().preprocess(payload)
+            except Error:
+                log.warning("page: refused a request for %r: not an image the page offers", payload)
+                raise Error("that image is not one the page offers", print_exception=False) from None
+
+    return QuietDropdown
 
 
 def random_backbone(model) -> bool:
