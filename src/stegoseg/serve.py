@@ -285,8 +285,8 @@ def build_page(viewer: Viewer, folder: Optional[Path] = None, title: str = "steg
     model whose clusters are not matched to classes)."""
     import gradio as gr
 
-    QuietDropdown = quiet_dropdown_class()  # noqa: N806 - a class made once Gradio is imported
     folder_images = [str(p) for p in list_images(folder)] if folder else []
+    offered = set(folder_images)
     work = Path(tempfile.mkdtemp(prefix="stegoseg-serve-"))
     # the users' label maps and overlays live here while the page runs; they go with the process
     atexit.register(shutil.rmtree, work, True)
@@ -301,6 +301,9 @@ def build_page(viewer: Viewer, folder: Optional[Path] = None, title: str = "steg
                   "segmentations show that the pipeline runs, not what the method does on real features.")
 
     def segment_all(files, picked, crf, flip, resolution, linear, session):
+        if picked and picked not in offered:  # the list takes typed values: only the folder's images are read
+            log.warning("page: refused a request for %r: not an image the page offers", picked)
+            raise gr.Error("that image is not one the page offers", print_exception=False)
         paths = [(Path(f).name, f) for f in (files or [])] + [(Path(p).name, p) for p in ([picked] if picked else [])]
         if not paths:
             return (*([gr.update()] * 8), "Add an image (upload or pick one) first.", session)
@@ -318,9 +321,9 @@ def build_page(viewer: Viewer, folder: Optional[Path] = None, title: str = "steg
         message = "\n".join(f"⚠️ {p}" for p in problems)
         if not results:
             return (*([None] * 4), "", None, [], [], message or "No image could be read.", session)
-        what = {"uploads": sum(1 for n, _ in paths[: len(files or [])]), "pick": 1 if picked else 0}
-        origin = " and ".join(part for part in (f"{what['uploads']} upload(s)" if what["uploads"] else "",
-                                                "the image picked from the folder" if what["pick"] else "") if part)
+        uploads = len(files or [])
+        origin = " and ".join(part for part in (f"{uploads} upload(s)" if uploads else "",
+                                                "the image picked from the folder" if picked else "") if part)
         done = f"Segmented {len(results)} image(s) ({origin}) in {sum(r.seconds for r, _ in results):.1f} s."
         if int(resolution) > SLOW_RESOLUTION:
             done += (f" Resolution {int(resolution)}: the network sees about {(int(resolution) // 8) ** 2:,}+ tokens "
@@ -382,8 +385,10 @@ def build_page(viewer: Viewer, folder: Optional[Path] = None, title: str = "steg
         with gr.Row():
             with gr.Column(scale=1, min_width=260):
                 files = gr.File(label="images (drop one or more)", file_count="multiple", elem_id="upload")
-                picked = QuietDropdown(choices=folder_images, value=None, label="…or an image of the folder",
-                                       visible=bool(folder_images), elem_id="folder-pick")
+                # custom values reach segment_all, which refuses them with one log line (Gradio's own
+                # refusal prints a traceback per request)
+                picked = gr.Dropdown(choices=folder_images, value=None, label="…or an image of the folder",
+                                     visible=bool(folder_images), elem_id="folder-pick", allow_custom_value=True)
                 crf = gr.Checkbox(value=False, label="dense CRF (slower)", elem_id="crf")
                 flip = gr.Checkbox(value=True, label="flip averaging", elem_id="flip")
                 resolution = gr.Slider(64, 1024, value=320, step=16, label="network resolution (minor side, px)",
@@ -423,23 +428,6 @@ def build_page(viewer: Viewer, folder: Optional[Path] = None, title: str = "steg
         gallery.select(pick, [session], [*outputs, session])
         shown.select(click, [session], [corr, message])
     return page
-
-
-def quiet_dropdown_class():
-    """Gradio's Dropdown whose refusal of a value outside its choices (a request that names a file
-    the page does not offer) is one log line, not a traceback on the server's stderr per request."""
-    import gradio as gr
-    from gradio.exceptions import Error
-
-    class QuietDropdown(gr.Dropdown):
-        def preprocess(self, payload):
-            try:
-                return super().preprocess(payload)
-            except Error:
-                log.warning("page: refused a request for %r: not an image the page offers", payload)
-                raise Error("that image is not one the page offers", print_exception=False) from None
-
-    return QuietDropdown
 
 
 def random_backbone(model) -> bool:
