@@ -30,24 +30,33 @@ def cluster_lookup(cluster_classes: Optional[list], n_clusters: int, n_classes: 
     return np.asarray([c if c is not None else next(spare) for c in cluster_classes], dtype=np.int64)
 
 
-def label_names(model, probe: str = "cluster") -> list:
-    """The name of every label id the probe's maps hold: class names (linear probe, or the
-    cluster probe once matched; unmatched clusters stay "cluster i"), else the names a user gave
-    the clusters, else "cluster i"."""
-    names = list(model.class_names or [])
-    if probe == "linear":
-        return names or [f"class {i}" for i in range(model.n_classes or 0)]
-    if model.cluster_classes is None:
-        given = getattr(model, "cluster_names", {}) or {}
-        return [given.get(i) or f"cluster {i}" for i in range(model.n_clusters)]
-    lookup = model.cluster_lookup()
+def cluster_label_names(class_names: Sequence[str], cluster_classes: Optional[list], n_clusters: int,
+                        given: Optional[dict] = None) -> list:
+    """The name of every label id a cluster map holds after :func:`cluster_lookup`: the class
+    names of matched clusters ("class i" where a name is missing), "cluster i" for unmatched
+    ones; without a matching, the names a user gave (``given``), else "cluster i"."""
+    if cluster_classes is None:
+        return [(given or {}).get(i) or f"cluster {i}" for i in range(n_clusters)]
+    names = list(class_names)
+    lookup = cluster_lookup(cluster_classes, n_clusters, len(names))
     out = names + [""] * max(0, int(lookup.max()) + 1 - len(names))
     for cluster, label in enumerate(lookup.tolist()):
-        if model.cluster_classes[cluster] is None:
+        if cluster_classes[cluster] is None:
             out[label] = f"cluster {cluster}"
         elif not out[label]:
             out[label] = f"class {label}"
     return out
+
+
+def label_names(model, probe: str = "cluster") -> list:
+    """The name of every label id the probe's maps hold: class names for the linear probe, else
+    :func:`cluster_label_names` of the model's matching or the names a user gave its clusters."""
+    names = list(model.class_names or [])
+    if probe == "linear":
+        return names or [f"class {i}" for i in range(model.n_classes or 0)]
+    if model.cluster_classes is not None and len(names) < model.n_known_classes:
+        names += [f"class {i}" for i in range(len(names), model.n_known_classes)]
+    return cluster_label_names(names, model.cluster_classes, model.n_clusters, getattr(model, "cluster_names", {}))
 
 
 def names_file(path) -> Path:

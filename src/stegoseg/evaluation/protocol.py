@@ -30,6 +30,7 @@ from stegoseg.evaluation.metrics import (
     plot_confusion,
     save_metrics_json,
 )
+from stegoseg.labels import classes_from_assignment, cluster_label_names, cluster_lookup
 from stegoseg.reporting.figures import make_palette, prediction_grid
 
 
@@ -175,17 +176,13 @@ def write_eval_outputs(result: dict, grid_rows: list, out_dir, n_classes: int, n
         plot_confusion(strict, out_dir / "confusion_cluster.png", title=f"cluster probe (strict) mIoU {strict['miou']:.1f}")
         # Paint clusters with the colour of their matched class; unmatched clusters get the colours after the
         # classes, in cluster order: the same labels and colours as `segment` of a model with this matching
-        mapping = np.asarray(strict["assignment"])
-        spare = iter(range(n_classes, n_classes + len(mapping)))
-        remap = np.asarray([int(a) if 0 <= a < n_classes else next(spare) for a in mapping.tolist()])
+        matched = classes_from_assignment(strict["assignment"], len(strict["assignment"]), n_classes)
+        remap = cluster_lookup(matched, len(matched), n_classes)
         palette = make_palette(max(n_classes, int(remap.max()) + 1))
         for row in grid_rows:
             row["cluster"] = remap[row["cluster"]]
-        names = list(strict.get("per_class_iou") or {}) or [f"class {i}" for i in range(n_classes)]
-        names += [""] * (len(palette) - len(names))
-        for cluster, label in enumerate(remap.tolist()):
-            if label >= n_classes:
-                names[label] = f"cluster {cluster}"
+        classes = list(strict.get("per_class_iou") or {}) or [f"class {i}" for i in range(n_classes)]
+        names = cluster_label_names(classes, matched, len(matched))
     else:
         names = None
     if "linear" in result:
