@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from stegoseg.errors import StegosegError
-from stegoseg.preflight import default_file_mode
+from stegoseg.preflight import default_file_mode, file_head
 
 log = logging.getLogger("stegoseg")
 
@@ -121,7 +121,7 @@ def read_checkpoint_file(path) -> dict:
     if not path.is_file():
         raise StegosegError(f"checkpoint {path} does not exist: pass the .pt file a `stegoseg train` run wrote "
                             "(or a folder written by save_pretrained)")
-    head = path.read_bytes()[:64]
+    head = file_head(path, 64)
     if head and not head.startswith((b"PK\x03\x04", b"\x80")):
         looks = "a YAML or text file (a config.yaml?)" if head.strip()[:1].isalpha() or head[:1] in b"#{-" else \
             "not a PyTorch file"

@@ -112,10 +112,9 @@ def read_foreign_checkpoint(path: Path, what: str) -> dict:
     path = Path(path)
     if not path.is_file():
         raise StegosegError(f"{path} does not exist: pass {what}")
-    head = path.read_bytes()[:512]
-    if head.lstrip().lower().startswith((b"<!doctype", b"<html")):
-        raise StegosegError(f"{path} is a web page, not a checkpoint (a download that saved the host's page "
-                            "instead of the file?): download the file itself")
+    from stegoseg.preflight import file_head, refuse_web_page
+
+    refuse_web_page(path, file_head(path), "a checkpoint")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_pickle_module())
     except ForeignCodeError as exc:

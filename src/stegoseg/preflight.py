@@ -142,6 +142,19 @@ def files_fingerprint(paths) -> str:
     return h.hexdigest()
 
 
+def file_head(path, n: int = 512) -> bytes:
+    """The first ``n`` bytes of a file (without reading the rest: checkpoints can be gigabytes)."""
+    with open(path, "rb") as f:
+        return f.read(n)
+
+
+def refuse_web_page(path, head: bytes, what: str) -> None:
+    """A download that saved the host's HTML page instead of the file: one line saying so."""
+    if head.lstrip().lower().startswith((b"<!doctype", b"<html")):
+        raise StegosegError(f"{path} is a web page, not {what} (a download that saved the host's page instead of "
+                            "the file?): download the file itself")
+
+
 def image_size(path, remedy: str) -> tuple:
     """(width, height) from an image file's header, or one StegosegError line naming the file
     (not an image, damaged, or a decompression bomb) with ``remedy``."""

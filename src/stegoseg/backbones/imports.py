@@ -45,10 +45,10 @@ MLP_NAMES = {"f1.": "linear.", "f2.0.": "nonlinear.0.", "f2.2.": "nonlinear.2."}
 
 def _read_state(path: Path) -> dict:
     """A plain dict of tensors from a ``torch.save`` file, or one StegosegError line."""
-    head = path.read_bytes()[:512]
-    if head.lstrip().lower().startswith((b"<!doctype", b"<html")):
-        raise StegosegError(f"{path} is a web page, not a PyTorch file (a download that saved the host's page "
-                            "instead of the file?): download the file itself")
+    from stegoseg.preflight import file_head, refuse_web_page
+
+    head = file_head(path)
+    refuse_web_page(path, head, "a PyTorch file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure to unpickle is a bad file
