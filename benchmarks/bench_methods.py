@@ -33,7 +33,10 @@ cache alone takes about 15 minutes), plus a few minutes of training-cost measure
 
 Writes ``benchmarks/results/methods.json`` ({"settings": [{"name", "rows": {method: M}}]}, M
 with the metrics' mean and per seed) and ``benchmarks/results/methods.md``. Rows finished by
-an earlier invocation with the same config are reused (an interrupted run continues).
+an earlier invocation with the same config are reused (an interrupted run continues); each
+finished row is also written, small, to ``benchmarks/results/methods-rows/SETTING/seedK/`` with
+its config and the backbone weights' sha256, and reused from there on another machine when both
+match (``runs/`` does not travel between machines, a committed row does).
 
     PYTHONPATH=src python3 benchmarks/bench_methods.py                       # all four settings
     PYTHONPATH=src python3 benchmarks/bench_methods.py --settings demo --seeds 0
@@ -42,6 +45,7 @@ an earlier invocation with the same config are reused (an interrupted run contin
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import statistics
@@ -83,11 +87,49 @@ def row_config(setting: Setting, method: str, seed: int, keep: dict, folder: Pat
     return make_config(dict(values, method=method, cause_probe_steps=values["steps"]))
 
 
-def train_row(setting: Setting, method: str, cfg, folder: Path) -> dict:
-    """Train (or reuse) and evaluate one row; its metrics with training seconds and steps."""
+ROWS = REPO / "benchmarks" / "results" / "methods-rows"
+
+
+def weights_digest(cfg) -> str:
+    """sha256 of the backbone weights file a row read (None: no file), so that a stored row is
+    reused only with the very same backbone."""
+    if not cfg.weights:
+        return None
+    return hashlib.sha256(Path(cfg.weights).read_bytes()).hexdigest()
+
+
+def stored_row(setting: Setting, method: str, seed: int, cfg) -> Path:
+    return ROWS / setting.name / f"seed{seed}" / f"{method.replace('+', '-plus-')}.json"
+
+
+def reuse_stored(path: Path, cfg):
+    """The metrics of a row committed under ``benchmarks/results/methods-rows`` by an earlier
+    invocation (possibly on another machine: ``runs/`` does not travel) with the same config and
+    the same backbone weights (by digest), else None."""
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    current = json.loads(json.dumps(cfg.to_dict()))
+    same = {k: v for k, v in saved["config"].items() if k not in ("weights", "cache_dir", "data_root", "init_from")}
+    mine = {k: current.get(k) for k in same}
+    if same != mine or saved.get("weights_sha256") != weights_digest(cfg):
+        return None
+    print(f"  {path.stem}: {saved['metrics']} (stored in {path.relative_to(REPO)}, same config and backbone)", flush=True)
+    return saved["metrics"]
+
+
+def train_row(setting: Setting, method: str, cfg, folder: Path, seed: int = 0, needed_later: bool = False) -> dict:
+    """Train (or reuse) and evaluate one row; its metrics with training seconds and steps.
+    ``needed_later``: a later row of this seed starts from this row's checkpoint, so a stored
+    row without its checkpoint here is trained again."""
     finished = reuse(cfg, folder)
     if finished is not None:
         return finished
+    store = stored_row(setting, method, seed, cfg)
+    if not needed_later:
+        finished = reuse_stored(store, cfg)
+        if finished is not None:
+            return finished
     if folder.exists():  # an interrupted row (no bench_row.json): start it again
         shutil.rmtree(folder)
     t = time.perf_counter()
@@ -112,6 +154,9 @@ def train_row(setting: Setting, method: str, cfg, folder: Path) -> dict:
         result["modularity_probe"] = metrics(evaluate_checkpoint_model(setting.base, model, folder / "eval-modularity"))
     print(f"  {method} {folder.name}: {json.dumps(result)}", flush=True)
     (folder / "bench_row.json").write_text(json.dumps({"config": cfg.to_dict(), "metrics": result}))
+    store.parent.mkdir(parents=True, exist_ok=True)
+    store.write_text(json.dumps({"config": cfg.to_dict(), "weights_sha256": weights_digest(cfg), "metrics": result},
+                                indent=1, default=float))
     return result
 
 
@@ -140,7 +185,10 @@ def run_setting(name: str, values: dict, runs: Path, seeds: list, previous: dict
         for method in METHODS:
             folder = setting.out / "methods" / f"seed{seed}" / method
             cfg = row_config(setting, method, seed, keep, folder)
-            rows[method]["per_seed"][str(seed)] = train_row(setting, method, cfg, folder)
+            later = f"{method}+primaps" in METHODS and reuse_stored(
+                stored_row(setting, f"{method}+primaps", seed, cfg),
+                row_config(setting, f"{method}+primaps", seed, keep, folder.parent / f"{method}+primaps")) is None
+            rows[method]["per_seed"][str(seed)] = train_row(setting, method, cfg, folder, seed, needed_later=later)
     for method, row in rows.items():
         per = list(row["per_seed"].values())
         row["mean"] = {k: statistics.fmean(m[k] for m in per) for k in METRICS if all(m.get(k) is not None for m in per)}

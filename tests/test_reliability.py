@@ -297,15 +297,33 @@ def test_prepare_into_a_full_disk_fails_before_writing(data, tmp_path, capsys, m
     assert not [p for p in (out / "cache").iterdir() if not p.name.startswith(".")]
 
 
-def test_allocation_failure_is_one_line_and_leaves_no_cache(data, tmp_path, capsys, monkeypatch):
-    def full(fd, offset, length):
-        raise OSError(errno.ENOSPC, "No space left on device")
+def test_a_disk_filling_up_midway_is_one_line_and_a_rerun_resumes(data, tmp_path, capsys, monkeypatch):
+    from stegoseg.features import shards
 
-    monkeypatch.setattr(os, "posix_fallocate", full)
+    written = []
+    real = shards._write_file
+
+    def fills_up(data, path):
+        if len(written) >= 6:  # two shards (thumbs, labels, features) fit, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(path)
+        real(data, path)
+
+    monkeypatch.setattr(shards, "_write_file", fills_up)
     out = tmp_path / "p"
-    assert main(["prepare", "--data-root", str(data), "--out", str(out), *tiny_cli("prepare", *TINY)]) == 2
-    assert "disk full while allocating" in one_error_line(capsys)
-    assert not [p for p in (out / "cache").iterdir() if not p.name.startswith(".")]
+    args = ["prepare", "--data-root", str(data), "--out", str(out), *tiny_cli("prepare", *TINY), "--cache-shard-items", "10"]
+    assert main(args) == 2
+    line = one_error_line(capsys)
+    assert "disk full while writing" in line and "shards/thumbs-00002.u8" in line and "run the same command again" in line
+    cache = next(p for p in (out / "cache").iterdir() if not p.name.startswith("."))
+    assert sorted(f.name for f in (cache / "shards").iterdir()) == [  # whole shards only, no temporary file
+        "features-00000.f16", "features-00001.f16", "labels-00000.u8", "labels-00001.u8", "thumbs-00000.u8",
+        "thumbs-00001.u8"]
+    monkeypatch.setattr(shards, "_write_file", real)
+    assert main(args) == 0
+    from stegoseg.features.cache import FeatureCache
+
+    assert FeatureCache(cache).complete
 
 
 def test_training_checks_checkpoint_space_first(data, tmp_path, capsys, monkeypatch):

@@ -193,7 +193,7 @@ def _cache(out: Path) -> Path:
     return next((out / "cache").glob("*/meta.json")).parent
 
 
-@pytest.mark.parametrize("damage", ["n_items", "feature_shape", "nan", "truncated", "done", "meta"])
+@pytest.mark.parametrize("damage", ["n_items", "feature_shape", "nan", "truncated", "shard_items", "meta"])
 def test_a_damaged_cache_is_found_on_open_and_rebuilt(data, tmp_path, damage, caplog):
     from stegoseg.features.cache import FeatureCache
 
@@ -210,15 +210,17 @@ def test_a_damaged_cache_is_found_on_open_and_rebuilt(data, tmp_path, damage, ca
         meta["feature_shape"] = [c, h // 2, w * 2]  # the same number of bytes, misread
     if damage in ("n_items", "feature_shape"):
         (cache / "meta.json").write_text(json.dumps(meta))
+    elif damage == "shard_items":
+        meta["shard_items"] = "many"
+        (cache / "meta.json").write_text(json.dumps(meta))
     elif damage == "nan":
-        feats = np.memmap(cache / "features.f16", dtype=np.float16, mode="r+")
-        feats[:] = np.nan
-        feats.flush()
+        for shard in (cache / "shards").glob("features-*.f16"):
+            feats = np.memmap(shard, dtype=np.float16, mode="r+")
+            feats[:] = np.nan
+            feats.flush()
     elif damage == "truncated":
-        with open(cache / "features.f16", "r+b") as f:
+        with open(cache / "shards" / "features-00000.f16", "r+b") as f:
             f.truncate(1000)
-    elif damage == "done":
-        (cache / "done.npy").write_bytes(b"garbage")
     elif damage == "meta":
         (cache / "meta.json").write_text("{not json")
     if damage != "nan":
@@ -427,7 +429,7 @@ def test_removing_an_image_reuses_the_cache_of_the_others(data, tmp_path, caplog
     caplog.clear()
     caplog.set_level("INFO", logger="stegoseg")
     assert main(prepare) == 0
-    assert "reused 40 of 45 items" in caplog.text  # 9 images x 5 crops, one of them rewritten
+    assert "reusing 40 of 45 items" in caplog.text  # 9 images x 5 crops, one of them rewritten
     after = FeatureCache(_cache(out))
     assert after.complete and after.n == 45 and not list((out / "cache").glob("*.previous"))
     for k, item in enumerate(after.ids):

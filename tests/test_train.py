@@ -135,17 +135,21 @@ def test_live_backbone_gives_the_cached_loss(synthetic_root, tmp_path):
 
 
 def test_prepare_resumes_without_recomputing(synthetic_root, tmp_path):
+    from stegoseg.features import shards
+
     cfg = tiny_config(synthetic_root, five_crop=False)
     backbone, _ = build_backbone_from_config(cfg)
     train = build_split(cfg, "train")
-    cache = extract_features(backbone, train, tmp_path, resolution=32, five_crop=False, batch_size=4, progress=False)
+    cache = extract_features(backbone, train, tmp_path, resolution=32, five_crop=False, batch_size=4, progress=False,
+                             shard_items=3)
     full = cache.feature_batch(np.arange(cache.n)).clone()
-    # Simulate an interruption: forget half the items and scribble over them.
-    done = cache.done
-    done[::2] = False
-    np.save(cache.path / "done.npy", done)
-    FeatureCache(cache.path, writable=True).features[::2] = 0  # (readers open the cache read-only)
-    cache.features.flush()
+    # Simulate an interruption: every other shard was never written (one a writer died in: a temporary file)
+    lost = list(range(0, shards.n_shards(cache.n, 3), 2))
+    for s in lost:
+        for kind in ("features", "thumbs"):
+            shards.shard_file(cache.path, kind, s).unlink()
+    (cache.path / "shards" / ".features-00000.f16.tmp-1-abcd").write_bytes(b"half")
+    assert FeatureCache(cache.path).done.sum() == cache.n - sum(len(range(3 * s, min(3 * s + 3, cache.n))) for s in lost)
     calls = []
     original = backbone.forward
 
@@ -155,9 +159,9 @@ def test_prepare_resumes_without_recomputing(synthetic_root, tmp_path):
 
     backbone.forward = counting_forward
     cache2 = extract_features(backbone, train, tmp_path, resolution=32, five_crop=False, batch_size=4, progress=False)
-    assert sum(calls) == (cache.n + 1) // 2  # only the missing half was recomputed
+    assert sum(calls) == sum(len(range(3 * s, min(3 * s + 3, cache.n))) for s in lost)  # only the lost shards
     torch.testing.assert_close(cache2.feature_batch(np.arange(cache.n)), full)
-    assert cache2.complete
+    assert cache2.complete and not list((cache.path / "shards").glob(".*tmp*"))  # the dead writer's file is gone
     # a different setting gets a different cache folder
     cache3 = extract_features(backbone, train, tmp_path, resolution=40, five_crop=False, batch_size=4, progress=False)
     assert cache3.path != cache.path

@@ -6,6 +6,7 @@ import logging
 import errno
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -150,6 +151,7 @@ def segment_images(
     batch_size: int = 8,
     crf_workers: int = 2,
     crf_params=None,
+    ray=None,
 ) -> list:
     """Write ``<name>.png`` (palette PNG of labels) and ``<name>_overlay.png`` per input image.
 
@@ -158,11 +160,10 @@ def segment_images(
     (:func:`check_input_images`). An input whose label map and overlay both exist (a finished
     earlier run: both are written by rename, the overlay last) is skipped unless ``overwrite``,
     so a rerun after an interruption does only what is left. Returns the label-map paths
-    written by this call.
+    written by this call. ``ray``: a :class:`RaySegment` (``--ray-address``): the batches run on
+    Ray actors that each load the same checkpoint, after the same checks.
     """
-    from PIL import Image
     from stegoseg.progress import progress_bar as tqdm
-
 
     if probe == "linear" and model.linear_probe is None:
         raise StegosegError("--probe linear: this checkpoint has no linear probe (trained without labels); use --probe cluster")
@@ -199,56 +200,88 @@ def segment_images(
             return []
     lock_out(out_dir, "segment")
     out_dir.mkdir(parents=True, exist_ok=True)
-    n_colours = max(model.n_clusters, model.n_classes or 0)
-    palette = make_palette(n_colours)
+    crf = model.default_crf() if crf is None else crf
+    names = model.label_names(probe)  # what every label id means: written beside the maps
+    palette = label_palette(model)
+    atomic_write(out_dir / "labels.json", lambda tmp: Path(tmp).write_text(json.dumps(
+        {"probe": probe, "labels": {str(i): name for i, name in enumerate(names)},
+         "colours": {str(i): [int(c) for c in palette[i]] for i in range(min(len(names), len(palette)))}}, indent=1)))
+    settings = dict(crf=crf, flip=flip, resolution=resolution, probe=probe, crf_params=crf_params)
+    if ray is not None:
+        from stegoseg.distributed.stages import segment_on_ray
+
+        segment_on_ray(ray.options, ray.checkpoint, ray.weights, ray.replace_backbone, ray.device, ray.bf16, paths,
+                       targets, dict(settings, crf_workers=crf_workers), batch_size, progress)
+        return [label for label, _ in targets]
     loader = torch.utils.data.DataLoader(
         _ImageFiles(paths), batch_size=None, num_workers=min(num_workers, len(paths)), shuffle=False
     )
     written = []
     bar = tqdm(total=len(paths), desc="segment", disable=not progress, unit="img")
-
-    def flush(buffer):
-        images = [im for im, _ in buffer]
-        for (image, (label_path, overlay_path)), labels in zip(
-            buffer, model.segment_batch(images, crf=crf, flip=flip, resolution=resolution, probe=probe, crf_pool=pool,
-                                        crf_params=crf_params)
-        ):
-            target = label_path
-            try:
-                atomic_write(label_path, lambda tmp: save_label_png(labels, tmp, palette), suffix=".png")
-                target = overlay_path
-                atomic_write(overlay_path, lambda tmp: Image.fromarray(overlay(np.asarray(image), labels, palette))
-                             .save(tmp, format="PNG"), suffix=".png")
-            except OSError as exc:
-                label_path.unlink(missing_ok=True)  # an image is done with both files or not at all
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise StegosegError(f"disk full while writing {target} ({len(written)} images done): free some "
-                                        "space and run the same command again, which skips the images already "
-                                        "segmented") from None
-                raise
-            written.append(label_path)
-        bar.update(len(buffer))
-
-    crf = model.default_crf() if crf is None else crf
-    names = model.label_names(probe)  # what every label id means: written beside the maps
-    atomic_write(out_dir / "labels.json", lambda tmp: Path(tmp).write_text(json.dumps(
-        {"probe": probe, "labels": {str(i): name for i, name in enumerate(names)},
-         "colours": {str(i): [int(c) for c in palette[i]] for i in range(min(len(names), len(palette)))}}, indent=1)))
     pool = crf_pool(crf_workers) if crf and crf_workers > 1 else None
     try:
         buffer = []
         for image, target in zip(loader, targets):
             buffer.append((image, target))
             if len(buffer) == batch_size:
-                flush(buffer)
+                written += segment_and_write(model, *zip(*buffer), crf_pool=pool, done=len(written), **settings)
+                bar.update(len(buffer))
                 buffer = []
         if buffer:
-            flush(buffer)
+            written += segment_and_write(model, *zip(*buffer), crf_pool=pool, done=len(written), **settings)
+            bar.update(len(buffer))
     finally:
         bar.close()
         if pool is not None:
             pool.shutdown()
     return written
+
+
+def label_palette(model: SegmentationModel) -> np.ndarray:
+    """The colours of a model's label maps (one per cluster or class, whichever is more)."""
+    return make_palette(max(model.n_clusters, model.n_classes or 0))
+
+
+def segment_and_write(model: SegmentationModel, images, targets, crf: bool, flip: bool, resolution, probe: str,
+                      crf_params=None, crf_pool=None, done: int = 0) -> list:
+    """Segment one batch of images and write each one's label map and overlay (``targets``:
+    (label path, overlay path) pairs) by rename, the overlay last, so that an image is done
+    with both files or not at all. Returns the label-map paths. ``done``: images finished
+    before this batch (for the disk-full message)."""
+    from PIL import Image
+
+    palette = label_palette(model)
+    written = []
+    labels_of = model.segment_batch(list(images), crf=crf, flip=flip, resolution=resolution, probe=probe,
+                                    crf_pool=crf_pool, crf_params=crf_params)
+    for image, (label_path, overlay_path), labels in zip(images, targets, labels_of):
+        target = label_path
+        try:
+            atomic_write(label_path, lambda tmp: save_label_png(labels, tmp, palette), suffix=".png")
+            target = overlay_path
+            atomic_write(overlay_path, lambda tmp: Image.fromarray(overlay(np.asarray(image), labels, palette))
+                         .save(tmp, format="PNG"), suffix=".png")
+        except OSError as exc:
+            label_path.unlink(missing_ok=True)  # an image is done with both files or not at all
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StegosegError(f"disk full while writing {target} ({done + len(written)} images done): free some "
+                                    "space and run the same command again, which skips the images already "
+                                    "segmented") from None
+            raise
+        written.append(label_path)
+    return written
+
+
+@dataclass(frozen=True)
+class RaySegment:
+    """What Ray workers need to load the model ``segment`` was given (``--ray-address``)."""
+
+    options: object  # stegoseg.distributed.engine.RayOptions
+    checkpoint: str
+    weights: Optional[str] = None
+    replace_backbone: bool = False
+    device: str = "auto"
+    bf16: bool = False
 
 
 class _ImageFiles(torch.utils.data.Dataset):

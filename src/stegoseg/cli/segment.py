@@ -8,6 +8,7 @@ from stegoseg.cli.common import out_arg
 
 def cmd_segment(args) -> int:
     from stegoseg.config.base import raise_first_failure
+    from stegoseg.distributed.engine import RayOptions, connect, option_problems
     from stegoseg.evaluation.crf import crf_params_from
     from stegoseg.methods.common import resolve_device
     from stegoseg.model import load
@@ -19,8 +20,17 @@ def cmd_segment(args) -> int:
         (args.batch_size >= 1, "--batch-size must be >= 1"),
         (args.num_workers >= 0, "--num-workers must be >= 0"),
         (args.crf_workers >= 1, "--crf-workers must be >= 1"),
+        *option_problems(args.ray_workers, args.ray_gpus_per_worker, args.ray_cpus_per_worker),
     ])
     check_accelerator(device=args.device)
+    ray = None
+    if args.ray_address:
+        from stegoseg.segment import RaySegment
+
+        options = RayOptions(args.ray_address, args.ray_workers, args.ray_gpus_per_worker, args.ray_cpus_per_worker)
+        connect(options)
+        ray = RaySegment(options, str(args.checkpoint), args.weights, args.replace_backbone_weights, args.device,
+                         args.bf16)
     model = load(args.checkpoint, weights=args.weights, device=resolve_device(args.device),
                  replace_backbone=args.replace_backbone_weights)
     if args.bf16:
@@ -32,7 +42,7 @@ def cmd_segment(args) -> int:
         resolution=None if args.resolution == 0 else args.resolution, probe=args.probe,
         overwrite=args.overwrite, progress=not args.quiet, num_workers=args.num_workers,
         batch_size=args.batch_size, crf_workers=args.crf_workers,
-        crf_params=crf_params_from(model.config),
+        crf_params=crf_params_from(model.config), ray=ray,
     )
     print(f"wrote {len(written)} label map{'' if len(written) == 1 else 's'} (+ overlays) to {args.out}")
     return 0
@@ -60,6 +70,12 @@ def add_commands(sub) -> None:
     p.add_argument("--bf16-inference", "--bf16", dest="bf16", action="store_true",
                    help="bfloat16 autocast on CUDA (faster; no effect on CPU); --bf16: the old name")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    ray = p.add_argument_group("Ray options (pip install \"stegoseg[distributed]\")")
+    ray.add_argument("--ray-address", default=None, help="segment on Ray: local starts a cluster here, auto joins the "
+                     "one on this machine, HOST:PORT or ray://HOST:PORT another (default: this process)")
+    ray.add_argument("--ray-workers", type=int, default=2, help="Ray actors, each loading the model once")
+    ray.add_argument("--ray-gpus-per-worker", type=float, default=0.0, help="GPUs per actor (0: CPU)")
+    ray.add_argument("--ray-cpus-per-worker", type=float, default=1.0, help="CPUs per actor (its torch threads)")
     p.add_argument("--no-progress", "--quiet", dest="quiet", action="store_true",
                    help="no progress bar (log lines instead), as the other commands; --quiet: the old name")
     p.set_defaults(func=cmd_segment)

@@ -19,6 +19,7 @@ from stegoseg.config.base import (
     parse_optional,
     raise_first_failure,
 )
+from stegoseg.distributed.engine import option_problems
 from stegoseg.errors import StegosegError
 
 
@@ -44,6 +45,8 @@ class Config(ConfigBase):
     cache_dir: Optional[str] = None  # default: <out>/cache
     extract_batch_size: int = 32
     num_workers: int = 2
+    cache_shard_items: Optional[int] = None  # items per cache shard (default: about 256 MB of features)
+    knn_index: str = "auto"  # auto | exact | hnsw: FAISS index of the nearest-neighbour search
     # ---- method
     method: str = "stego"  # stego | cause-mlp | cause-tr | primaps | stego+primaps | cause-mlp+primaps | cause-tr+primaps
     init_from: Optional[str] = None  # --method primaps: boost this trained stegoseg checkpoint (its head's code)
@@ -135,6 +138,11 @@ class Config(ConfigBase):
     # ---- misc
     device: str = "auto"  # for prepare / evaluate / segment: auto | cpu | cuda | cuda:N
     progress: bool = True
+    # ---- Ray (pip install "stegoseg[distributed]"): the data-parallel stages on a cluster
+    ray_address: Optional[str] = None  # None: this process | local | auto | HOST:PORT | ray://HOST:PORT
+    ray_workers: int = 2
+    ray_gpus_per_worker: float = 0.0
+    ray_cpus_per_worker: float = 1.0
     # ---- reference-exact mode (docs/reference_mode.md): --protocol reference turns on every quirk
     # of the reference pipeline below (each None = the protocol's choice; any can be set alone)
     protocol: str = "clean"  # clean | reference
@@ -202,6 +210,14 @@ _FIELD_HELP = {
     "n_classes": "number of classes/clusters; required for label-free data",
     "devices": "Lightning devices: a count, 'auto', or a list like '0,1'",
     "live_backbone": "run the backbone each training step instead of reading cached features",
+    "cache_shard_items": "items per feature-cache shard, the unit a worker writes (default: about 256 MB of features)",
+    "knn_index": "FAISS index of the nearest-neighbour search: exact (flat), hnsw (approximate, its recall against "
+                 "exact search measured on a sample and recorded), auto (exact up to 200,000 items, then hnsw)",
+    "ray_address": "run extraction and segment on Ray (pip install \"stegoseg[distributed]\"): local starts a cluster "
+                   "here, auto joins the one on this machine, HOST:PORT or ray://HOST:PORT another",
+    "ray_workers": "Ray actors (each loads the backbone or model once)",
+    "ray_gpus_per_worker": "GPUs per Ray actor (0: CPU)",
+    "ray_cpus_per_worker": "CPUs per Ray actor (its torch threads)",
     "shifts": "auto: choose b_self, b_knn, b_rand without labels from the feature cache (each at the quantile of its "
     "pair type's feature correspondence that a k-means partition of the features calls same-cluster; written to "
     "calibration.json and the run's config.yaml); fixed: use --b-self/--b-knn/--b-rand as given (the paper presets)",
@@ -222,7 +238,8 @@ FIELD_GROUPS = {
     "method": ("method", "init_from"),
     "data": ("dataset", "data_root", "train_split", "val_split", "ignore_index", "class_names", "n_classes"),
     "backbone": ("backbone", "weights", "pretrained", "tiny", "pos_embed"),
-    "features": ("resolution", "five_crop", "n_neighbors", "knn_backend", "cache_dir", "extract_batch_size",
+    "features": ("resolution", "five_crop", "n_neighbors", "knn_backend", "knn_index", "cache_dir", "extract_batch_size",
+                 "cache_shard_items",
                  "num_workers", "knn_dropout", "crop_jpeg", "train_resample"),
     "loss": ("dim", "extra_clusters", "feature_dropout", "n_samples", "shifts", "calibration_batches", "auto_centring",
              "w_self", "w_knn", "w_rand", "b_self", "b_knn", "b_rand", "n_random", "knn_topk", "pointwise",
@@ -234,7 +251,7 @@ FIELD_GROUPS = {
     "evaluation": ("eval_resolution", "eval_crop", "eval_resample", "flip", "crf", "crf_workers", "eval_batch_size",
                    "max_eval_images", "n_grid", "bf16_inference", "crf_reference_input", "crf_iterations", "crf_pos_w",
                    "crf_pos_xy_std", "crf_bi_w", "crf_bi_xy_std", "crf_bi_rgb_std"),
-    "run": ("device", "progress", "protocol"),
+    "run": ("device", "progress", "protocol", "ray_address", "ray_workers", "ray_gpus_per_worker", "ray_cpus_per_worker"),
     "cause": ("cause_concepts", "cause_book_steps", "cause_book_temperature", "cause_projection_dim",
               "cause_temperature", "cause_pos_threshold", "cause_neg_threshold", "cause_bank_size", "cause_ema",
               "cause_grid", "cause_clip", "cause_weight_decay", "cause_probe_steps"),
@@ -369,6 +386,9 @@ def validate(cfg: Config) -> None:
          f"--max-eval-images must be >= 1 (or none: all), got {cfg.max_eval_images}"),
         (cfg.n_neighbors >= 1, "--n-neighbors must be >= 1"),
         (cfg.extract_batch_size >= 1, "--extract-batch-size must be >= 1"),
+        (cfg.cache_shard_items is None or cfg.cache_shard_items >= 1, "--cache-shard-items must be >= 1"),
+        (cfg.knn_index in ("auto", "exact", "hnsw"), f"--knn-index must be auto, exact or hnsw, got {cfg.knn_index!r}"),
+        *option_problems(cfg.ray_workers, cfg.ray_gpus_per_worker, cfg.ray_cpus_per_worker),
         (cfg.eval_batch_size >= 1, "--eval-batch-size must be >= 1"),
         (cfg.num_workers >= 0, "--num-workers must be >= 0"),
         (cfg.crf_workers >= 1, "--crf-workers must be >= 1"),

@@ -8,14 +8,13 @@ features depend on (dataset kind, root and split, backbone preset and weights, p
 size, resolution, five-crop, resampling), so caches of different settings never
 collide. Inside:
 
-* ``meta.json``: the spec, item count, shapes, ids;
-* ``features.f16``: float16 memory map (N, C, h, w);
-* ``labels.u8``: uint8 memory map (N, H, W) when the dataset has labels (255 = unlabelled);
-* ``thumbs.u8``: uint8 memory map (N, 3, R/4, R/4) of the crops, for colour-based terms
-  (the CRF-kernel Potts loss);
-* ``done.npy``: which items are written. Extraction writes a batch, flushes, then
-  atomically updates ``done.npy``, so an interrupted run resumes where it stopped and
-  never recomputes finished items;
+* ``meta.json``: the spec, item count, shapes, ids, items per shard;
+* ``shards/``: items ``[s*S, (s+1)*S)`` of the features (float16, (N, C, h, w)), the labels
+  (uint8, (N, H, W), 255 = unlabelled, when the dataset has labels) and the thumbnails of the
+  crops (uint8, (N, 3, R/4, R/4), for colour-based terms such as the CRF-kernel Potts loss) in
+  one file each per shard (:mod:`stegoseg.features.shards`). A shard is written whole and
+  renamed into place, so an interrupted run resumes at the first missing shard, parallel
+  writers (``--ray-address``) never share a file, and a reader opens only the shards it needs;
 * ``global.npy``: (N, C) L2-normalised spatial means; ``knn_<k>.npy``: (N, k) nearest
   neighbour indices (cosine, self excluded). With the reference's KNN quirk
   (``knn_dropout``) the descriptors see channel dropout: ``global_dropout<p>_s<seed>.npy``
@@ -25,15 +24,14 @@ A cache cannot go stale: ``meta.json`` records a fingerprint of the split's file
 size, modification time of every image and label). When the folder changed since the
 cache was built (an image added, removed or replaced), the cache is rebuilt, with a
 warning. Writers hold a lock file (``.locks/<key>.lock``), so two ``prepare`` runs into one cache
-take turns; the big files are allocated on disk up front (a full disk fails at once with
-one line saying how much space is needed, never later with a bus error).
+take turns; the space the cache needs is checked against the free disk before any work (a
+full disk fails at once with one line saying how much space is needed and what to do).
 """
 from __future__ import annotations
 
 import contextlib
 import errno
 import hashlib
-import io
 import json
 import logging
 import os
@@ -47,17 +45,13 @@ import torch
 import torch.nn.functional as F
 from stegoseg.progress import progress_bar as tqdm
 
-from stegoseg.data.base import IGNORE_INDEX, SegmentationDataset, pil_to_tensor
-from stegoseg.data.transforms import TrainTransform, five_crop_boxes
+from stegoseg.data.base import IGNORE_INDEX, SegmentationDataset
 from stegoseg.errors import StegosegError
-from stegoseg.features.knn import nearest_neighbors
+from stegoseg.features import shards
+from stegoseg.features.crops import CropView, jpeg_round_trip  # noqa: F401 (the cache's view; re-exported)
+from stegoseg.features.knn import approximate_neighbors, index_kind, nearest_neighbors
 from stegoseg.features.validate import array_problem, cache_problem, done_flags, file_problems, meta_problem
-from stegoseg.preflight import (
-    atomic_save_npy,
-    check_free_space,
-    files_fingerprint,
-    human_bytes,
-)
+from stegoseg.preflight import atomic_save_npy, files_fingerprint, human_bytes
 
 log = logging.getLogger("stegoseg")
 
@@ -77,63 +71,12 @@ class CacheSpec:
     image_resample: str = "bilinear"
     crop_jpeg: bool = False  # reference quirk: five-crops round-tripped through JPEG
     pos_embed: str = "timm"  # ViT position-embedding resampling (timm | dino)
-    version: int = 3  # 2: thumbnails of the crops are stored too; 3: file fingerprint in meta.json
+    version: int = 4  # 2: thumbnails of the crops are stored too; 3: file fingerprint in meta.json; 4: sharded files
 
     def key(self) -> str:
         digest = hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
         crop = "5crop" if self.five_crop else "full"
         return f"{self.dataset}-{self.split}-{self.backbone}-p{self.patch_size}-r{self.resolution}-{crop}-{digest}"
-
-
-class CropView(torch.utils.data.Dataset):
-    """Training view of a dataset: optional five-crop, then resize minor side + centre crop.
-
-    Item ``i`` is crop ``i % 5`` of image ``i // 5`` with five-crop (order: top-left,
-    top-right, bottom-left, bottom-right, centre), else image ``i``.
-    """
-
-    def __init__(self, dataset: SegmentationDataset, resolution: int, five_crop: bool, image_resample: str,
-                 jpeg: bool = False):
-        self.dataset, self.five_crop = dataset, five_crop
-        self.transform = TrainTransform(resolution=resolution, image_resample=image_resample)
-        self.n_crops = 5 if five_crop else 1
-        # The reference writes its five-crops to disk as JPEG files (PIL's default quality
-        # 75) and trains on those: with ``jpeg`` each crop takes the same round trip.
-        self.jpeg = jpeg and five_crop
-
-    def __len__(self) -> int:
-        return len(self.dataset) * self.n_crops
-
-    def item_id(self, raw_id: str, index: int) -> str:
-        return f"{raw_id}#crop{index % 5}" if self.five_crop else raw_id
-
-    def __getitem__(self, index: int) -> dict:
-        raw = self.dataset.load(index // self.n_crops)
-        image, label = raw.image, raw.label
-        if self.five_crop:
-            box = five_crop_boxes(image.width, image.height)[index % 5]
-            image = image.crop(box)
-            if self.jpeg:
-                image = jpeg_round_trip(image)
-            if label is not None:
-                label = np.asarray(label)[box[1] : box[3], box[0] : box[2]]
-        image, label = self.transform(image, label)
-        out = {"image": image if torch.is_tensor(image) else pil_to_tensor(image), "index": index}
-        out["id"] = self.item_id(raw.id, index)
-        if label is not None:
-            out["label"] = torch.as_tensor(np.asarray(label), dtype=torch.int64)
-        return out
-
-
-def jpeg_round_trip(image, quality: int = 75):
-    """``image`` saved as JPEG (PIL's default quality, as the reference's crop files) and read back."""
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, format="JPEG", quality=quality)
-    buffer.seek(0)
-    with Image.open(buffer) as decoded:
-        return decoded.convert("RGB")
 
 
 @contextlib.contextmanager
@@ -164,28 +107,11 @@ def cache_lock(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _allocate(path: Path, nbytes: int) -> None:
-    """Reserve ``nbytes`` for a memory-mapped file now (a sparse file would fail later, with
-    SIGBUS, when the disk fills up)."""
-    with open(path, "r+b") as f:
-        try:
-            os.posix_fallocate(f.fileno(), 0, nbytes)
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise StegosegError(
-                    f"disk full while allocating {path} ({human_bytes(nbytes)}): free some space or "
-                    "use --cache-dir on another disk"
-                ) from None
-            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                raise
-
-
 class FeatureCache:
     """A finished or partial feature cache on disk (see the module docstring)."""
 
-    def __init__(self, path, writable: bool = False):
-        self.path = Path(path)
-        mode = "r+" if writable else "r"  # readers never need write access (a shared, read-only cache works)
+    def __init__(self, path):
+        self.path = Path(path)  # opened read-only (a shared, read-only cache works); shards are written by rename
         meta_path = self.path / "meta.json"
         if not meta_path.exists():
             raise StegosegError(f"no feature cache at {self.path}: run `stegoseg prepare` first")
@@ -196,21 +122,16 @@ class FeatureCache:
                                 "another --cache-dir) and run again, which rebuilds it")
         self.meta = meta
         self.n = self.meta["n_items"]
-        c, h, w = self.meta["feature_shape"]
-        self.features = np.memmap(self.path / "features.f16", dtype=np.float16, mode=mode, shape=(self.n, c, h, w))
-        self.labels = None
-        if self.meta.get("label_shape"):
-            lh, lw = self.meta["label_shape"]
-            self.labels = np.memmap(self.path / "labels.u8", dtype=np.uint8, mode=mode, shape=(self.n, lh, lw))
-        t = self.meta["thumb_size"]
-        self.thumbs = np.memmap(self.path / "thumbs.u8", dtype=np.uint8, mode=mode, shape=(self.n, 3, t, t))
+        arrays = shards.open_kinds(self.path, meta)
+        self.features, self.thumbs = arrays["features"], arrays["thumbs"]
+        self.labels = arrays.get("labels")
 
     def __getstate__(self):
         # Re-open the memory maps in worker processes instead of pickling their contents.
-        return {"path": str(self.path), "writable": self.features.mode == "r+"}
+        return {"path": str(self.path)}
 
     def __setstate__(self, state):
-        self.__init__(state["path"], state.get("writable", False))
+        self.__init__(state["path"])
 
     @property
     def spec(self) -> dict:
@@ -222,7 +143,7 @@ class FeatureCache:
 
     @property
     def done(self) -> np.ndarray:
-        done, problem = done_flags(self.path, self.n)
+        done, problem = done_flags(self.path, self.meta)
         if problem:
             raise StegosegError(f"the feature cache {self.path} is damaged ({problem}): delete that folder (or pass "
                                 "another --cache-dir) and run again, which rebuilds it")
@@ -288,16 +209,47 @@ class FeatureCache:
         return out
 
     def neighbors(self, k: int = 30, backend: str = "auto", device: str = "cpu", dropout: float = 0.0,
-                  seed: int = 0) -> np.ndarray:
+                  seed: int = 0, index: str = "exact") -> np.ndarray:
         """(N, k) indices of each item's k nearest neighbours by cosine similarity, self
-        excluded; cached. ``dropout``/``seed``: see :meth:`global_descriptors`."""
-        path = self.path / (f"knn_{k}.npy" if not dropout else f"knn_{k}_dropout{dropout:g}_s{seed}.npy")
-        if path.exists() and not _stale_array(path, self.n, k, below=self.n):
+        excluded; cached. ``dropout``/``seed``: see :meth:`global_descriptors`. ``index``
+        (``--knn-index``): exact search, or an HNSW graph whose measured recall is logged and
+        recorded in ``neighbors.json`` beside the lists."""
+        kind = index_kind(index, self.n)
+        name = f"knn_{k}" if not dropout else f"knn_{k}_dropout{dropout:g}_s{seed}"
+        path = self.path / (name + ("_hnsw" if kind == "hnsw" else "") + ".npy")
+        if path.exists() and not _stale_array(path, self.n, min(k, self.n - 1) if kind == "hnsw" else k,
+                                              below=self.n):
             return np.load(path)
-        knn = nearest_neighbors(self.global_descriptors(dropout=dropout, seed=seed), k=k, backend=backend,
-                                device=device)
+        descriptors = self.global_descriptors(dropout=dropout, seed=seed)
+        if kind == "hnsw":
+            knn, report = approximate_neighbors(descriptors, k=k, seed=seed)
+            log.info("approximate nearest neighbours (FAISS HNSW) of %d items: recall@%d %.3f against exact search "
+                     "on %d queries", self.n, report["k"], report["recall_at_k"], report["recall_queries"])
+            self._record_neighbors(path.name, report)
+        else:
+            knn = nearest_neighbors(descriptors, k=k, backend=backend, device=device)
         atomic_save_npy(path, knn)
         return knn
+
+    def _record_neighbors(self, name: str, report: dict) -> None:
+        """``neighbors.json``: how each approximate neighbour list was found, and its recall."""
+        from stegoseg.preflight import atomic_write
+
+        record = self.path / "neighbors.json"
+        try:
+            known = json.loads(record.read_text()) if record.exists() else {}
+        except (OSError, json.JSONDecodeError):
+            known = {}
+        known[name] = report
+        try:
+            atomic_write(record, lambda tmp: Path(tmp).write_text(json.dumps(known, indent=1)))
+        except OSError as exc:  # a read-only shared cache: the report is in the log
+            log.warning("cannot record the neighbour report in %s (%s)", record, exc.strerror)
+
+    @property
+    def neighbor_reports(self) -> dict:
+        record = self.path / "neighbors.json"
+        return json.loads(record.read_text()) if record.exists() else {}
 
 
 def _stale_array(path: Path, rows: int, columns: int, below=None) -> bool:
@@ -321,12 +273,18 @@ def extract_features(
     progress: bool = True,
     dataset_kind: Optional[str] = None,
     crop_jpeg: bool = False,
+    shard_items: Optional[int] = None,
+    run_shards=None,
 ) -> FeatureCache:
     """Run the frozen backbone over the training view of ``dataset`` into a feature cache.
 
-    Returns the :class:`FeatureCache`. Items already written by an earlier (possibly
+    Returns the :class:`FeatureCache`. Shards already written by an earlier (possibly
     interrupted) run with the same spec and the same files are skipped; a cache built
-    from different files (the folder changed since) is rebuilt.
+    from different files (the folder changed since) is rebuilt, reusing the items whose files
+    did not change. ``shard_items``: items per shard of a new cache (default: about
+    :data:`~stegoseg.features.shards.SHARD_BYTES` of features). ``run_shards(path, shards,
+    progress)``: computes the missing shards elsewhere (:mod:`stegoseg.distributed`) instead
+    of in this process; every shard is computed by :func:`extract_shard` either way.
     """
     if resolution % backbone.patch_size:
         raise StegosegError(
@@ -375,15 +333,25 @@ def extract_features(
                 shutil.rmtree(previous, ignore_errors=True)
                 os.replace(path, previous)
         if not (path / "meta.json").exists():
-            _create_cache(path, spec, dataset, ids, files, n, backbone.embed_dim, h, w, resolution, keys)
+            _create_cache(path, spec, dataset, ids, files, n, backbone.embed_dim, h, w, resolution, keys, shard_items)
         if previous is not None:
-            reuse_items(previous, path)
+            plan_reuse(previous, path)
+        meta = json.loads((path / "meta.json").read_text())
+        todo = shards.missing_shards(path, meta)
+        if todo and run_shards is not None:
+            run_shards(path, todo, progress)
+        elif todo:
+            done = shards.done_items(path, meta)[0]
+            bar = tqdm(total=n, initial=int(done.sum()), desc=f"features {spec.split}", disable=not progress,
+                       unit="img")
+            backbone = backbone.to(device).eval()
+            for shard in todo:
+                extract_shard(path, meta, view, shard, backbone, batch_size, num_workers, device, bar.update)
+            bar.close()
+        if previous is not None:
             shutil.rmtree(previous, ignore_errors=True)
-        done = np.load(path / "done.npy")
-        todo = np.flatnonzero(~done)
-        if len(todo):
-            _extract_into(FeatureCache(path, writable=True), view, todo, done, backbone, batch_size, num_workers,
-                          device, progress, spec.split)
+            (path / REUSE_PLAN).unlink(missing_ok=True)
+        shards.remove_temporaries(path)
     return FeatureCache(path)
 
 
@@ -452,54 +420,80 @@ def item_keys(dataset: SegmentationDataset, n_crops: int) -> Optional[list]:
     return keys
 
 
-def reuse_items(previous: Path, path: Path, chunk: int = 256) -> int:
-    """Copy into the new cache at ``path`` every finished item of the ``previous`` cache of the
-    same spec whose files did not change (:func:`item_keys`); returns how many."""
+#: In a cache rebuilt because its folder changed: per item, its index in ``<cache>.previous``
+#: (the same files, so the same features) or -1 (computed afresh); read by :func:`extract_shard`.
+REUSE_PLAN = "reuse_from_previous.npy"
+
+
+def plan_reuse(previous: Path, path: Path) -> int:
+    """Record which items of the new cache at ``path`` the ``previous`` cache of the same spec
+    holds, finished, with unchanged files (:func:`item_keys`); returns how many."""
     try:
         old = FeatureCache(previous)
         old_done = old.done
     except StegosegError:
         return 0
-    new = FeatureCache(path, writable=True)
+    new = FeatureCache(path)
     old_keys, new_keys = old.meta.get("item_keys"), new.meta.get("item_keys")
     if not old_keys or not new_keys or old.has_labels != new.has_labels:
         return 0
     where = {k: i for i, k in enumerate(old_keys) if old_done[i]}
-    pairs = np.asarray([(i, where[k]) for i, k in enumerate(new_keys) if k in where], dtype=np.int64).reshape(-1, 2)
-    done = new.done
-    for start in range(0, len(pairs), chunk):
-        dst, src = pairs[start:start + chunk, 0], pairs[start:start + chunk, 1]
-        new.features[dst] = old.features[src]
-        new.thumbs[dst] = old.thumbs[src]
-        if new.has_labels:
-            new.labels[dst] = old.labels[src]
-    for name in ("features", "thumbs", "labels"):
-        if getattr(new, name) is not None:
-            getattr(new, name).flush()
-    done[pairs[:, 0]] = True
-    atomic_save_npy(path / "done.npy", done)
-    log.info("reused %d of %d items from the earlier cache (their files did not change)", len(pairs), new.n)
-    return len(pairs)
+    plan = np.asarray([where.get(k, -1) for k in new_keys], dtype=np.int64)
+    atomic_save_npy(path / REUSE_PLAN, plan)
+    log.info("reusing %d of %d items from the earlier cache (their files did not change)", int((plan >= 0).sum()),
+             new.n)
+    return int((plan >= 0).sum())
+
+
+def extract_shard(path: Path, meta: dict, view: "CropView", shard: int, backbone, batch_size: int, num_workers: int,
+                  device: str, on_batch=None) -> int:
+    """Compute one shard of the cache at ``path`` (its items in batches of ``batch_size``, in
+    order, so every engine batches alike) and write it by rename; items the reuse plan maps to
+    the previous cache are copied from it. Returns the number of items."""
+    items = shards.shard_range(meta, shard)
+    shapes = shards.item_shapes(meta)
+    arrays = {k: np.zeros((len(items), *shape), dtype=shards.KINDS[k][1]) for k, shape in shapes.items()}
+    compute = list(items)
+    plan_file = Path(path) / REUSE_PLAN
+    if plan_file.exists():
+        plan = np.load(plan_file)[items.start:items.stop]
+        if (plan >= 0).any():
+            old = FeatureCache(Path(path).with_name(Path(path).name + ".previous"))
+            rows = np.flatnonzero(plan >= 0)
+            for kind in arrays:
+                arrays[kind][rows] = getattr(old, kind)[plan[rows]]
+            compute = [items.start + int(r) for r in np.flatnonzero(plan < 0)]
+            if on_batch:
+                on_batch(len(rows))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(view, compute), batch_size=batch_size,
+                                         num_workers=num_workers, shuffle=False)
+    t = shapes["thumbs"][-1]
+    with torch.inference_mode():
+        for batch in loader:
+            rows = batch["index"].numpy() - items.start
+            feats = backbone(backbone.normalize(batch["image"].to(device)))
+            arrays["features"][rows] = feats.float().cpu().numpy().astype(np.float16)
+            thumbs = F.interpolate(batch["image"], size=(t, t), mode="bilinear", align_corners=False, antialias=True)
+            arrays["thumbs"][rows] = (thumbs * 255).round().clamp(0, 255).byte().numpy()
+            if "labels" in arrays:
+                lab = batch["label"].clone()
+                lab[(lab < 0) | (lab > 255)] = IGNORE_INDEX
+                arrays["labels"][rows] = lab.numpy().astype(np.uint8)
+            if on_batch:
+                on_batch(len(rows))
+    shards.write_shard(path, meta, shard, arrays)
+    return len(items)
 
 
 def _create_cache(path: Path, spec: CacheSpec, dataset, ids: list, files: str, n: int, c: int, h: int, w: int,
-                  resolution: int, keys: Optional[list] = None) -> None:
-    """Allocate a new cache's files (after checking the free space) and write meta.json last."""
+                  resolution: int, keys: Optional[list] = None, shard_items: Optional[int] = None) -> None:
+    """Check the free space for a new cache, then write its meta.json (the shards come as they
+    are computed)."""
     has_labels = dataset.has_labels
     t = thumb_size(resolution)
-    sizes = {"features.f16": (np.float16, (n, c, h, w)), "thumbs.u8": (np.uint8, (n, 3, t, t))}
-    if has_labels:
-        sizes["labels.u8"] = (np.uint8, (n, resolution, resolution))
-    needed = sum(int(np.prod(shape)) * np.dtype(dt).itemsize for dt, shape in sizes.values())
-    check_free_space(path, needed, f"the feature cache ({n} items)", option="--cache-dir")
+    per_item = c * h * w * 2 + 3 * t * t + (resolution * resolution if has_labels else 0)
+    check_cache_space(path, n * per_item, n, per_item)
     path.mkdir(parents=True, exist_ok=True)
-    try:
-        for name, (dt, shape) in sizes.items():
-            np.memmap(path / name, dtype=dt, mode="w+", shape=shape).flush()
-            _allocate(path / name, int(np.prod(shape)) * np.dtype(dt).itemsize)
-    except BaseException:
-        shutil.rmtree(path, ignore_errors=True)
-        raise
     meta = {
         "spec": asdict(spec),
         "n_items": n,
@@ -509,44 +503,25 @@ def _create_cache(path: Path, spec: CacheSpec, dataset, ids: list, files: str, n
         "files": files,
         "item_keys": keys,
         "thumb_size": t,
+        "shard_items": int(shard_items or shards.default_shard_items(c * h * w * 2, n)),
         "n_classes": dataset.n_classes if has_labels else None,
         "class_names": list(dataset.class_names) if has_labels else None,
     }
-    atomic_save_npy(path / "done.npy", np.zeros(n, dtype=bool))
     (path / "meta.json.tmp").write_text(json.dumps(meta, indent=1))
     os.replace(path / "meta.json.tmp", path / "meta.json")
 
 
-def _extract_into(cache: FeatureCache, view: CropView, todo: np.ndarray, done: np.ndarray, backbone, batch_size: int,
-                  num_workers: int, device: str, progress: bool, split: str) -> None:
-    backbone = backbone.to(device).eval()
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(view, todo.tolist()),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        shuffle=False,
-    )
-    bar = tqdm(total=cache.n, initial=int(done.sum()), desc=f"features {split}", disable=not progress, unit="img")
-    with torch.inference_mode():
-        for batch in loader:
-            idx = batch["index"].numpy()
-            feats = backbone(backbone.normalize(batch["image"].to(device)))
-            cache.features[idx] = feats.float().cpu().numpy().astype(np.float16)
-            t = cache.thumbs.shape[-1]
-            thumbs = F.interpolate(batch["image"], size=(t, t), mode="bilinear", align_corners=False, antialias=True)
-            cache.thumbs[idx] = (thumbs * 255).round().clamp(0, 255).byte().numpy()
-            if cache.labels is not None:
-                lab = batch["label"].clone()
-                lab[(lab < 0) | (lab > 255)] = IGNORE_INDEX
-                cache.labels[idx] = lab.numpy().astype(np.uint8)
-            cache.features.flush()
-            cache.thumbs.flush()
-            if cache.labels is not None:
-                cache.labels.flush()
-            done[idx] = True
-            atomic_save_npy(cache.path / "done.npy", done)
-            bar.update(len(idx))
-    bar.close()
+def check_cache_space(path: Path, needed: int, n: int, per_item: int) -> None:
+    """A cache that does not fit on its disk: one line with what it needs and the choices."""
+    from stegoseg import preflight
+
+    have = preflight.free_bytes(path)
+    if needed * 1.05 > have:
+        raise StegosegError(
+            f"not enough disk space for the feature cache ({n:,} items, {human_bytes(per_item)} each) in {path.parent}: "
+            f"it needs {human_bytes(needed * 1.05)}, {human_bytes(have)} are free; point --cache-dir at a larger disk "
+            "or cache fewer crops (--no-five-crop: 5x fewer items)"
+        )
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:
@@ -575,4 +550,5 @@ def config_neighbors(cfg, cache: FeatureCache, device: str = "cpu") -> np.ndarra
     """The KNN lists a run's config asks for: ``cfg.n_neighbors`` per item, with the
     reference's dropout-perturbed descriptors when ``cfg.knn_dropout`` is on."""
     dropout = cfg.feature_dropout if getattr(cfg, "knn_dropout", False) else 0.0
-    return cache.neighbors(cfg.n_neighbors, backend=cfg.knn_backend, device=device, dropout=dropout, seed=cfg.seed)
+    return cache.neighbors(cfg.n_neighbors, backend=cfg.knn_backend, device=device, dropout=dropout, seed=cfg.seed,
+                           index=getattr(cfg, "knn_index", "exact"))

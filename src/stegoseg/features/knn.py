@@ -1,4 +1,6 @@
-"""Nearest neighbours of the cached items' global descriptors (FAISS or torch).
+"""Nearest neighbours of the cached items' global descriptors (FAISS or torch): exact search,
+or FAISS's HNSW graph above :data:`EXACT_UP_TO` items (``--knn-index``), whose recall against
+exact search is measured on a seeded sample of queries and reported with the lists.
 """
 from __future__ import annotations
 
@@ -6,6 +8,58 @@ import numpy as np
 import torch
 
 from stegoseg.errors import StegosegError
+
+#: ``--knn-index auto``: exact search up to this many items, HNSW above (benchmarks/bench_scale.py:
+#: on 2 CPU cores exact search of 100k 384-d vectors takes minutes and grows as N^2).
+EXACT_UP_TO = 200_000
+#: HNSW settings: graph degree, construction and search breadth (search: at least 4k).
+HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 80, 128
+#: Queries the recall of an approximate index is measured on.
+RECALL_QUERIES = 1000
+
+
+def index_kind(index: str, n: int) -> str:
+    """``exact`` or ``hnsw`` for ``--knn-index`` ``index`` and ``n`` items."""
+    if index not in ("auto", "exact", "hnsw"):
+        raise StegosegError(f"unknown --knn-index '{index}': use auto, exact or hnsw")
+    return ("exact" if n <= EXACT_UP_TO else "hnsw") if index == "auto" else index
+
+
+def approximate_neighbors(vectors: np.ndarray, k: int = 30, seed: int = 0) -> tuple:
+    """Top-``k`` cosine neighbours (self excluded) from a FAISS HNSW graph, and a report:
+    recall@k against exact search on :data:`RECALL_QUERIES` seeded queries, the settings."""
+    import faiss
+
+    x = _normalised(vectors)
+    n = x.shape[0]
+    k_eff = min(k, n - 1)
+    index = faiss.IndexHNSWFlat(x.shape[1], HNSW_M, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+    index.add(x)
+    index.hnsw.efSearch = max(HNSW_EF_SEARCH, 4 * (k_eff + 1))
+    found = np.empty((n, k_eff + 1), dtype=np.int64)
+    for s in range(0, n, 8192):
+        _, found[s : s + 8192] = index.search(x[s : s + 8192], k_eff + 1)
+    found = np.where(found < 0, np.arange(n)[:, None], found)  # an unfilled slot (tiny graphs): counts as self
+    knn = _drop_self(found, k_eff)
+    queries = np.sort(np.random.default_rng(seed).choice(n, size=min(RECALL_QUERIES, n), replace=False))
+    flat = faiss.IndexFlatIP(x.shape[1])
+    flat.add(x)
+    _, exact = flat.search(x[queries], k_eff + 1)
+    exact = _drop_self(exact, k_eff)
+    hits = sum(len(set(a) & set(b)) for a, b in zip(knn[queries], exact))
+    report = {"index": "hnsw", "n_items": int(n), "k": int(k_eff), "recall_at_k": hits / (len(queries) * k_eff),
+              "recall_queries": int(len(queries)), "M": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION,
+              "ef_search": int(index.hnsw.efSearch)}
+    return knn, report
+
+
+def _normalised(vectors: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(vectors, dtype=np.float32).copy()
+    x /= np.linalg.norm(x, axis=1, keepdims=True).clip(min=1e-12)
+    if x.shape[0] < 2:
+        raise StegosegError(f"nearest neighbours need at least 2 items, the cache has {x.shape[0]}")
+    return x
 
 def nearest_neighbors(
     vectors: np.ndarray, k: int = 30, backend: str = "auto", device: str = "cpu", chunk: int = 8192
@@ -16,11 +70,8 @@ def nearest_neighbors(
     matmul + topk, runs on ``device``, e.g. a GPU), or ``"auto"`` (torch on CUDA, else
     FAISS). Rows are L2-normalised first. Query chunks bound memory.
     """
-    x = np.ascontiguousarray(vectors, dtype=np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True).clip(min=1e-12)
+    x = _normalised(vectors)
     n = x.shape[0]
-    if n < 2:
-        raise StegosegError(f"nearest neighbours need at least 2 items, the cache has {n}")
     k_eff = min(k, n - 1)
     if backend == "auto":
         backend = "torch" if str(device).startswith("cuda") else "faiss"

@@ -1,5 +1,5 @@
 """Checks of a feature cache on disk, run whenever one is opened: a damaged cache (an edited
-or invalid ``meta.json``, a truncated memory map, garbage in ``done.npy``, NaN features, a
+or invalid ``meta.json``, a truncated shard file, NaN features, a
 truncated neighbour list) is found before it is used, never in the middle of training.
 """
 from __future__ import annotations
@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+
+from stegoseg.features import shards
 
 #: Items whose features are checked for NaN / inf on every open (a seeded sample).
 FINITE_SAMPLE = 32
@@ -27,10 +29,13 @@ def meta_problem(path: Path) -> tuple:
         c, h, w = (int(v) for v in meta["feature_shape"])
         int(meta["thumb_size"])
         ids = meta["ids"]
+        shard_items = int(meta["shard_items"])
     except (KeyError, TypeError, ValueError) as exc:
         return None, f"meta.json lacks or garbles {exc}"
     if n < 1 or min(c, h, w) < 1:
         return None, f"meta.json gives {n} items of shape {(c, h, w)}"
+    if shard_items < 1:
+        return None, f"meta.json gives {shard_items} items per shard"
     if not isinstance(ids, list) or len(ids) != n:
         return None, f"meta.json lists {len(ids) if isinstance(ids, list) else 'no'} ids for n_items {n}"
     spec = meta.get("spec") or {}
@@ -45,32 +50,13 @@ def meta_problem(path: Path) -> tuple:
 
 
 def file_problems(path: Path, meta: dict) -> Optional[str]:
-    """The first file whose size disagrees with ``meta`` (a truncated or edited cache)."""
-    n = int(meta["n_items"])
-    c, h, w = (int(v) for v in meta["feature_shape"])
-    t = int(meta["thumb_size"])
-    sizes = {"features.f16": n * c * h * w * 2, "thumbs.u8": n * 3 * t * t}
-    if meta.get("label_shape"):
-        lh, lw = (int(v) for v in meta["label_shape"])
-        sizes["labels.u8"] = n * lh * lw
-    for name, size in sizes.items():
-        f = path / name
-        if not f.exists():
-            return f"{name} is missing"
-        if f.stat().st_size != size:
-            return f"{name} has {f.stat().st_size:,} bytes, meta.json says {size:,}"
-    return None
+    """The first shard file whose size disagrees with ``meta`` (a truncated or edited cache)."""
+    return shards.first_damage(path, meta)
 
 
-def done_flags(path: Path, n: int) -> tuple:
-    """(the ``done.npy`` flags or None, the problem or None)."""
-    try:
-        done = np.load(path / "done.npy", allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        return None, f"done.npy cannot be read ({str(exc).splitlines()[0][:80]})"
-    if done.dtype != np.bool_ or done.shape != (n,):
-        return None, f"done.npy holds {done.dtype} {done.shape}, not {n} flags"
-    return done, None
+def done_flags(path: Path, meta: dict) -> tuple:
+    """(per-item flags: the item's shard is complete, or None; the problem or None)."""
+    return shards.done_items(path, meta)
 
 
 def cache_problem(path: Path, check_values: bool = True) -> Optional[str]:
@@ -79,20 +65,17 @@ def cache_problem(path: Path, check_values: bool = True) -> Optional[str]:
     meta, problem = meta_problem(path)
     if problem:
         return problem
-    problem = file_problems(path, meta)
-    if problem:
-        return problem
-    n = int(meta["n_items"])
-    done, problem = done_flags(path, n)
+    done, problem = done_flags(path, meta)
     if problem:
         return problem
     if check_values:
         finished = np.flatnonzero(done)
         if len(finished):
-            c, h, w = (int(v) for v in meta["feature_shape"])
-            feats = np.memmap(path / "features.f16", dtype=np.float16, mode="r", shape=(n, c, h, w))
-            pick = np.random.default_rng(0).choice(finished, size=min(FINITE_SAMPLE, len(finished)), replace=False)
-            bad = [int(i) for i in np.sort(pick) if not np.isfinite(feats[i]).all()]
+            feats = shards.ShardedArray(path, meta, "features")
+            pick = np.sort(np.random.default_rng(0).choice(finished, size=min(FINITE_SAMPLE, len(finished)),
+                                                           replace=False))
+            values = feats[pick]
+            bad = [int(i) for i, v in zip(pick, values) if not np.isfinite(v).all()]
             if bad:
                 return f"features of item {bad[0]} ({meta['ids'][bad[0]]}) are NaN or infinite"
     return None

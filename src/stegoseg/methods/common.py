@@ -3,6 +3,7 @@ before work, the feature cache, probe fitting and evaluation of a model.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -155,6 +156,10 @@ def _check_before_work(cfg: Config, out: Path, evaluate: bool = False, train: bo
 
     check_writable(out)
     check_accelerator(cfg.accelerator, cfg.device)
+    if cfg.ray_address:
+        from stegoseg.distributed.engine import RayOptions, connect
+
+        connect(RayOptions.from_config(cfg))
     get_backbone_preset(cfg.backbone)  # an unknown name fails here, with the list of names
     if cfg.weights and not Path(cfg.weights).is_file():
         raise StegosegError(f"--weights {cfg.weights}: file not found")
@@ -212,6 +217,26 @@ def check_eval_labels(cfg: Config, model: SegmentationModel, out: Path, split: O
         check_label_range(label_values(val, None, cfg.progress), count, name, source)
 
 
+def ray_extraction(cfg: Config, out: Path):
+    """The Ray runner of the cache's missing shards with ``--ray-address``, else None (this process)."""
+    from stegoseg.distributed.engine import RayOptions
+
+    options = RayOptions.from_config(cfg)
+    if options is None:
+        return None
+    from stegoseg.distributed.stages import extraction_runner
+
+    return extraction_runner(functools.partial(extraction_inputs, cfg.to_dict(), str(out)), options)
+
+
+def extraction_inputs(config: dict, out: str, split: str) -> tuple:
+    """What a Ray extraction worker builds from the run's config: (backbone, the split's
+    dataset, device, extraction batch size)."""
+    cfg = Config(**config)
+    backbone, _ = build_backbone_from_config(cfg)
+    return backbone, build_split(cfg, split, Path(out)), resolve_device(cfg.device), cfg.extract_batch_size
+
+
 def cache_root(cfg: Config, out: Path) -> Path:
     return Path(cfg.cache_dir) if cfg.cache_dir else Path(out) / "cache"
 
@@ -238,6 +263,8 @@ def prepare(cfg: Config, out, backbone=None, neighbors: bool = True) -> FeatureC
         dataset_kind=kind,
         image_resample=cfg.train_resample,
         crop_jpeg=cfg.crop_jpeg,
+        shard_items=cfg.cache_shard_items,
+        run_shards=ray_extraction(cfg, out),
     )
     if not neighbors:
         return cache

@@ -26,7 +26,8 @@ RESUME_MAY_CHANGE = {
     "steps", "progress", "num_workers", "cache_in_memory", "device", "accelerator", "extract_batch_size", "cache_dir", "data_root",
     "log_every", "ckpt_every", "select", "selection_batches", "eval_resolution", "eval_crop", "eval_resample", "flip",
     "crf", "crf_workers", "eval_batch_size", "max_eval_images", "n_grid", "bf16_inference", "crf_reference_input",
-    "kmeans_iters", "linear_epochs", "weights",
+    "kmeans_iters", "linear_epochs", "weights", "cache_shard_items", "ray_address", "ray_workers", "ray_gpus_per_worker",
+    "ray_cpus_per_worker",
 }
 
 
