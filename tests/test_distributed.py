@@ -75,6 +75,8 @@ def test_an_unreachable_address_and_a_missing_ray_are_one_line(data, tmp_path, c
     assert 'Ray is not installed here: pip install "stegoseg[distributed]"' in one_error_line(capsys)
     assert main(["segment", "x.pt", str(data), "--ray-address", "local"]) == 2
     assert "Ray is not installed here" in one_error_line(capsys)
+    assert main(["evaluate", "x.pt", "--ray-address", "local"]) == 2  # not on Ray yet: said, not ignored
+    assert "--ray-address: evaluation does not run on Ray yet" in one_error_line(capsys)
     assert not list((out / "cache").glob("*/meta.json")) if (out / "cache").exists() else True
 
 

@@ -22,7 +22,10 @@ def test_mask_proposals_equal_reference(case):
     rec = REF[f"{case}_plain"]
     masks = principal_masks(REF[f"{case}_features"], generator_seed=int(REF[f"{case}_seed"]))
     assert masks.shape == rec["soft_masks"].shape == ({"A": 4, "B": 1}[case], 12, 12)
-    assert torch.equal(masks, rec["soft_masks"])
+    # float32 rounding: the fixture's machine and this one may take other BLAS paths (1.8e-7
+    # seen on 2026-12-01); which pixels are in which mask is exact
+    assert torch.equal(masks > 0, rec["soft_masks"] > 0)
+    torch.testing.assert_close(masks, rec["soft_masks"], rtol=0, atol=1e-6)
     assert torch.allclose(mask_unaries(masks), rec["crf_in"], atol=1e-6)
 
 
@@ -48,7 +51,8 @@ def test_sign_flip_where_the_reference_makes_nan_masks():
     rec = REF["C_plain"]
     assert torch.isnan(rec["crf_in"]).all() and (rec["pseudo"] == 255).all()
     masks = principal_masks(REF["C_features"], generator_seed=int(REF["C_seed"]))
-    assert torch.equal(masks[0], rec["soft_masks"][0])  # the first mask is the reference's
+    assert torch.equal(masks[0] > 0, rec["soft_masks"][0] > 0)  # the first mask is the reference's
+    torch.testing.assert_close(masks[0], rec["soft_masks"][0], rtol=0, atol=1e-6)  # (float32 rounding)
     assert [int((m > 0).sum()) for m in masks] == [36, 28 * 28 - 36]
     assert torch.isfinite(mask_unaries(masks)).all()
 

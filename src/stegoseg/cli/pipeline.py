@@ -101,8 +101,12 @@ def cmd_evaluate(args) -> int:
         resolve_device,
     )
     from stegoseg.model import load
+    from stegoseg.errors import StegosegError
     from stegoseg.preflight import check_accelerator
 
+    if getattr(args, "ray_address", None):
+        raise StegosegError("--ray-address: evaluation does not run on Ray yet (extraction and segment do): leave it "
+                            "out to evaluate in this process")
     model = load(args.checkpoint, weights=explicit_values(args).get("weights"), device="cpu",
                  replace_backbone=args.replace_backbone_weights)
     cfg = config_for_checkpoint(model, args)
