@@ -102,13 +102,15 @@ def free_bytes(folder) -> int:
     return shutil.disk_usage(p).free
 
 
-def check_free_space(folder, needed: int, what: str, option: str = "--out", margin: float = 1.05) -> None:
-    """Raise when the file system of ``folder`` has less than ``needed`` bytes (plus 5%) free."""
+def check_free_space(folder, needed: int, what: str, option: str = "--out", margin: float = 1.05,
+                     advice: Optional[str] = None) -> None:
+    """Raise when the file system of ``folder`` has less than ``needed`` bytes (plus 5%) free;
+    ``advice``: what to do (default: free some space or point ``option`` at another disk)."""
     have = free_bytes(folder)
     if needed * margin > have:
         raise StegosegError(
             f"not enough disk space for {what} in {folder}: it needs {human_bytes(needed * margin)}, "
-            f"{human_bytes(have)} are free; free some space or point {option} at another disk"
+            f"{human_bytes(have)} are free; {advice or f'free some space or point {option} at another disk'}"
         )
 
 

@@ -51,7 +51,7 @@ from stegoseg.features import shards
 from stegoseg.features.crops import CropView, jpeg_round_trip  # noqa: F401 (the cache's view; re-exported)
 from stegoseg.features.knn import approximate_neighbors, index_kind, nearest_neighbors
 from stegoseg.features.validate import array_problem, cache_problem, done_flags, file_problems, meta_problem
-from stegoseg.preflight import atomic_save_npy, files_fingerprint, human_bytes
+from stegoseg.preflight import atomic_save_npy, check_free_space, files_fingerprint, human_bytes
 
 log = logging.getLogger("stegoseg")
 
@@ -217,8 +217,7 @@ class FeatureCache:
         kind = index_kind(index, self.n)
         name = f"knn_{k}" if not dropout else f"knn_{k}_dropout{dropout:g}_s{seed}"
         path = self.path / (name + ("_hnsw" if kind == "hnsw" else "") + ".npy")
-        if path.exists() and not _stale_array(path, self.n, min(k, self.n - 1) if kind == "hnsw" else k,
-                                              below=self.n):
+        if path.exists() and not _stale_array(path, self.n, min(k, self.n - 1), below=self.n):
             return np.load(path)
         descriptors = self.global_descriptors(dropout=dropout, seed=seed)
         if kind == "hnsw":
@@ -245,11 +244,6 @@ class FeatureCache:
             atomic_write(record, lambda tmp: Path(tmp).write_text(json.dumps(known, indent=1)))
         except OSError as exc:  # a read-only shared cache: the report is in the log
             log.warning("cannot record the neighbour report in %s (%s)", record, exc.strerror)
-
-    @property
-    def neighbor_reports(self) -> dict:
-        record = self.path / "neighbors.json"
-        return json.loads(record.read_text()) if record.exists() else {}
 
 
 def _stale_array(path: Path, rows: int, columns: int, below=None) -> bool:
@@ -492,7 +486,8 @@ def _create_cache(path: Path, spec: CacheSpec, dataset, ids: list, files: str, n
     has_labels = dataset.has_labels
     t = thumb_size(resolution)
     per_item = c * h * w * 2 + 3 * t * t + (resolution * resolution if has_labels else 0)
-    check_cache_space(path, n * per_item, n, per_item)
+    check_free_space(path.parent, n * per_item, f"the feature cache ({n:,} items, {human_bytes(per_item)} each)",
+                     advice="point --cache-dir at a larger disk or cache fewer crops (--no-five-crop: 5x fewer items)")
     path.mkdir(parents=True, exist_ok=True)
     meta = {
         "spec": asdict(spec),
@@ -509,19 +504,6 @@ def _create_cache(path: Path, spec: CacheSpec, dataset, ids: list, files: str, n
     }
     (path / "meta.json.tmp").write_text(json.dumps(meta, indent=1))
     os.replace(path / "meta.json.tmp", path / "meta.json")
-
-
-def check_cache_space(path: Path, needed: int, n: int, per_item: int) -> None:
-    """A cache that does not fit on its disk: one line with what it needs and the choices."""
-    from stegoseg import preflight
-
-    have = preflight.free_bytes(path)
-    if needed * 1.05 > have:
-        raise StegosegError(
-            f"not enough disk space for the feature cache ({n:,} items, {human_bytes(per_item)} each) in {path.parent}: "
-            f"it needs {human_bytes(needed * 1.05)}, {human_bytes(have)} are free; point --cache-dir at a larger disk "
-            "or cache fewer crops (--no-five-crop: 5x fewer items)"
-        )
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:

@@ -134,13 +134,6 @@ class ShardedArray:
     def nbytes(self) -> int:
         return int(np.prod(self.shape)) * self.dtype.itemsize
 
-    @property
-    def mode(self) -> str:
-        return "r"
-
-    def flush(self) -> None:  # read-only: nothing to write back (kept for memmap-like callers)
-        pass
-
     def shard(self, s: int) -> np.memmap:
         if s not in self._open:
             f = shard_file(self.path, self.kind, s)
