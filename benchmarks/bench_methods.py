@@ -83,7 +83,8 @@ def row_config(setting: Setting, method: str, seed: int, keep: dict, folder: Pat
         return make_config(dict(values, method="primaps", primaps_steps=values["steps"]))
     if method.endswith("+primaps"):
         start = folder.parent / method[: -len("+primaps")] / "checkpoint.pt"
-        return make_config(dict(values, method="primaps", init_from=str(start), primaps_steps=values["steps"]))
+        # (set after validation: the row is also configured, to look for a stored copy, before `start` is trained)
+        return replace(make_config(dict(values, method="primaps", primaps_steps=values["steps"])), init_from=str(start))
     return make_config(dict(values, method=method, cause_probe_steps=values["steps"]))
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -181,11 +182,27 @@ def segment_part(work: Path, n_images: int = 160) -> dict:
             times[workers] = time.perf_counter() - t
     finally:
         ray.shutdown()
+    # The same work without any engine: one one-thread `segment` process on every image, then two
+    # at once on half the images each (what this 2-core machine gives two processes by itself).
+    files = sorted(str(f) for f in images.iterdir())
+    plain = {}
+    for n in (1, 2):
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        t = time.perf_counter()
+        procs = [subprocess.Popen([sys.executable, "-m", "stegoseg", "segment", str(ckpt), *files[i::n], "--out",
+                                   str(work / f"plain{n}-{i}"), *seg], env=env, stdout=subprocess.DEVNULL)
+                 for i in range(n)]
+        assert all(proc.wait() == 0 for proc in procs)
+        plain[n] = time.perf_counter() - t
     result = {"images": n_images, "seconds_1x1": times[1], "seconds_2x1": times[2],
               "images_per_s_1x1": n_images / times[1], "images_per_s_2x1": n_images / times[2],
               "speedup": times[1] / times[2],
+              "no_engine_seconds_1": plain[1], "no_engine_seconds_2": plain[2], "no_engine_speedup": plain[1] / plain[2],
+              "speedup_relative_to_no_engine": (times[1] / times[2]) / (plain[1] / plain[2]),
               "note": "a random full-size ViT-S/8 with a head trained 2 steps, 112 px, flip, no CRF, batches of 2, "
-                      "on a local Ray cluster of 2 CPUs; each run includes starting its actors (loading the model)"}
+                      "on a local Ray cluster of 2 CPUs; each run includes starting its actors (loading the model); "
+                      "no_engine: the same images through one, then two concurrent one-thread `segment` processes "
+                      "(each loading the model) without Ray"}
     print(json.dumps(result), flush=True)
     return result
 

@@ -1,5 +1,5 @@
 """The data-parallel stages on a local Ray cluster of two CPU workers (``--ray-address``):
-the same cache, KNN lists and label maps as one process; a worker killed midway and a driver
+the same cache, KNN lists, label maps, metrics and PriMaPs pseudo masks as one process; a worker killed midway and a driver
 killed and rerun still give complete results with nothing missing or duplicated; bad options
 are one line, exit 2, before any work."""
 import os
@@ -75,8 +75,8 @@ def test_an_unreachable_address_and_a_missing_ray_are_one_line(data, tmp_path, c
     assert 'Ray is not installed here: pip install "stegoseg[distributed]"' in one_error_line(capsys)
     assert main(["segment", "x.pt", str(data), "--ray-address", "local"]) == 2
     assert "Ray is not installed here" in one_error_line(capsys)
-    assert main(["evaluate", "x.pt", "--ray-address", "local"]) == 2  # not on Ray yet: said, not ignored
-    assert "--ray-address: evaluation does not run on Ray yet" in one_error_line(capsys)
+    assert main(["evaluate", "x.pt", "--ray-address", "local"]) == 2  # before the checkpoint is read
+    assert "Ray is not installed here" in one_error_line(capsys)
     assert not list((out / "cache").glob("*/meta.json")) if (out / "cache").exists() else True
 
 
@@ -158,7 +158,7 @@ def checkpoint(data, tmp_path_factory):
 def test_ray_segment_writes_the_one_process_label_maps_even_when_a_worker_dies(cluster, data, checkpoint, tmp_path):
     import torch
 
-    images = data / "imgs" / "val"
+    images = data / "imgs" / "train"  # 10 images in batches of 2: two Ray work items (4 batches and 1)
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -175,13 +175,141 @@ def test_ray_segment_writes_the_one_process_label_maps_even_when_a_worker_dies(c
     assert cluster.exists()
     one = sorted(p.name for p in (tmp_path / "one").iterdir() if not p.name.startswith("."))
     two = sorted(p.name for p in (tmp_path / "ray").iterdir() if not p.name.startswith("."))
-    assert one == two and len(one) == 2 * 4 + 1  # a label map and an overlay per image, labels.json
+    assert one == two and len(one) == 2 * 10 + 1  # a label map and an overlay per image, labels.json
     from PIL import Image
 
     for name in one:
         if name.endswith(".png"):
             assert np.array_equal(np.array(Image.open(tmp_path / "one" / name)),
                                   np.array(Image.open(tmp_path / "ray" / name))), name
+
+
+def _evaluate(checkpoint, out, *extra):
+    """The 10 training images, one per protocol batch: three Ray work items of 4, 4 and 2 images."""
+    return main(["evaluate", str(checkpoint), "--out", str(out), "--split", "train", "--eval-batch-size", "1",
+                 "--crf-workers", "1", "--no-progress", "--device", "cpu", *extra])
+
+
+def _metrics(out):
+    import json
+
+    result = json.loads((out / "metrics.json").read_text())
+    return {k: result[k] for k in ("cluster", "linear", "n_images")}
+
+
+@pytest.fixture(scope="module")
+def one_process_metrics(checkpoint, tmp_path_factory):
+    import torch
+
+    out = tmp_path_factory.mktemp("eval") / "one"
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert _evaluate(checkpoint, out) == 0
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
+def test_ray_evaluation_gives_the_one_process_metrics_even_when_a_worker_dies(cluster, checkpoint,
+                                                                               one_process_metrics, tmp_path):
+    from PIL import Image
+
+    cluster.unlink(missing_ok=True)
+    armed = Path(str(cluster) + ".armed")
+    armed.touch()
+    try:
+        assert _evaluate(checkpoint, tmp_path / "ray", "--ray-address", "local", "--ray-workers", "2") == 0
+    finally:
+        armed.unlink()
+    assert cluster.exists()  # a worker died in the middle of its images
+    mine, theirs = _metrics(tmp_path / "ray"), _metrics(one_process_metrics)
+    assert mine["n_images"] == 10 and mine == theirs  # the same confusion counts, so the same metrics
+    assert np.array_equal(np.array(Image.open(tmp_path / "ray" / "predictions.png")),
+                          np.array(Image.open(one_process_metrics / "predictions.png")))
+    assert not (tmp_path / "ray" / ".eval-parts").exists()  # the counts go once the metrics are written
+
+
+def test_a_killed_evaluation_reruns_only_the_missing_images(cluster, checkpoint, one_process_metrics, tmp_path,
+                                                            monkeypatch):
+    """The driver stops (Ctrl-C) while the second work item's counts arrive; the rerun sends
+    only the third item to the workers and gives the same metrics."""
+    import stegoseg.distributed.stages as stages
+
+    real_read, real_run, sent, reads = stages.part_from_file, stages.run_items, [], []
+
+    def interrupted(path):
+        reads.append(path)
+        if len(reads) == 2:
+            raise KeyboardInterrupt
+        return real_read(path)
+
+    def counting(rows, *args, **kwargs):
+        sent.append([row["first"] for row in rows])
+        return real_run(rows, *args, **kwargs)
+
+    monkeypatch.setattr(stages, "run_items", counting)
+    monkeypatch.setattr(stages, "part_from_file", interrupted)
+    out = tmp_path / "ray"
+    assert _evaluate(checkpoint, out, "--ray-address", "local", "--ray-workers", "1") == 130
+    kept = sorted(p.name for p in (out / ".eval-parts").glob("*/part-*.npz"))
+    assert len(kept) == 2 and not (out / "metrics.json").exists()
+    monkeypatch.setattr(stages, "part_from_file", real_read)
+    assert _evaluate(checkpoint, out, "--ray-address", "local", "--ray-workers", "1") == 0
+    finished = {int(name[5:13]) for name in kept}
+    assert sent == [[0, 4, 8], sorted({0, 4, 8} - finished)]
+    assert _metrics(out) == _metrics(one_process_metrics)
+
+
+def test_ray_pseudo_masks_are_the_one_process_masks_even_when_a_worker_dies(cluster, data, tmp_path, monkeypatch):
+    """PriMaPs' pseudo masks (50 crops, 4 chunks) on two Ray workers, one of which dies: the
+    same masks and counts as one process; crops marked not done are all that a rerun sends."""
+    import shutil
+
+    import torch
+
+    import stegoseg.distributed.stages as stages
+    from conftest import tiny_config
+    from stegoseg.config.stego import replace
+    from stegoseg.features.cache import CropView
+    from stegoseg.methods.common import build_backbone_from_config, build_split, prepare
+    from stegoseg.methods.primaps import ray_pseudo_masks
+    from stegoseg.training.primaps import build_pseudo_masks, masks_folder
+
+    cfg = tiny_config(data, method="primaps", cache_dir=str(tmp_path / "cache"), crf_workers=1)
+    cache = prepare(cfg, tmp_path, build_backbone_from_config(cfg)[0], neighbors=False)
+    settings = dict(resolution=cfg.resolution, five_crop=cfg.five_crop, image_resample="bilinear", jpeg=cfg.crop_jpeg)
+    view = CropView(build_split(cfg, "train"), **settings)
+    folder = masks_folder(cfg, cache)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = np.array(build_pseudo_masks(cfg, cache, view, progress=False))
+    finally:
+        torch.set_num_threads(before)
+    counts = np.load(folder / "n_masks.npy")
+    shutil.rmtree(folder)
+    on_ray = replace(cfg, ray_address="local", ray_workers=2)
+    assert masks_folder(on_ray, cache) == folder  # where they are computed is not what they depend on
+    cluster.unlink(missing_ok=True)
+    armed = Path(str(cluster) + ".armed")
+    armed.touch()
+    try:
+        two = np.array(build_pseudo_masks(on_ray, cache, view, progress=False,
+                                          runner=ray_pseudo_masks(on_ray, tmp_path, settings)))
+    finally:
+        armed.unlink()
+    assert cluster.exists() and one.shape == (50, 32, 32) and one.max() >= 1
+    assert np.array_equal(one, two) and np.array_equal(np.load(folder / "n_masks.npy"), counts)
+    done = np.load(folder / "done.npy")
+    assert done.all()
+    done[7:30] = False  # as if the driver had died before these crops arrived
+    np.save(folder / "done.npy", done)
+    real, sent = stages.run_items, []
+    monkeypatch.setattr(stages, "run_items", lambda rows, *a, **k: (sent.extend(rows), real(rows, *a, **k))[1])
+    again = np.array(build_pseudo_masks(on_ray, cache, view, progress=False,
+                                        runner=ray_pseudo_masks(on_ray, tmp_path, settings)))
+    assert sorted(i for row in sent for i in row["crops"]) == list(range(7, 30)) and np.array_equal(again, one)
 
 
 def test_bad_ray_options_are_one_line_before_any_work(cluster, data, tmp_path, capsys, monkeypatch):

@@ -58,6 +58,33 @@ def test_hnsw_recall_is_measured_against_exact_search(monkeypatch):
     assert recall > 0.9 and not (found == np.arange(3000)[:, None]).any()  # never itself
 
 
+def test_hnsw_recall_on_a_sample_of_queries_is_that_sample_s_recall(monkeypatch):
+    """500 of 3000 items as queries: the report is the mean recall of exactly those rows (a
+    sample's own ids, not its row numbers, are the selves to leave out of the exact lists)."""
+    from stegoseg.features import knn as knn_module
+
+    x = clustered(3000)
+    monkeypatch.setattr(knn_module, "RECALL_QUERIES", 500)
+    found, report = knn_module.approximate_neighbors(x, k=7, seed=3)
+    exact = exact_knn(x, 7)
+    queries = np.sort(np.random.default_rng(3).choice(3000, size=500, replace=False))
+    recall = np.mean([len(set(found[q]) & set(exact[q])) / 7 for q in queries])
+    assert report["recall_queries"] == 500 and report["recall_at_k"] == pytest.approx(recall, abs=1e-3)
+    assert report["recall_at_k"] > 0.95  # (the old bug left each query itself as a neighbour: 6/7 at most)
+
+
+def test_hnsw_search_breadth_grows_until_the_recall_target(monkeypatch):
+    from stegoseg.features import knn as knn_module
+
+    x = clustered(3000)
+    monkeypatch.setattr(knn_module, "HNSW_EF_SEARCH", 1)
+    monkeypatch.setattr(knn_module, "HNSW_M", 4)
+    monkeypatch.setattr(knn_module, "RECALL_TARGET", 1.01)  # unreachable: every breadth up to the cap is tried
+    _, report = knn_module.approximate_neighbors(x, k=7)
+    assert list(report["recall_by_ef_search"]) == ["32", "64", "128", "256", "512", "1024"]
+    assert report["ef_search"] == 1024 and report["recall_at_k"] == report["recall_by_ef_search"]["1024"]
+
+
 def test_knn_index_auto_switches_at_the_measured_size(monkeypatch):
     from stegoseg.features import knn as knn_module
 

@@ -157,7 +157,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         signum = stopped.get("signum", signal.SIGINT)
         print(f"stegoseg: interrupted by {signal.Signals(signum).name}: what was finished is kept (the feature cache, "
-              "pseudo masks and clusterbook resume by themselves; training checkpoints with --resume): run the same "
+              "pseudo masks, clusterbook, label maps of segment and counts of evaluation on Ray resume by themselves; "
+              "training checkpoints with --resume): run the same "
               "command again" + (" with --resume" if getattr(args, "command", "") in ("train", "run") else ""),
               file=sys.stderr)
         return 128 + int(signum)

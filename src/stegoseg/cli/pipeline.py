@@ -104,9 +104,17 @@ def cmd_evaluate(args) -> int:
     from stegoseg.errors import StegosegError
     from stegoseg.preflight import check_accelerator
 
-    if getattr(args, "ray_address", None):
-        raise StegosegError("--ray-address: evaluation does not run on Ray yet (extraction and segment do): leave it "
-                            "out to evaluate in this process")
+    if getattr(args, "ray_address", None):  # bad Ray options are one line before the model is read
+        from stegoseg.distributed.engine import RayOptions, connect, option_problems
+        from stegoseg.config.base import raise_first_failure
+
+        from stegoseg.config.stego import Config
+
+        given = explicit_values(args)  # (the checkpoint's own Ray options are not read here: the defaults)
+        options = RayOptions(args.ray_address, *(given.get(k, Config.__dataclass_fields__[k].default)
+                                                 for k in ("ray_workers", "ray_gpus_per_worker", "ray_cpus_per_worker")))
+        raise_first_failure(option_problems(options.workers, options.gpus_per_worker, options.cpus_per_worker))
+        connect(options)
     model = load(args.checkpoint, weights=explicit_values(args).get("weights"), device="cpu",
                  replace_backbone=args.replace_backbone_weights)
     cfg = config_for_checkpoint(model, args)

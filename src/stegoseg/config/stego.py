@@ -213,7 +213,8 @@ _FIELD_HELP = {
     "cache_shard_items": "items per feature-cache shard, the unit a worker writes (default: about 256 MB of features)",
     "knn_index": "FAISS index of the nearest-neighbour search: exact (flat), hnsw (approximate, its recall against "
                  "exact search measured on a sample and recorded), auto (exact up to 200,000 items, then hnsw)",
-    "ray_address": "run extraction and segment on Ray (pip install \"stegoseg[distributed]\"): local starts a cluster "
+    "ray_address": "run extraction, evaluation, PriMaPs' pseudo masks and segment on Ray (pip install "
+                   "\"stegoseg[distributed]\"): local starts a cluster "
                    "here, auto joins the one on this machine, HOST:PORT or ray://HOST:PORT another",
     "ray_workers": "Ray actors (each loads the backbone or model once)",
     "ray_gpus_per_worker": "GPUs per Ray actor (0: CPU)",

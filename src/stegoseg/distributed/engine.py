@@ -111,7 +111,7 @@ def connect(options: RayOptions) -> None:
 
 
 def run_items(rows: list, actor_class, constructor_kwargs: dict, options: RayOptions, total: int, desc: str,
-              progress: bool = True, unit: str = "img", count: Callable = None) -> list:
+              progress: bool = True, unit: str = "img", count: Callable = None, on_row: Callable = None) -> list:
     """Every row (a dict of plain values: one unit of work, written by the actor by rename)
     through ``actor_class(**constructor_kwargs)`` instances, ``options.workers`` of them, one row
     per call; returns the rows the actors return. ``count(row)``: how many ``unit`` a returned
@@ -132,6 +132,8 @@ def run_items(rows: list, actor_class, constructor_kwargs: dict, options: RayOpt
     try:
         for row in mapped.iter_rows():
             out.append(dict(row))
+            if on_row is not None:
+                on_row(out[-1])
             bar.update(count(row) if count else 1)
     except Exception as exc:  # a worker's own StegosegError is the user's one line
         cause = exc

@@ -1,5 +1,7 @@
 """The data-parallel stages on Ray: feature extraction into the sharded cache (one shard per
-work item) and ``segment`` over files (one batch of images per work item). Each actor builds
+work item), ``segment`` over files (one batch of images per work item), evaluation (a few
+protocol batches per work item, their confusion counts summed by the driver) and PriMaPs'
+pseudo masks (a chunk of crops per work item). Each actor builds
 its backbone or loads its model once; each item's outputs are written by rename by the code
 the one-process path runs (:func:`stegoseg.features.cache.extract_shard`,
 :func:`stegoseg.segment.segment_and_write`), in the same batches, so both give the same files.
@@ -9,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from stegoseg.distributed.engine import RayOptions, maybe_die_for_test, run_items, worker_setup
+from stegoseg.distributed.engine import RayOptions, connect, maybe_die_for_test, run_items, worker_setup
 from stegoseg.errors import StegosegError
 
 
@@ -91,23 +93,239 @@ class SegmentImages:
         from stegoseg.segment import segment_and_write
 
         paths, labels, overlays = (list(batch[k].iloc[0]) for k in ("paths", "labels", "overlays"))
-        images = [load_image(p) for p in paths]
+        size = int(batch["batch_size"].iloc[0])
         maybe_die_for_test()
-        segment_and_write(self.model, images, list(zip(map(Path, labels), map(Path, overlays))),
-                          crf_pool=self.pool, **self.settings)
+        for s in range(0, len(paths), size):  # the batches the one-process path makes, each written when done
+            images = [load_image(p) for p in paths[s:s + size]]
+            segment_and_write(self.model, images, list(zip(map(Path, labels[s:s + size]), map(Path, overlays[s:s + size]))),
+                              crf_pool=self.pool, **self.settings)
         return pd.DataFrame({"n": [len(paths)]})
+
+
+#: Batches of ``segment`` per Ray work item (fewer, larger items: less of Ray's per-item cost;
+#: a worker that dies loses at most this many batches' work, the finished batches are on disk).
+SEGMENT_BATCHES_PER_ITEM = 4
 
 
 def segment_on_ray(options: RayOptions, checkpoint, weights, replace_backbone: bool, device: str, bf16: bool,
                    paths: list, targets: list, settings: dict, batch_size: int, progress: bool) -> None:
-    """The images still to do, ``batch_size`` per work item (the batches the one-process path
-    makes), through :class:`SegmentImages` actors."""
-    rows = []
-    for s in range(0, len(paths), batch_size):
-        chunk = slice(s, s + batch_size)
+    """The images still to do, :data:`SEGMENT_BATCHES_PER_ITEM` batches of ``batch_size`` per
+    work item (the batches the one-process path makes), through :class:`SegmentImages` actors."""
+    rows, step = [], batch_size * SEGMENT_BATCHES_PER_ITEM
+    for s in range(0, len(paths), step):
+        chunk = slice(s, s + step)
         rows.append({"paths": [str(p) for p in paths[chunk]], "labels": [str(t[0]) for t in targets[chunk]],
-                     "overlays": [str(t[1]) for t in targets[chunk]]})
+                     "overlays": [str(t[1]) for t in targets[chunk]], "batch_size": batch_size})
     run_items(rows, SegmentImages, {"checkpoint": str(checkpoint), "weights": weights,
                                     "replace_backbone": replace_backbone, "device": device, "bf16": bf16,
                                     "settings": settings},
               options, len(paths), f"segment ({options.workers} Ray workers)", progress, count=lambda row: int(row["n"]))
+
+
+class EvaluateParts:
+    """Ray actor: evaluates runs of consecutive images of a split with one model and returns
+    each run's counts (:class:`~stegoseg.evaluation.protocol.EvalPart`) as an ``.npz`` blob."""
+
+    def __init__(self, model, build, config: dict, device: str, threads: int = 1):
+        """``model``: the model (or its Ray object reference, put once by the driver);
+        ``build()``: the split's dataset, built in the worker; ``config``: the EvalConfig's fields;
+        ``device``: ``--device`` (auto: the worker's GPU when it has one)."""
+        worker_setup(threads)
+        import ray
+
+        from stegoseg.evaluation.crf import CRFParams, crf_pool
+        from stegoseg.evaluation.protocol import EvalConfig, eval_transform
+        from stegoseg.methods.common import resolve_device
+
+        model = ray.get(model) if isinstance(model, ray.ObjectRef) else model
+        self.model = model.to(resolve_device(device)).eval()
+        self.config = EvalConfig(**dict(config, crf_params=CRFParams(**config["crf_params"])))
+        self.dataset = build()
+        self.dataset.transform = eval_transform(self.config)
+        workers = self.config.crf_workers
+        self.pool = crf_pool(workers) if self.config.crf and workers > 1 else None
+
+    def __call__(self, batch):
+        import pandas as pd
+
+        from stegoseg.evaluation.protocol import evaluate_part
+
+        first, indices = int(batch["first"].iloc[0]), [int(i) for i in batch["indices"].iloc[0]]
+        grid = {int(g) for g in batch["grid"].iloc[0]}
+        maybe_die_for_test()
+        part = evaluate_part(self.model, self.dataset, self.config, first, indices, grid, pool=self.pool)
+        return pd.DataFrame({"first": [first], "n": [part.n], "blob": [part_blob(part)]})
+
+
+def part_blob(part) -> bytes:
+    """An EvalPart as the bytes of an ``.npz`` file (no pickles)."""
+    import io
+
+    import numpy as np
+
+    arrays = {"n": np.array(part.n)}
+    for name in ("cluster", "linear"):
+        if getattr(part, name) is not None:
+            arrays[name] = getattr(part, name)
+    for pos, row in part.grid.items():
+        for key, value in row.items():
+            if value is not None:
+                arrays[f"grid_{pos}_{key}"] = value
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def part_from_file(path: Path):
+    import numpy as np
+
+    from stegoseg.evaluation.protocol import EvalPart
+
+    with np.load(path, allow_pickle=False) as z:
+        grid = {}
+        for name in z.files:
+            if name.startswith("grid_"):
+                _, pos, key = name.split("_", 2)
+                grid.setdefault(int(pos), {"label": None, "linear": None})[key] = z[name]
+        return EvalPart(z["cluster"] if "cluster" in z.files else None, z["linear"] if "linear" in z.files else None,
+                        grid, int(z["n"]))
+
+
+def model_fingerprint(model) -> str:
+    """sha256 over a model's parameters and buffers (which run a finished part file belongs to)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(dtype=__import__("torch").uint8).numpy()
+                      .tobytes())
+    return digest.hexdigest()
+
+
+#: Batches of the protocol per Ray work item in evaluation.
+EVAL_BATCHES_PER_ITEM = 4
+
+
+def evaluation_parts(options: RayOptions, model, build, config, device: str = "auto", parts_dir: Path = None,
+                     progress: bool = True):
+    """``parts`` for :func:`~stegoseg.evaluation.protocol.evaluate_model`: the images in runs of
+    :data:`EVAL_BATCHES_PER_ITEM` protocol batches (the batches one process makes, so the
+    predictions are the same) on :class:`EvaluateParts` actors. With ``parts_dir``, each
+    finished run's counts are written there by rename as they arrive, under a key of the model
+    (its weights), the protocol and the images, so that a rerun after the driver was killed
+    evaluates only the runs that are missing; the folder goes once the metrics are written."""
+    import hashlib
+    import shutil
+    from dataclasses import asdict
+
+    from stegoseg.preflight import atomic_write
+
+    def run(indices: list, grid_at: set) -> list:
+        import ray
+
+        step = (config.batch_size if config.crop == "center" else 1) * EVAL_BATCHES_PER_ITEM
+        rows = [{"first": s, "indices": indices[s:s + step], "grid": sorted(g for g in grid_at if s <= g < s + step)}
+                for s in range(0, len(indices), step)]
+        folder, done = None, {}
+        if parts_dir is not None:
+            key = hashlib.sha256(json.dumps({"model": model_fingerprint(model), "config": asdict(config),
+                                             "indices": indices, "step": step}, sort_keys=True).encode()).hexdigest()
+            folder = Path(parts_dir) / key[:16]
+            if Path(parts_dir).exists():
+                for other in Path(parts_dir).iterdir():  # counts of another model or protocol: not this job's
+                    if other != folder:
+                        shutil.rmtree(other, ignore_errors=True)
+            folder.mkdir(parents=True, exist_ok=True)
+            for row in rows:
+                path = folder / f"part-{row['first']:08d}.npz"
+                if path.exists():
+                    done[row["first"]] = part_from_file(path)
+        todo = [row for row in rows if row["first"] not in done]
+
+        def keep(row) -> None:
+            if folder is not None:
+                path = folder / f"part-{int(row['first']):08d}.npz"
+                atomic_write(path, lambda tmp: Path(tmp).write_bytes(row["blob"]), suffix=".tmp.npz")
+                done[int(row["first"])] = part_from_file(path)
+            else:
+                import io
+
+                done[int(row["first"])] = part_from_file(io.BytesIO(row["blob"]))
+
+        if todo:
+            connect(options)
+            import copy
+
+            on_cpu = all(t.device.type == "cpu" for t in model.state_dict().values())
+            ref = ray.put(model if on_cpu else copy.deepcopy(model).cpu())  # once; every actor reads it
+            run_items(todo, EvaluateParts, {"model": ref, "build": build, "config": asdict(config), "device": device},
+                      options,
+                      sum(len(r["indices"]) for r in todo), f"evaluate ({options.workers} Ray workers)", progress,
+                      count=lambda row: int(row["n"]), on_row=keep)
+        return [done[row["first"]] for row in rows]
+
+    return run
+
+
+class PseudoMasks:
+    """Ray actor: PriMaPs' pseudo masks of chunks of cached crops (principal masks + CRF),
+    returned to the driver, which writes them into the masks file."""
+
+    def __init__(self, build, config: dict, cache_path: str, view: dict, threads: int = 1):
+        """``build()``: the cached split's dataset; ``view``: its crops' CropView settings."""
+        worker_setup(threads)
+        from stegoseg.config.stego import Config
+        from stegoseg.evaluation.crf import crf_params_from, crf_pool
+        from stegoseg.features.cache import CropView, FeatureCache
+
+        self.cfg = Config(**config)
+        self.cache = FeatureCache(Path(cache_path))
+        self.view = CropView(build(), **view)
+        if len(self.view) != self.cache.n:
+            raise StegosegError(f"a Ray worker sees {len(self.view)} crops, the feature cache {cache_path} has "
+                                f"{self.cache.n}: give every worker the same data folder")
+        self.size = int(self.cache.meta["label_shape"][0])
+        self.params = crf_params_from(config)
+        self.pool = crf_pool(self.cfg.crf_workers) if self.cfg.crf_workers > 1 else None
+
+    def __call__(self, batch):
+        import io
+
+        import numpy as np
+        import pandas as pd
+
+        from stegoseg.training.primaps import chunk_masks
+
+        chunk = np.asarray(list(batch["crops"].iloc[0]), dtype=np.int64)
+        maybe_die_for_test()
+        masks, counts, flips = chunk_masks(self.cfg, self.cache, self.view, chunk, self.size, self.params, self.pool)
+        buffer = io.BytesIO()
+        np.savez(buffer, crops=chunk, masks=masks, counts=counts, flips=np.array(flips))
+        return pd.DataFrame({"n": [len(chunk)], "blob": [buffer.getvalue()]})
+
+
+def pseudo_mask_runner(options: RayOptions, build, view: dict):
+    """``runner`` for :func:`~stegoseg.training.primaps.build_pseudo_masks`: the chunks on
+    :class:`PseudoMasks` actors; each chunk's masks are handed to ``keep`` as they arrive (so a
+    rerun after the driver was killed computes only the crops not yet marked done)."""
+
+    def run(cfg, cache_path: Path, chunks: list, keep, progress: bool) -> int:
+        import io
+
+        import numpy as np
+
+        flips = [0]
+
+        def arrived(row) -> None:
+            with np.load(io.BytesIO(row["blob"]), allow_pickle=False) as z:
+                keep(z["crops"], z["masks"], z["counts"])
+                flips[0] += int(z["flips"])
+
+        run_items([{"crops": [int(i) for i in chunk]} for chunk in chunks], PseudoMasks,
+                  {"build": build, "config": cfg.to_dict(), "cache_path": str(cache_path), "view": view}, options,
+                  sum(len(c) for c in chunks), f"pseudo masks ({options.workers} Ray workers)", progress,
+                  unit="crop", count=lambda row: int(row["n"]), on_row=arrived)
+        return flips[0]
+
+    return run

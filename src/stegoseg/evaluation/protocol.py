@@ -65,26 +65,22 @@ def evaluate_model(
     config: EvalConfig = EvalConfig(),
     out_dir=None,
     progress: bool = True,
+    parts=None,
 ) -> dict:
     """Evaluate ``model`` (a :class:`~stegoseg.model.SegmentationModel`) on ``dataset``.
 
     ``dataset`` is built without a transform; the protocol's transform is applied here.
     Returns the metrics dict ({"cluster": {"parity": ..., "strict": ...}, "linear": ...,
     "config": ..., "n_images": ..., "seconds": ...}). Unlabelled datasets give no
-    metrics, only prediction pictures.
+    metrics, only prediction pictures. ``parts``: ``parts(indices, grid_at)`` evaluates the
+    images elsewhere (``--ray-address``: :func:`stegoseg.distributed.stages.evaluation_parts`)
+    and returns the :class:`EvalPart` s that cover them; the counts are summed here, so the
+    metrics are the same integers as this process's.
     """
-    dataset.transform = EvalTransform(
-        resolution=config.resolution, crop=config.crop, image_resample=config.image_resample
-    )
+    dataset.transform = eval_transform(config)
     indices = list(range(len(dataset)))
     if config.max_images is not None:
         indices = indices[: config.max_images]
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(dataset, indices),
-        batch_size=config.batch_size if config.crop == "center" else 1,
-        num_workers=config.num_workers,
-        collate_fn=_collate,
-    )
     labelled = dataset.has_labels
     n_classes = dataset.n_classes if labelled else None
     if labelled and model.linear_probe is not None and model.linear_probe.n_classes != n_classes:
@@ -93,50 +89,18 @@ def evaluate_model(
             f"'{dataset.split}' split of {dataset.root} has {n_classes}: evaluate on data with the training classes "
             "(same classes.txt / --class-names / --n-classes)"
         )
-    cluster_acc = ConfusionAccumulator(model.n_clusters, n_classes) if labelled else None
-    linear_acc = ConfusionAccumulator(n_classes, n_classes, hungarian=False) if labelled and model.linear_probe is not None else None
-    grid_rows = []
     # Grid rows spread evenly over the evaluated images (neighbouring frames look alike).
     grid_at = set(np.linspace(0, len(indices) - 1, min(config.n_grid, len(indices))).round().astype(int).tolist())
-    seen = 0
     t0 = time.perf_counter()
-    pool = crf_pool(config.crf_workers) if config.crf and config.crf_workers > 1 else None
-    crf_params = config.crf_params
-    try:
-        bar = tqdm(loader, desc="evaluate", disable=not progress, unit="batch")
-        for batch in bar:
-            images = batch["image"]
-            image_list = images if isinstance(images, list) else list(images)
-            if isinstance(images, list):
-                preds = [model.predict(im[None], flip=config.flip, crf=config.crf, crf_params=crf_params, crf_pool=pool)
-                         for im in images]
-                cluster = [p["cluster"][0] for p in preds]
-                linear = [p["linear"][0] if p["linear"] is not None else None for p in preds]
-            else:
-                p = model.predict(images, flip=config.flip, crf=config.crf, crf_params=crf_params, crf_pool=pool)
-                cluster = list(p["cluster"])
-                linear = list(p["linear"]) if p["linear"] is not None else [None] * len(cluster)
-            labels = batch.get("label")
-            if labelled:
-                check_label_values(labels, n_classes, batch["id"])
-            for i in range(len(cluster)):
-                if labelled:
-                    cluster_acc.update(cluster[i], labels[i])
-                    if linear_acc is not None:
-                        linear_acc.update(linear[i], labels[i])
-                seen += 1
-                if seen - 1 in grid_at:
-                    grid_rows.append(
-                        {
-                            "image": image_to_uint8(image_list[i]),
-                            "label": labels[i].numpy() if labelled else None,
-                            "cluster": cluster[i].numpy(),
-                            "linear": linear[i].numpy() if linear[i] is not None else None,
-                        }
-                    )
-    finally:
-        if pool is not None:
-            pool.shutdown()
+    if parts is None:
+        pool = crf_pool(config.crf_workers) if config.crf and config.crf_workers > 1 else None
+        try:
+            done = [evaluate_part(model, dataset, config, 0, indices, grid_at, pool=pool, progress=progress)]
+        finally:
+            if pool is not None:
+                pool.shutdown()
+    else:
+        done = parts(indices, grid_at)
     seconds = time.perf_counter() - t0
     result = {
         "n_images": len(indices),
@@ -144,14 +108,83 @@ def evaluate_model(
         "images_per_s": len(indices) / seconds if seconds else None,
         "config": asdict(config),
     }
+    grid_rows = [part.grid[pos] for part in sorted(done, key=lambda d: min(d.grid, default=0)) for pos in sorted(part.grid)]
     names = dataset.class_names if labelled else None
     if labelled:
+        cluster_acc = ConfusionAccumulator(model.n_clusters, n_classes)
+        cluster_acc.confusion = sum(part.cluster for part in done)
         result["cluster"] = {mode: cluster_acc.compute(mode, names) for mode in ("parity", "strict")}
-        if linear_acc is not None:
+        if model.linear_probe is not None:
+            linear_acc = ConfusionAccumulator(n_classes, n_classes, hungarian=False)
+            linear_acc.confusion = sum(part.linear for part in done)
             result["linear"] = linear_acc.compute("strict", names)
     if out_dir is not None:
         write_eval_outputs(result, grid_rows, out_dir, n_classes or model.n_clusters, model.n_clusters)
     return result
+
+
+def eval_transform(config: EvalConfig) -> EvalTransform:
+    return EvalTransform(resolution=config.resolution, crop=config.crop, image_resample=config.image_resample)
+
+
+@dataclass
+class EvalPart:
+    """The counts of a run of consecutive evaluated images: cluster and linear confusion
+    (None without labels / without a linear probe) and the prediction-grid rows among them
+    (by position in the evaluated list)."""
+
+    cluster: Optional[np.ndarray]
+    linear: Optional[np.ndarray]
+    grid: dict
+    n: int
+
+
+def evaluate_part(model, dataset: SegmentationDataset, config: EvalConfig, first: int, indices: list, grid_at: set,
+                  pool=None, progress: bool = False) -> EvalPart:
+    """Predict ``dataset[indices]`` (already with the protocol's transform; ``first``: the
+    position of ``indices[0]`` in the evaluated list) in the protocol's batches and count."""
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, indices),
+        batch_size=config.batch_size if config.crop == "center" else 1,
+        num_workers=config.num_workers,
+        collate_fn=_collate,
+    )
+    labelled = dataset.has_labels
+    n_classes = dataset.n_classes if labelled else None
+    cluster_acc = ConfusionAccumulator(model.n_clusters, n_classes) if labelled else None
+    linear_acc = ConfusionAccumulator(n_classes, n_classes, hungarian=False) if labelled and model.linear_probe is not None else None
+    grid, seen = {}, first
+    crf_params = config.crf_params
+    for batch in tqdm(loader, desc="evaluate", disable=not progress, unit="batch"):
+        images = batch["image"]
+        image_list = images if isinstance(images, list) else list(images)
+        if isinstance(images, list):
+            preds = [model.predict(im[None], flip=config.flip, crf=config.crf, crf_params=crf_params, crf_pool=pool)
+                     for im in images]
+            cluster = [p["cluster"][0] for p in preds]
+            linear = [p["linear"][0] if p["linear"] is not None else None for p in preds]
+        else:
+            p = model.predict(images, flip=config.flip, crf=config.crf, crf_params=crf_params, crf_pool=pool)
+            cluster = list(p["cluster"])
+            linear = list(p["linear"]) if p["linear"] is not None else [None] * len(cluster)
+        labels = batch.get("label")
+        if labelled:
+            check_label_values(labels, n_classes, batch["id"])
+        for i in range(len(cluster)):
+            if labelled:
+                cluster_acc.update(cluster[i], labels[i])
+                if linear_acc is not None:
+                    linear_acc.update(linear[i], labels[i])
+            if seen in grid_at:
+                grid[seen] = {
+                    "image": image_to_uint8(image_list[i]),
+                    "label": labels[i].numpy() if labelled else None,
+                    "cluster": cluster[i].numpy(),
+                    "linear": linear[i].numpy() if linear[i] is not None else None,
+                }
+            seen += 1
+    return EvalPart(cluster_acc.confusion if cluster_acc else None, linear_acc.confusion if linear_acc else None,
+                    grid, seen - first)
 
 
 def check_label_values(labels, n_classes: int, ids) -> None:

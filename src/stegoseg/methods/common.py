@@ -401,7 +401,8 @@ def evaluate_checkpoint_model(cfg: Config, model: SegmentationModel, out, split:
     out = Path(out)
     val = build_split(cfg, split or cfg.val_split, out, class_names=model.class_names)
     model.autocast_dtype = torch.bfloat16 if cfg.bf16_inference else None
-    result = evaluate_model(model, val, eval_config(cfg), out_dir=out, progress=cfg.progress)
+    parts = ray_evaluation(cfg, model, out, split or cfg.val_split)
+    result = evaluate_model(model, val, eval_config(cfg), out_dir=out, progress=cfg.progress, parts=parts)
     result["backbone"] = {
         "name": model.backbone_spec.get("name"),
         "weights_source": getattr(model.backbone, "weights_source", None),
@@ -410,7 +411,32 @@ def evaluate_checkpoint_model(cfg: Config, model: SegmentationModel, out, split:
     }
     result["method"] = model.method
     (out / "metrics.json").write_text(json.dumps(result, indent=2, default=float))
+    if parts is not None:
+        shutil.rmtree(out / EVAL_PARTS, ignore_errors=True)  # the metrics are written: the counts are not needed
     return result
+
+
+#: Where evaluation on Ray keeps the counts of finished runs of images until the metrics are written.
+EVAL_PARTS = ".eval-parts"
+
+
+def ray_evaluation(cfg: Config, model: SegmentationModel, out: Path, split: str):
+    """``parts`` for :func:`~stegoseg.evaluation.protocol.evaluate_model` with ``--ray-address``
+    (the split's images on Ray actors, each with a copy of ``model``), else None (this process)."""
+    from stegoseg.distributed.engine import RayOptions
+
+    options = RayOptions.from_config(cfg)
+    if options is None:
+        return None
+    from stegoseg.distributed.stages import evaluation_parts
+
+    build = functools.partial(split_dataset, cfg.to_dict(), str(out), split, model.class_names)
+    return evaluation_parts(options, model, build, eval_config(cfg), cfg.device, Path(out) / EVAL_PARTS, cfg.progress)
+
+
+def split_dataset(config: dict, out: str, split: str, class_names=None):
+    """A split's dataset built from a run's config (in a Ray worker)."""
+    return build_split(Config(**config), split, Path(out), class_names=class_names)
 
 
 def config_for_checkpoint(model: SegmentationModel, args=None) -> Config:

@@ -8,6 +8,7 @@ See docs/primaps.md.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from stegoseg.methods.common import (
     n_classes_for,
     prepare,
     resolve_device,
+    split_dataset,
 )
 from stegoseg.methods.stego import save_run_config, write_selection
 from stegoseg.model import SegmentationModel
@@ -92,8 +94,10 @@ def train_primaps(cfg: Config, out, resume: bool = False) -> Optional[Path]:
     cache = prepare(cfg, out, backbone, neighbors=False)
     train = build_split(cfg, cfg.train_split, out)
     n_classes = n_classes_for(cfg, train)
-    view = CropView(train, cfg.resolution, cfg.five_crop, cfg.train_resample or "bilinear", jpeg=cfg.crop_jpeg)
-    masks = build_pseudo_masks(cfg, cache, view, progress=cfg.progress)
+    settings = dict(resolution=cfg.resolution, five_crop=cfg.five_crop, image_resample=cfg.train_resample or "bilinear",
+                    jpeg=cfg.crop_jpeg)
+    view = CropView(train, **settings)
+    masks = build_pseudo_masks(cfg, cache, view, progress=cfg.progress, runner=ray_pseudo_masks(cfg, out, settings))
     device = resolve_device(cfg.device)
     if start is not None:
         n_clusters = start.n_clusters
@@ -129,3 +133,16 @@ def train_primaps(cfg: Config, out, resume: bool = False) -> Optional[Path]:
     log.info("PriMaPs-EM (%s): %d EM steps in %.1fs; checkpoint %s", cfg.method, steps, time.perf_counter() - t0, path)
     return path
 
+
+def ray_pseudo_masks(cfg: Config, out: Path, view: dict):
+    """The Ray runner of the pseudo masks with ``--ray-address`` (each worker builds the
+    training split's crops with the CropView settings ``view``), else None (this process)."""
+    from stegoseg.distributed.engine import RayOptions
+
+    options = RayOptions.from_config(cfg)
+    if options is None:
+        return None
+    from stegoseg.distributed.stages import pseudo_mask_runner
+
+    build = functools.partial(split_dataset, cfg.to_dict(), str(out), cfg.train_split)
+    return pseudo_mask_runner(options, build, view)

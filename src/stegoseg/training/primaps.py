@@ -56,11 +56,13 @@ def masks_folder(cfg: Config, cache: FeatureCache) -> Path:
     return cache.path / f"primaps-{key}"
 
 
-def build_pseudo_masks(cfg: Config, cache: FeatureCache, view, progress: bool = True) -> np.ndarray:
+def build_pseudo_masks(cfg: Config, cache: FeatureCache, view, progress: bool = True, runner=None) -> np.ndarray:
     """The mask ids (N, R, R) uint8 of every cached crop (0: background), computed once per
     fingerprint (:func:`mask_spec`) into ``<cache>/primaps-<key>/masks.u8`` and reused; an
     interrupted build continues with the crops not yet written. ``view``: the crops' images
-    (a :class:`~stegoseg.features.cache.CropView` of the cached split)."""
+    (a :class:`~stegoseg.features.cache.CropView` of the cached split). ``runner``
+    (``--ray-address``: :func:`stegoseg.distributed.stages.pseudo_mask_runner`): computes the
+    chunks elsewhere and hands each one's masks to this process, which writes them."""
     if not crf_available():
         raise StegosegError("PriMaPs' pseudo masks are refined by the dense CRF: install pydensecrf2 "
                             "(`pip install pydensecrf2`, needs a C++ compiler)")
@@ -85,51 +87,72 @@ def build_pseudo_masks(cfg: Config, cache: FeatureCache, view, progress: bool = 
         done = np.load(folder / "done.npy")
         todo = np.flatnonzero(~done)
         if len(todo):
-            _write_masks(cfg, cache, view, folder, todo, done, r, progress)
+            _write_masks(cfg, cache, view, folder, todo, done, r, progress, runner)
     return np.memmap(folder / "masks.u8", dtype=np.uint8, mode="r", shape=(n, r, r))
 
 
 def _write_masks(cfg: Config, cache: FeatureCache, view, folder: Path, todo: np.ndarray, done: np.ndarray, size: int,
-                 progress: bool) -> None:
+                 progress: bool, runner=None) -> None:
     params = crf_params_from(cfg.to_dict())
     store = np.memmap(folder / "masks.u8", dtype=np.uint8, mode="r+", shape=(cache.n, size, size))
     counts = np.load(folder / "n_masks.npy")
-    flips: dict = {}
     t0 = time.perf_counter()
-    log.info("PriMaPs pseudo masks: %d of %d crops to compute (CRF on %d worker(s)) into %s", len(todo), cache.n,
-             cfg.crf_workers, folder)
-    pool = crf_pool(cfg.crf_workers) if cfg.crf_workers > 1 else None
-    try:
-        bar = tqdm(total=len(todo), desc="pseudo masks", disable=not progress, leave=False)
-        for start in range(0, len(todo), MASK_CHUNK):
-            chunk = todo[start:start + MASK_CHUNK]
-            feats = cache.feature_batch(chunk).float()
-            jobs = []
-            for j, i in enumerate(chunk):
-                masks = principal_masks(feats[j], cfg.primaps_threshold, cfg.primaps_coverage,
-                                        generator_seed=step_seed(cfg.seed, int(i), 0, 5), stats=flips)
-                if masks.shape[0] > 254:
-                    raise StegosegError(f"crop {i} of {cache.path} gives {masks.shape[0]} masks, more than 254")
-                counts[i] = masks.shape[0]
-                unary = F.interpolate(mask_unaries(masks)[None], size=(size, size), mode="bilinear",
-                                      align_corners=False)[0]
-                jobs.append((_crop_uint8(view[int(i)]["image"]), unary.numpy(), params))
-            store[chunk] = np.stack(run_crf_jobs(jobs, pool)).astype(np.uint8)
-            store.flush()
-            done[chunk] = True
-            atomic_save_npy(folder / "n_masks.npy", counts)
-            atomic_save_npy(folder / "done.npy", done)
-            bar.update(len(chunk))
-        bar.close()
-    finally:
-        if pool is not None:
-            pool.shutdown()
+    chunks = [todo[start:start + MASK_CHUNK] for start in range(0, len(todo), MASK_CHUNK)]
+
+    def keep(chunk: np.ndarray, masks: np.ndarray, n_masks: np.ndarray) -> None:
+        """One chunk's masks into the store, then its crops marked done (both flushed first)."""
+        store[chunk] = masks
+        store.flush()
+        counts[chunk] = n_masks
+        done[chunk] = True
+        atomic_save_npy(folder / "n_masks.npy", counts)
+        atomic_save_npy(folder / "done.npy", done)
+
+    if runner is not None:
+        log.info("PriMaPs pseudo masks: %d of %d crops to compute on Ray into %s", len(todo), cache.n, folder)
+        flips = runner(cfg, cache.path, chunks, keep, progress)
+    else:
+        log.info("PriMaPs pseudo masks: %d of %d crops to compute (CRF on %d worker(s)) into %s", len(todo), cache.n,
+                 cfg.crf_workers, folder)
+        flips = 0
+        pool = crf_pool(cfg.crf_workers) if cfg.crf_workers > 1 else None
+        try:
+            bar = tqdm(total=len(todo), desc="pseudo masks", disable=not progress, leave=False)
+            for chunk in chunks:
+                masks, n_masks, flipped = chunk_masks(cfg, cache, view, chunk, size, params, pool)
+                keep(chunk, masks, n_masks)
+                flips += flipped
+                bar.update(len(chunk))
+            bar.close()
+        finally:
+            if pool is not None:
+                pool.shutdown()
     stats = {"crops": int(cache.n), "masks_per_crop": float(counts.mean()),
-             "one_mask_crops": int((counts == 1).sum()), "sign_flips_this_run": int(flips.get("sign_flips", 0)),
+             "one_mask_crops": int((counts == 1).sum()), "sign_flips_this_run": int(flips),
              "seconds_this_run": time.perf_counter() - t0}
     (folder / "stats.json").write_text(json.dumps(stats, indent=1))
     log.info("PriMaPs pseudo masks: %.1f masks per crop on average, written in %.1fs", stats["masks_per_crop"],
              stats["seconds_this_run"])
+
+
+def chunk_masks(cfg: Config, cache: FeatureCache, view, chunk: np.ndarray, size: int, params, pool=None) -> tuple:
+    """The pseudo masks of the crops ``chunk`` (their ids, (len, size, size) uint8 after the CRF),
+    their mask counts and how many principal directions had their sign flipped. Each crop's
+    randomised PCA has its own seed (from ``cfg.seed`` and the crop), so a crop's masks do not
+    depend on which chunk or worker computes it."""
+    flips: dict = {}
+    feats = cache.feature_batch(chunk).float()
+    jobs, n_masks = [], np.zeros(len(chunk), dtype=np.int16)
+    for j, i in enumerate(chunk):
+        masks = principal_masks(feats[j], cfg.primaps_threshold, cfg.primaps_coverage,
+                                generator_seed=step_seed(cfg.seed, int(i), 0, 5), stats=flips)
+        if masks.shape[0] > 254:
+            raise StegosegError(f"crop {i} of {cache.path} gives {masks.shape[0]} masks, more than 254")
+        n_masks[j] = masks.shape[0]
+        unary = F.interpolate(mask_unaries(masks)[None], size=(size, size), mode="bilinear",
+                              align_corners=False)[0]
+        jobs.append((_crop_uint8(view[int(i)]["image"]), unary.numpy(), params))
+    return np.stack(run_crf_jobs(jobs, pool)).astype(np.uint8), n_masks, int(flips.get("sign_flips", 0))
 
 
 def _crop_uint8(image: torch.Tensor) -> np.ndarray:
