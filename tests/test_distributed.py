@@ -130,7 +130,15 @@ def test_a_killed_driver_reruns_only_the_missing_shards(cluster, data, one_proce
     assert shards is not None, "the run wrote no shards in time"
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray cluster
     proc.wait()
-    finished = {p.name: p.stat().st_mtime_ns for p in shards.glob("features-*.f16")}
+    # A worker of the dead cluster may still finish the shard it was writing (it notices the death
+    # in its own time, seconds on a loaded machine): count the shards once none has appeared for 5 s.
+    finished, still = None, time.time() + 60
+    while time.time() < still:
+        now = {p.name: p.stat().st_mtime_ns for p in shards.glob("features-*.f16")}
+        if now == finished:
+            break
+        finished = now
+        time.sleep(5)
     assert 3 <= len(finished) < 25  # 50 crops, 2 per shard: the kill came midway
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -255,10 +263,16 @@ def test_a_killed_evaluation_reruns_only_the_missing_images(cluster, checkpoint,
     kept = sorted(p.name for p in (out / ".eval-parts").glob("*/part-*.npz"))
     assert len(kept) == 2 and not (out / "metrics.json").exists()
     monkeypatch.setattr(stages, "part_from_file", real_read)
+    other = tmp_path / "other"  # the same killed state, then other images into it: nothing of it is reused
+    __import__("shutil").copytree(out, other)
     assert _evaluate(checkpoint, out, "--ray-address", "local", "--ray-workers", "1") == 0
     finished = {int(name[5:13]) for name in kept}
     assert sent == [[0, 4, 8], sorted({0, 4, 8} - finished)]
     assert _metrics(out) == _metrics(one_process_metrics)
+    assert main(["evaluate", str(checkpoint), "--out", str(other), "--split", "val", "--eval-batch-size", "1",
+                 "--crf-workers", "1", "--no-progress", "--device", "cpu", "--ray-address", "local",
+                 "--ray-workers", "1"]) == 0
+    assert sent[-1] == [0] and _metrics(other)["n_images"] == 4  # the 4 val images, not the train counts kept
 
 
 def test_ray_pseudo_masks_are_the_one_process_masks_even_when_a_worker_dies(cluster, data, tmp_path, monkeypatch):
@@ -303,13 +317,20 @@ def test_ray_pseudo_masks_are_the_one_process_masks_even_when_a_worker_dies(clus
     assert np.array_equal(one, two) and np.array_equal(np.load(folder / "n_masks.npy"), counts)
     done = np.load(folder / "done.npy")
     assert done.all()
-    done[7:30] = False  # as if the driver had died before these crops arrived
+    done[7:30] = False  # as if the driver had died before these crops arrived (their masks and counts not written)
     np.save(folder / "done.npy", done)
+    store = np.memmap(folder / "masks.u8", dtype=np.uint8, mode="r+", shape=one.shape)
+    store[7:30] = 0
+    store.flush()
+    zeroed = counts.copy()
+    zeroed[7:30] = 0
+    np.save(folder / "n_masks.npy", zeroed)
     real, sent = stages.run_items, []
     monkeypatch.setattr(stages, "run_items", lambda rows, *a, **k: (sent.extend(rows), real(rows, *a, **k))[1])
     again = np.array(build_pseudo_masks(on_ray, cache, view, progress=False,
                                         runner=ray_pseudo_masks(on_ray, tmp_path, settings)))
     assert sorted(i for row in sent for i in row["crops"]) == list(range(7, 30)) and np.array_equal(again, one)
+    assert np.array_equal(np.load(folder / "n_masks.npy"), counts)
 
 
 def test_bad_ray_options_are_one_line_before_any_work(cluster, data, tmp_path, capsys, monkeypatch):
@@ -321,3 +342,20 @@ def test_bad_ray_options_are_one_line_before_any_work(cluster, data, tmp_path, c
     assert main(prepare_args(data, out, "--ray-address", "local", "--ray-workers", "0")) == 2
     assert "--ray-workers must be >= 1" in one_error_line(capsys)
     assert not (out / "cache").exists() or not list((out / "cache").glob("*/meta.json"))
+
+
+def test_evaluate_runs_on_ray_only_when_asked_on_its_command_line(cluster, checkpoint, tmp_path, monkeypatch):
+    """A checkpoint whose run had --ray-address keeps it in its config: evaluate without the
+    option evaluates in this process; --ray-address none is the same; no traceback."""
+    import torch
+
+    import stegoseg.distributed.stages as stages
+
+    ckpt = torch.load(checkpoint, weights_only=False)
+    ckpt["config"] = dict(ckpt["config"], ray_address="127.0.0.1:9", ray_workers=4)
+    on_ray = tmp_path / "ray-run.pt"
+    torch.save(ckpt, on_ray)
+    monkeypatch.setattr(stages, "run_items", lambda *a, **k: pytest.fail("evaluated on Ray without being asked"))
+    assert _evaluate(on_ray, tmp_path / "plain") == 0
+    assert _evaluate(on_ray, tmp_path / "none", "--ray-address", "none") == 0
+    assert _metrics(tmp_path / "plain") == _metrics(tmp_path / "none")

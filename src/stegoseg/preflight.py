@@ -235,7 +235,8 @@ def check_label_range(values: dict, n_classes: int, split: str, source: str) -> 
 #: What each command writes into its --out folder (and ``--overwrite`` removes first, so that
 #: no output of the earlier run is left beside the new ones). The feature cache
 #: (``cache/``) and generated data are kept: they are validated, not stale.
-EVAL_OUTPUTS = ("metrics.json", "confusion_cluster.png", "confusion_linear.png", "predictions.png", "selection-eval")
+EVAL_OUTPUTS = ("metrics.json", "confusion_cluster.png", "confusion_linear.png", "predictions.png", "selection-eval",
+                ".eval-parts")
 TRAIN_OUTPUTS = (
     "checkpoint.pt", "config.yaml", "run_config.json", "lightning", "logs", "candidates", "calibration.json", "selection.json",
     "selection.png", "selected_similarity_histogram.png", "similarity_histogram.png", "training_curves.png",

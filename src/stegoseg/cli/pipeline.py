@@ -91,8 +91,12 @@ def cmd_baseline(args) -> int:
     return 0
 
 
+#: The Ray options of a command, in RayOptions' order.
+RAY_FIELDS = ("ray_address", "ray_workers", "ray_gpus_per_worker", "ray_cpus_per_worker")
+
+
 def cmd_evaluate(args) -> int:
-    from stegoseg.config.stego import explicit_values
+    from stegoseg.config.stego import explicit_values, replace
     from stegoseg.evaluation.protocol import summary_rows
     from stegoseg.methods.common import (
         check_eval_labels,
@@ -104,22 +108,24 @@ def cmd_evaluate(args) -> int:
     from stegoseg.errors import StegosegError
     from stegoseg.preflight import check_accelerator
 
-    if getattr(args, "ray_address", None):  # bad Ray options are one line before the model is read
+    given = explicit_values(args)
+    from stegoseg.config.stego import Config
+
+    # Ray only when asked on this command line (never from the Ray options the checkpoint's run had)
+    ray_values = {k: given.get(k, Config.__dataclass_fields__[k].default) for k in RAY_FIELDS}
+    if ray_values["ray_address"]:  # bad Ray options are one line before the model is read
         from stegoseg.distributed.engine import RayOptions, connect, option_problems
         from stegoseg.config.base import raise_first_failure
 
-        from stegoseg.config.stego import Config
-
-        given = explicit_values(args)  # (the checkpoint's own Ray options are not read here: the defaults)
-        options = RayOptions(args.ray_address, *(given.get(k, Config.__dataclass_fields__[k].default)
-                                                 for k in ("ray_workers", "ray_gpus_per_worker", "ray_cpus_per_worker")))
+        options = RayOptions(*(ray_values[k] for k in RAY_FIELDS))
         raise_first_failure(option_problems(options.workers, options.gpus_per_worker, options.cpus_per_worker))
         connect(options)
     model = load(args.checkpoint, weights=explicit_values(args).get("weights"), device="cpu",
                  replace_backbone=args.replace_backbone_weights)
-    cfg = config_for_checkpoint(model, args)
+    cfg = replace(config_for_checkpoint(model, args), **ray_values)
     check_accelerator(device=cfg.device)  # evaluation runs on --device; the training accelerator does not matter
-    model.to(resolve_device(cfg.device))
+    if not cfg.ray_address:  # (on Ray the workers put it on their devices)
+        model.to(resolve_device(cfg.device))
     out = prepare_out(args.out, "evaluate", "metrics.json", args.overwrite)
     check_eval_labels(cfg, model, out, split=args.split)
     lock_out(out, "evaluate")

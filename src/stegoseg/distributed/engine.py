@@ -131,9 +131,11 @@ def run_items(rows: list, actor_class, constructor_kwargs: dict, options: RayOpt
     out = []
     try:
         for row in mapped.iter_rows():
-            out.append(dict(row))
-            if on_row is not None:
-                on_row(out[-1])
+            row = dict(row)
+            if on_row is not None:  # (kept by on_row: not held here as well, a job's blobs can be large)
+                on_row(row)
+            else:
+                out.append(row)
             bar.update(count(row) if count else 1)
     except Exception as exc:  # a worker's own StegosegError is the user's one line
         cause = exc

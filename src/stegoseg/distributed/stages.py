@@ -142,7 +142,7 @@ class EvaluateParts:
         self.config = EvalConfig(**dict(config, crf_params=CRFParams(**config["crf_params"])))
         self.dataset = build()
         self.dataset.transform = eval_transform(self.config)
-        workers = self.config.crf_workers
+        workers = min(self.config.crf_workers, threads)  # within the actor's CPUs (same labels at any count)
         self.pool = crf_pool(workers) if self.config.crf and workers > 1 else None
 
     def __call__(self, batch):
@@ -208,12 +208,13 @@ EVAL_BATCHES_PER_ITEM = 4
 
 
 def evaluation_parts(options: RayOptions, model, build, config, device: str = "auto", parts_dir: Path = None,
-                     progress: bool = True):
+                     progress: bool = True, data_key: str = ""):
     """``parts`` for :func:`~stegoseg.evaluation.protocol.evaluate_model`: the images in runs of
     :data:`EVAL_BATCHES_PER_ITEM` protocol batches (the batches one process makes, so the
     predictions are the same) on :class:`EvaluateParts` actors. With ``parts_dir``, each
     finished run's counts are written there by rename as they arrive, under a key of the model
-    (its weights), the protocol and the images, so that a rerun after the driver was killed
+    (its weights and inference precision), the protocol and the images (``data_key``: the split's
+    files, sizes and times, from the caller), so that a rerun after the driver was killed
     evaluates only the runs that are missing; the folder goes once the metrics are written."""
     import hashlib
     import shutil
@@ -229,8 +230,9 @@ def evaluation_parts(options: RayOptions, model, build, config, device: str = "a
                 for s in range(0, len(indices), step)]
         folder, done = None, {}
         if parts_dir is not None:
-            key = hashlib.sha256(json.dumps({"model": model_fingerprint(model), "config": asdict(config),
-                                             "indices": indices, "step": step}, sort_keys=True).encode()).hexdigest()
+            key = hashlib.sha256(json.dumps({"model": model_fingerprint(model), "autocast": str(model.autocast_dtype),
+                                             "config": asdict(config), "data": data_key, "indices": indices,
+                                             "step": step}, sort_keys=True).encode()).hexdigest()
             folder = Path(parts_dir) / key[:16]
             if Path(parts_dir).exists():
                 for other in Path(parts_dir).iterdir():  # counts of another model or protocol: not this job's
@@ -255,10 +257,9 @@ def evaluation_parts(options: RayOptions, model, build, config, device: str = "a
 
         if todo:
             connect(options)
-            import copy
-
-            on_cpu = all(t.device.type == "cpu" for t in model.state_dict().values())
-            ref = ray.put(model if on_cpu else copy.deepcopy(model).cpu())  # once; every actor reads it
+            where = next(iter(model.state_dict().values())).device
+            ref = ray.put(model.cpu())  # once; every actor reads it (the driver's copy goes back where it was)
+            model.to(where)
             run_items(todo, EvaluateParts, {"model": ref, "build": build, "config": asdict(config), "device": device},
                       options,
                       sum(len(r["indices"]) for r in todo), f"evaluate ({options.workers} Ray workers)", progress,
@@ -285,9 +286,10 @@ class PseudoMasks:
         if len(self.view) != self.cache.n:
             raise StegosegError(f"a Ray worker sees {len(self.view)} crops, the feature cache {cache_path} has "
                                 f"{self.cache.n}: give every worker the same data folder")
-        self.size = int(self.cache.meta["label_shape"][0])
+        self.size = int(self.cache.meta["spec"]["resolution"])  # (label_shape is None without labels)
         self.params = crf_params_from(config)
-        self.pool = crf_pool(self.cfg.crf_workers) if self.cfg.crf_workers > 1 else None
+        workers = min(self.cfg.crf_workers, threads)  # within the actor's CPUs (same masks at any count)
+        self.pool = crf_pool(workers) if workers > 1 else None
 
     def __call__(self, batch):
         import io

@@ -112,11 +112,11 @@ def evaluate_model(
     names = dataset.class_names if labelled else None
     if labelled:
         cluster_acc = ConfusionAccumulator(model.n_clusters, n_classes)
-        cluster_acc.confusion = sum(part.cluster for part in done)
+        cluster_acc.confusion = sum((part.cluster for part in done), cluster_acc.confusion)
         result["cluster"] = {mode: cluster_acc.compute(mode, names) for mode in ("parity", "strict")}
         if model.linear_probe is not None:
             linear_acc = ConfusionAccumulator(n_classes, n_classes, hungarian=False)
-            linear_acc.confusion = sum(part.linear for part in done)
+            linear_acc.confusion = sum((part.linear for part in done), linear_acc.confusion)
             result["linear"] = linear_acc.compute("strict", names)
     if out_dir is not None:
         write_eval_outputs(result, grid_rows, out_dir, n_classes or model.n_clusters, model.n_clusters)

@@ -430,8 +430,13 @@ def ray_evaluation(cfg: Config, model: SegmentationModel, out: Path, split: str)
         return None
     from stegoseg.distributed.stages import evaluation_parts
 
+    from stegoseg.features.cache import dataset_fingerprint
+
     build = functools.partial(split_dataset, cfg.to_dict(), str(out), split, model.class_names)
-    return evaluation_parts(options, model, build, eval_config(cfg), cfg.device, Path(out) / EVAL_PARTS, cfg.progress)
+    data = build()
+    data_key = f"{cfg.dataset}:{data.root}:{split}:{dataset_fingerprint(data)}"
+    return evaluation_parts(options, model, build, eval_config(cfg), cfg.device, Path(out) / EVAL_PARTS, cfg.progress,
+                            data_key=data_key)
 
 
 def split_dataset(config: dict, out: str, split: str, class_names=None):
@@ -444,7 +449,9 @@ def config_for_checkpoint(model: SegmentationModel, args=None) -> Config:
     from dataclasses import fields
 
 
-    values = {k: v for k, v in (model.config or {}).items() if k in {f.name for f in fields(Config)}}
+    # (the Ray options say where the checkpoint's run ran, not what the model is: only from this command line)
+    values = {k: v for k, v in (model.config or {}).items()
+              if k in {f.name for f in fields(Config)} and not k.startswith("ray_")}
     if args is not None:
 
         if getattr(args, "config", None):

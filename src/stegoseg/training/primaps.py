@@ -68,7 +68,7 @@ def build_pseudo_masks(cfg: Config, cache: FeatureCache, view, progress: bool = 
                             "(`pip install pydensecrf2`, needs a C++ compiler)")
     spec = mask_spec(cfg, cache)
     folder = masks_folder(cfg, cache)
-    n, r = cache.n, int(cache.meta["label_shape"][0])
+    n, r = cache.n, int(cache.meta["spec"]["resolution"])  # (label_shape is None without labels)
     if len(view) != n:
         raise StegosegError(f"the feature cache {cache.path} holds {n} crops but the dataset gives {len(view)}: "
                             "run prepare again")
