@@ -2,6 +2,7 @@
 the same cache, KNN lists, label maps, metrics and PriMaPs pseudo masks as one process; a worker killed midway and a driver
 killed and rerun still give complete results with nothing missing or duplicated; bad options
 are one line, exit 2, before any work."""
+import contextlib
 import os
 import signal
 import subprocess
@@ -18,6 +19,19 @@ from stegoseg.cli import main
 ray = pytest.importorskip("ray")
 
 KILL = "STEGOSEG_TEST_KILL_WORKER_ONCE"
+
+
+@contextlib.contextmanager
+def one_thread():
+    """One torch thread in this process, as each Ray worker has (the one-process references)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -83,15 +97,9 @@ def test_an_unreachable_address_and_a_missing_ray_are_one_line(data, tmp_path, c
 @pytest.fixture(scope="module")
 def one_process(data, tmp_path_factory):
     """The single-process cache (one torch thread, as each Ray worker has)."""
-    import torch
-
     out = tmp_path_factory.mktemp("single") / "p"
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         assert main(prepare_args(data, out)) == 0
-    finally:
-        torch.set_num_threads(before)
     return cache_of(out)
 
 
@@ -164,15 +172,9 @@ def checkpoint(data, tmp_path_factory):
 
 
 def test_ray_segment_writes_the_one_process_label_maps_even_when_a_worker_dies(cluster, data, checkpoint, tmp_path):
-    import torch
-
     images = data / "imgs" / "train"  # 10 images in batches of 2: two Ray work items (4 batches and 1)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         assert _segment(checkpoint, images, tmp_path / "one") == 0
-    finally:
-        torch.set_num_threads(before)
     cluster.unlink(missing_ok=True)
     armed = Path(str(cluster) + ".armed")
     armed.touch()
@@ -207,15 +209,9 @@ def _metrics(out):
 
 @pytest.fixture(scope="module")
 def one_process_metrics(checkpoint, tmp_path_factory):
-    import torch
-
     out = tmp_path_factory.mktemp("eval") / "one"
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         assert _evaluate(checkpoint, out) == 0
-    finally:
-        torch.set_num_threads(before)
     return out
 
 
@@ -280,8 +276,6 @@ def test_ray_pseudo_masks_are_the_one_process_masks_even_when_a_worker_dies(clus
     same masks and counts as one process; crops marked not done are all that a rerun sends."""
     import shutil
 
-    import torch
-
     import stegoseg.distributed.stages as stages
     from conftest import tiny_config
     from stegoseg.config.stego import replace
@@ -295,12 +289,8 @@ def test_ray_pseudo_masks_are_the_one_process_masks_even_when_a_worker_dies(clus
     settings = dict(resolution=cfg.resolution, five_crop=cfg.five_crop, image_resample="bilinear", jpeg=cfg.crop_jpeg)
     view = CropView(build_split(cfg, "train"), **settings)
     folder = masks_folder(cfg, cache)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         one = np.array(build_pseudo_masks(cfg, cache, view, progress=False))
-    finally:
-        torch.set_num_threads(before)
     counts = np.load(folder / "n_masks.npy")
     shutil.rmtree(folder)
     on_ray = replace(cfg, ray_address="local", ray_workers=2)
