@@ -191,18 +191,6 @@ def part_from_file(path: Path):
                         grid, int(z["n"]))
 
 
-def model_fingerprint(model) -> str:
-    """sha256 over a model's parameters and buffers (which run a finished part file belongs to)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(dtype=__import__("torch").uint8).numpy()
-                      .tobytes())
-    return digest.hexdigest()
-
-
 #: Batches of the protocol per Ray work item in evaluation.
 EVAL_BATCHES_PER_ITEM = 4
 
@@ -220,6 +208,7 @@ def evaluation_parts(options: RayOptions, model, build, config, device: str = "a
     import shutil
     from dataclasses import asdict
 
+    from stegoseg.features.cache import weights_fingerprint
     from stegoseg.preflight import atomic_write
 
     def run(indices: list, grid_at: set) -> list:
@@ -230,7 +219,7 @@ def evaluation_parts(options: RayOptions, model, build, config, device: str = "a
                 for s in range(0, len(indices), step)]
         folder, done = None, {}
         if parts_dir is not None:
-            key = hashlib.sha256(json.dumps({"model": model_fingerprint(model), "autocast": str(model.autocast_dtype),
+            key = hashlib.sha256(json.dumps({"model": weights_fingerprint(model), "autocast": str(model.autocast_dtype),
                                              "config": asdict(config), "data": data_key, "indices": indices,
                                              "step": step}, sort_keys=True).encode()).hexdigest()
             folder = Path(parts_dir) / key[:16]
