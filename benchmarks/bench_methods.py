@@ -92,11 +92,18 @@ ROWS = REPO / "benchmarks" / "results" / "methods-rows"
 
 
 def weights_digest(cfg) -> str:
-    """sha256 of the backbone weights file a row read (None: no file), so that a stored row is
-    reused only with the very same backbone."""
+    """sha256 of the tensors of the backbone weights file a row read (None: no file), so that a
+    stored row is reused only with the very same backbone. Of the tensors, not of the file:
+    ``torch.save`` of the same seed-0 weights on another machine gives other bytes."""
     if not cfg.weights:
         return None
-    return hashlib.sha256(Path(cfg.weights).read_bytes()).hexdigest()
+    saved = torch.load(cfg.weights, map_location="cpu", weights_only=True)
+    state = saved.get("state_dict", saved)
+    h = hashlib.sha256()
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(state[name].contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return "tensors:" + h.hexdigest()
 
 
 def stored_row(setting: Setting, method: str, seed: int, cfg) -> Path:

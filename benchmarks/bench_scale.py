@@ -229,6 +229,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--parts", default="extraction,segment,knn,reads,bytes")
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
+    parser.add_argument("--segment-images", type=int, default=160,
+                        help="images of the segment part (each run includes starting its actors: more images "
+                             "weigh the start-up less)")
     args = parser.parse_args()
     parts, sizes = args.parts.split(","), [int(s) for s in args.sizes.split(",")]
     out = Path(__file__).resolve().parent / "results" / "scale.json"
@@ -238,7 +241,11 @@ def main() -> None:
         if "extraction" in parts:
             result["extraction"] = extraction_part(Path(tmp) / "extraction")
         if "segment" in parts:
-            result["segment"] = segment_part(Path(tmp) / "segment")
+            # every job size measured so far (the start-up is a fixed cost: the ratio grows with the job)
+            earlier = result.get("segment_by_images") or (
+                {str(result["segment"]["images"]): result["segment"]} if "segment" in result else {})
+            result["segment"] = segment_part(Path(tmp) / "segment", args.segment_images)
+            result["segment_by_images"] = dict(earlier, **{str(args.segment_images): result["segment"]})
         if "knn" in parts:  # rows of other sizes measured by an earlier invocation are kept
             result["knn"] = project_exact(merged(result.get("knn"), knn_part(sizes)))
             write_result("scale", dict(result, measured_on=machine()))

@@ -119,6 +119,19 @@ def test_ray_extraction_gives_the_one_process_cache_even_when_a_worker_dies(clus
     assert_same_cache(one_process, cache)
 
 
+def test_ray_extraction_of_a_projected_cache_is_the_one_process_one(cluster, data, tmp_path):
+    """--pca-dim on Ray: the driver fits the projection, the workers read it from the cache root
+    and write the same reduced cache as one process (which fits its own, identically)."""
+    with one_thread():
+        assert main(prepare_args(data, tmp_path / "one", "--pca-dim", "8", "--pca-sample", "12")) == 0
+    assert main(prepare_args(data, tmp_path / "ray", "--pca-dim", "8", "--pca-sample", "12", "--ray-address", "local",
+                             "--ray-workers", "2")) == 0
+    one, other = cache_of(tmp_path / "one"), cache_of(tmp_path / "ray")
+    assert one.meta["feature_shape"][0] == 8 and one.meta["spec"]["projection"] is not None
+    assert one.meta["spec"] == other.meta["spec"]
+    assert_same_cache(one, other)
+
+
 def test_a_killed_driver_reruns_only_the_missing_shards(cluster, data, one_process, tmp_path):
     out = tmp_path / "driver"
     cmd = [sys.executable, "-m", "stegoseg", *prepare_args(data, out, "--ray-address", "local", "--ray-workers", "1",

@@ -110,3 +110,36 @@ def test_prepare_with_an_approximate_index_records_its_recall(synthetic_root, tm
     assert main([*args, "--knn-index", "exact"]) == 0  # the exact list is a file of its own
     assert np.array_equal(np.load(cache.path / "knn_8.npy"), exact)
     assert main([*args, "--knn-index", "nearest"]) == 2
+
+
+def test_unfilled_hnsw_slots_are_searched_exactly(monkeypatch):
+    """FAISS marks slots it could not fill with -1: those rows get their exact neighbours."""
+    import faiss
+
+    from stegoseg.features import knn as knn_module
+
+    real = faiss.IndexHNSWFlat
+
+    class Holey:
+        def __init__(self, *args):
+            self.inner = real(*args)
+            self.hnsw = self.inner.hnsw
+
+        def add(self, x):
+            self.inner.add(x)
+
+        def search(self, q, k):
+            d, i = self.inner.search(q, k)
+            i = i.copy()
+            i[::3, -2:] = -1
+            return d, i
+
+    monkeypatch.setattr(faiss, "IndexHNSWFlat", Holey)
+    x = np.random.default_rng(0).normal(size=(300, 16)).astype(np.float32)
+    found, _ = knn_module.approximate_neighbors(x, k=7)
+    u = x / np.linalg.norm(x, axis=1, keepdims=True)
+    sims = u @ u.T
+    np.fill_diagonal(sims, -np.inf)
+    exact = np.argsort(-sims, axis=1)[:, :7]
+    for row in range(0, 300, 3):
+        assert set(found[row]) == set(exact[row]), row

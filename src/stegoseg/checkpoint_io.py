@@ -20,13 +20,14 @@ from stegoseg.preflight import default_file_mode, file_head
 log = logging.getLogger("stegoseg")
 
 CHECKPOINT_FORMAT = "stegoseg"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: a `projection` entry (--pca-dim); written only by checkpoints that have one
 # The save_pretrained folder: the checkpoint dict without its tensors, and the tensors.
 PRETRAINED_CONFIG = "config.json"
 PRETRAINED_WEIGHTS = "model.safetensors"
 # Where the checkpoint dict holds state dicts; in a save_pretrained folder each one is
 # replaced by the key prefix of its tensors in model.safetensors ("backbone." etc.).
-_STATE_DICT_SLOTS = (("backbone", "state_dict"), ("head", "state_dict"), ("cluster_probe",), ("linear_probe",))
+_STATE_DICT_SLOTS = (("backbone", "state_dict"), ("head", "state_dict"), ("cluster_probe",), ("linear_probe",),
+                     ("projection",))
 
 
 def write_checkpoint_file(ckpt: dict, path) -> Path:
@@ -267,6 +268,8 @@ def model_from_checkpoint(cls, ckpt: dict, weights=None, device: str = "cpu", re
             backbone.weights_replaced = True  # evaluate's metrics.json says so
             log.warning("--replace-backbone-weights: the backbone of this model is %s, not the one it was trained "
                         "with; its maps and metrics are those of another backbone", weights)
+    if ckpt.get("projection") is not None:  # --pca-dim: the features the head was trained on
+        backbone.project_onto(ckpt["projection"]["mean"], ckpt["projection"]["weight"])
     names, n_classes = ckpt.get("class_names"), ckpt.get("n_classes")
     if names is not None and n_classes and ckpt.get("linear_probe") is not None and len(names) != n_classes:
         # ValueError: _checked_model names the file or folder

@@ -370,7 +370,8 @@ class SegmentationModel(nn.Module):
         options = getattr(self.head, "options", dict)() if self.head is not None else {}
         ckpt = {
             "format": CHECKPOINT_FORMAT,
-            "version": CHECKPOINT_VERSION,
+            # version 1 unless the features are projected (older readers then refuse the file clearly)
+            "version": CHECKPOINT_VERSION if getattr(self.backbone, "proj_weight", None) is not None else 1,
             "method": self.method,
             "backbone": {
                 **spec,
@@ -394,6 +395,8 @@ class SegmentationModel(nn.Module):
             "class_names": self.class_names,
             "cluster_classes": self.cluster_classes,
             "config": self.config,
+            # --pca-dim: the fixed projection of the backbone's features (absent: none)
+            "projection": getattr(self.backbone, "projection_state", lambda: None)(),
         }
         return ckpt
 

@@ -32,6 +32,7 @@ from stegoseg.data.io import list_images, load_image
 from stegoseg.errors import StegosegError
 from stegoseg.evaluation.crf import crf_params_from
 from stegoseg.features.cache import FeatureCache, weights_fingerprint
+from stegoseg.features.projection import projection_digest
 from stegoseg.model import SegmentationModel, crop_to_image, resize_minor
 from stegoseg.reporting.figures import make_palette, overlay
 
@@ -108,9 +109,11 @@ class Neighbours:
         if not root.is_dir():
             return None
         wanted = getattr(model.backbone, "weights_sha256", None) or weights_fingerprint(model.backbone)
+        projection = projection_digest(model.backbone)
         for meta in sorted(root.glob("*/meta.json")):
             spec = json.loads(meta.read_text()).get("spec", {})
-            if spec.get("weights") != wanted or spec.get("backbone") != model.backbone.name:
+            if (spec.get("weights") != wanted or spec.get("backbone") != model.backbone.name
+                    or spec.get("projection") != projection):
                 continue
             cache = FeatureCache(meta.parent)
             if not cache.complete:

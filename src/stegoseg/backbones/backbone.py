@@ -79,7 +79,8 @@ class Backbone(nn.Module):
         name: preset name (e.g. ``"dino_vits8"``).
         family: ``"vit"`` or ``"resnet"``.
         patch_size: ViT patch size, or output stride of a ResNet (32).
-        embed_dim: channels ``C`` of the dense features.
+        embed_dim: channels ``C`` of the dense features (``D`` after :meth:`project_onto`).
+        raw_dim: channels of the network's own features (``embed_dim`` without a projection).
         mean, std: input normalisation for images in [0, 1] (RGB tuples).
         weights_source: ``"random"``, ``"timm:<model>@hub"``, ``"url:<URL>"`` or the path
             of the local weights file.
@@ -128,7 +129,45 @@ class Backbone(nn.Module):
         # Not persistent: they are derived from mean/std and must not enter state dicts.
         self.register_buffer("_mean_t", torch.tensor(self.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_std_t", torch.tensor(self.std).view(1, 3, 1, 1), persistent=False)
+        # A fixed linear projection of the features (``--pca-dim``; see :meth:`project_onto`).
+        # Not in the state dict: the weights stay those of the preset; a checkpoint stores the
+        # projection in its own entry.
+        self.raw_dim = self.embed_dim
+        self.register_buffer("proj_mean", None, persistent=False)
+        self.register_buffer("proj_weight", None, persistent=False)
         self.freeze()
+
+    # -- projection -----------------------------------------------------------------------
+
+    def project_onto(self, mean: torch.Tensor, weight: torch.Tensor) -> "Backbone":
+        """From now on :meth:`forward` returns ``weight @ (features - mean)`` per cell: ``D``
+        channels instead of ``C`` (``weight`` is ``(D, C)``, e.g. a PCA's components, ``mean``
+        ``(C,)``). :attr:`embed_dim` becomes ``D``; :attr:`raw_dim` stays ``C``."""
+        weight = torch.as_tensor(weight, dtype=torch.float32)
+        mean = torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
+        if weight.dim() != 2 or weight.shape[1] != self.raw_dim or mean.numel() != self.raw_dim:
+            raise StegosegError(f"a projection of {tuple(weight.shape)} with a mean of {mean.numel()} values does not "
+                                f"fit the {self.raw_dim}-channel features of {self.name}")
+        if weight.shape[0] > self.raw_dim:
+            raise StegosegError(f"a projection to {weight.shape[0]} channels is larger than {self.name}'s "
+                                f"{self.raw_dim}")
+        device = self._mean_t.device
+        self.register_buffer("proj_mean", mean.to(device).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("proj_weight", weight.to(device), persistent=False)
+        self.embed_dim = int(weight.shape[0])
+        return self
+
+    def projection_state(self) -> dict | None:
+        """``{"mean": (C,), "weight": (D, C)}`` of :meth:`project_onto`, or None without one."""
+        if self.proj_weight is None:
+            return None
+        return {"mean": self.proj_mean.detach().reshape(-1).cpu().clone(), "weight": self.proj_weight.detach().cpu().clone()}
+
+    def _project(self, feats: torch.Tensor) -> torch.Tensor:
+        if self.proj_weight is None:
+            return feats
+        centred = feats.float() - self.proj_mean
+        return torch.einsum("dc,bchw->bdhw", self.proj_weight, centred).to(feats.dtype)
 
     # -- frozen / eval ------------------------------------------------------------------
 
@@ -216,13 +255,13 @@ class Backbone(nn.Module):
             (feats,) = self.model.forward_intermediates(
                 x, indices=1, norm=True, output_fmt="NCHW", intermediates_only=True
             )
-            return feats
+            return self._project(feats)
         model = self.model
         x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
         x = model.layer1(x)
         x = model.layer2(x)
         x = model.layer3(x)
-        return model.layer4(x)
+        return self._project(model.layer4(x))
 
     def features(self, x01: torch.Tensor, mode: str = "pad") -> torch.Tensor:
         """Dense features of images in [0, 1] of any size (no gradients).
@@ -249,6 +288,7 @@ class Backbone(nn.Module):
             f"name={self.name!r}, patch_size={self.patch_size}, embed_dim={self.embed_dim}, "
             f"weights_source={self.weights_source!r}, tiny={self.tiny}, "
             f"pos_embed_mode={self.pos_embed_mode!r}"
+            + (f", projected from {self.raw_dim} channels" if self.proj_weight is not None else "")
         )
 
 

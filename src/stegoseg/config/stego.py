@@ -47,6 +47,8 @@ class Config(ConfigBase):
     num_workers: int = 2
     cache_shard_items: Optional[int] = None  # items per cache shard (default: about 256 MB of features)
     knn_index: str = "auto"  # auto | exact | hnsw: FAISS index of the nearest-neighbour search
+    pca_dim: Optional[int] = None  # project the features onto this many directions fitted on a sample (smaller cache)
+    pca_sample: int = 256  # training crops the --pca-dim projection is fitted on
     # ---- method
     method: str = "stego"  # stego | cause-mlp | cause-tr | primaps | stego+primaps | cause-mlp+primaps | cause-tr+primaps
     init_from: Optional[str] = None  # --method primaps: boost this trained stegoseg checkpoint (its head's code)
@@ -213,6 +215,10 @@ _FIELD_HELP = {
     "cache_shard_items": "items per feature-cache shard, the unit a worker writes (default: about 256 MB of features)",
     "knn_index": "FAISS index of the nearest-neighbour search: exact (flat), hnsw (approximate, its recall against "
                  "exact search measured on a sample and recorded), auto (exact up to 200,000 items, then hnsw)",
+    "pca_dim": "cache (and train on) the features projected onto D directions fitted on --pca-sample training crops "
+               "(uncentred PCA: keeps dot products; C/D times smaller cache, e.g. 6x for 384 -> 64); the checkpoint "
+               "stores the projection; effect on CamVid in docs/scaling.md",
+    "pca_sample": "training crops the --pca-dim projection is fitted on (64 patch features from each)",
     "ray_address": "run extraction, evaluation, PriMaPs' pseudo masks and segment on Ray (pip install "
                    "\"stegoseg[distributed]\"): local starts a cluster "
                    "here, auto joins the one on this machine, HOST:PORT or ray://HOST:PORT another",
@@ -240,7 +246,7 @@ FIELD_GROUPS = {
     "data": ("dataset", "data_root", "train_split", "val_split", "ignore_index", "class_names", "n_classes"),
     "backbone": ("backbone", "weights", "pretrained", "tiny", "pos_embed"),
     "features": ("resolution", "five_crop", "n_neighbors", "knn_backend", "knn_index", "cache_dir", "extract_batch_size",
-                 "cache_shard_items",
+                 "cache_shard_items", "pca_dim", "pca_sample",
                  "num_workers", "knn_dropout", "crop_jpeg", "train_resample"),
     "loss": ("dim", "extra_clusters", "feature_dropout", "n_samples", "shifts", "calibration_batches", "auto_centring",
              "w_self", "w_knn", "w_rand", "b_self", "b_knn", "b_rand", "n_random", "knn_topk", "pointwise",
@@ -389,6 +395,10 @@ def validate(cfg: Config) -> None:
         (cfg.extract_batch_size >= 1, "--extract-batch-size must be >= 1"),
         (cfg.cache_shard_items is None or cfg.cache_shard_items >= 1, "--cache-shard-items must be >= 1"),
         (cfg.knn_index in ("auto", "exact", "hnsw"), f"--knn-index must be auto, exact or hnsw, got {cfg.knn_index!r}"),
+        (cfg.pca_dim is None or cfg.pca_dim >= 1, f"--pca-dim must be >= 1 (or none: all channels), got {cfg.pca_dim}"),
+        (cfg.pca_sample >= 1, f"--pca-sample must be >= 1 crop, got {cfg.pca_sample}"),
+        (not (cfg.pca_dim and cfg.init_from), "--init-from boosts a trained model with its own backbone (and its "
+         "projection, if it has one): drop --pca-dim"),
         *option_problems(cfg.ray_workers, cfg.ray_gpus_per_worker, cfg.ray_cpus_per_worker),
         (cfg.eval_batch_size >= 1, "--eval-batch-size must be >= 1"),
         (cfg.num_workers >= 0, "--num-workers must be >= 0"),

@@ -32,6 +32,11 @@ class ExtractShards:
         if weights != spec["weights"]:
             raise StegosegError(f"a Ray worker built other backbone weights than the feature cache {self.path} holds: "
                                 "give every worker the same --weights file (on a disk they all see)")
+        from stegoseg.features.projection import projection_digest
+
+        if projection_digest(backbone) != spec.get("projection"):
+            raise StegosegError(f"a Ray worker projects the features otherwise than the feature cache {self.path} "
+                                "(--pca-dim): give every worker the same --cache-dir, on a disk they all see")
         self.backbone = backbone.to(self.device).eval()
         self.view = CropView(dataset, spec["resolution"], spec["five_crop"], spec["image_resample"],
                              jpeg=spec["crop_jpeg"])
@@ -83,7 +88,7 @@ class SegmentImages:
 
             self.model.autocast_dtype = torch.bfloat16
         self.settings = dict(settings)
-        workers = self.settings.pop("crf_workers")
+        workers = min(self.settings.pop("crf_workers"), threads)  # within the actor's CPUs (same labels at any count)
         self.pool = crf_pool(workers) if self.settings["crf"] and workers > 1 else None
 
     def __call__(self, batch):
@@ -219,7 +224,10 @@ def evaluation_parts(options: RayOptions, model, build, config, device: str = "a
                 for s in range(0, len(indices), step)]
         folder, done = None, {}
         if parts_dir is not None:
+            from stegoseg.features.projection import projection_digest
+
             key = hashlib.sha256(json.dumps({"model": weights_fingerprint(model), "autocast": str(model.autocast_dtype),
+                                             "projection": projection_digest(model.backbone),
                                              "config": asdict(config), "data": data_key, "indices": indices,
                                              "step": step}, sort_keys=True).encode()).hexdigest()
             folder = Path(parts_dir) / key[:16]

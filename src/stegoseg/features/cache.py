@@ -50,6 +50,7 @@ from stegoseg.errors import StegosegError
 from stegoseg.features import shards
 from stegoseg.features.crops import CropView, jpeg_round_trip  # noqa: F401 (the cache's view; re-exported)
 from stegoseg.features.knn import approximate_neighbors, index_kind, nearest_neighbors
+from stegoseg.features.projection import projection_digest
 from stegoseg.features.validate import array_problem, cache_problem, done_flags, file_problems, meta_problem
 from stegoseg.preflight import atomic_save_npy, check_free_space, files_fingerprint, human_bytes
 
@@ -72,9 +73,13 @@ class CacheSpec:
     crop_jpeg: bool = False  # reference quirk: five-crops round-tripped through JPEG
     pos_embed: str = "timm"  # ViT position-embedding resampling (timm | dino)
     version: int = 4  # 2: thumbnails of the crops are stored too; 3: file fingerprint in meta.json; 4: sharded files
+    projection: Optional[str] = None  # --pca-dim: digest of the backbone's feature projection
 
     def key(self) -> str:
-        digest = hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        fields = asdict(self)
+        if fields["projection"] is None:
+            del fields["projection"]  # a full cache keeps the key it had before projections existed
+        digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
         crop = "5crop" if self.five_crop else "full"
         return f"{self.dataset}-{self.split}-{self.backbone}-p{self.patch_size}-r{self.resolution}-{crop}-{digest}"
 
@@ -296,6 +301,7 @@ def extract_features(
         image_resample=image_resample,
         crop_jpeg=bool(crop_jpeg and five_crop),
         pos_embed=getattr(backbone, "pos_embed_mode", "timm"),
+        projection=projection_digest(backbone),
     )
     view = CropView(dataset, resolution, five_crop, image_resample, jpeg=crop_jpeg)
     n = len(view)
@@ -484,10 +490,8 @@ def _create_cache(path: Path, spec: CacheSpec, dataset, ids: list, files: str, n
     """Check the free space for a new cache, then write its meta.json (the shards come as they
     are computed)."""
     has_labels = dataset.has_labels
+    check_cache_space(path.parent, n, c, h * w, resolution, has_labels, spec.five_crop)
     t = thumb_size(resolution)
-    per_item = c * h * w * 2 + 3 * t * t + (resolution * resolution if has_labels else 0)
-    check_free_space(path.parent, n * per_item, f"the feature cache ({n:,} items, {human_bytes(per_item)} each)",
-                     advice="point --cache-dir at a larger disk or cache fewer crops (--no-five-crop: 5x fewer items)")
     path.mkdir(parents=True, exist_ok=True)
     meta = {
         "spec": asdict(spec),
@@ -504,6 +508,31 @@ def _create_cache(path: Path, spec: CacheSpec, dataset, ids: list, files: str, n
     }
     (path / "meta.json.tmp").write_text(json.dumps(meta, indent=1))
     os.replace(path / "meta.json.tmp", path / "meta.json")
+
+
+def cache_item_bytes(channels: int, cells: int, resolution: int, has_labels: bool) -> int:
+    """Bytes of one cached item: float16 features, the thumbnail, the uint8 label."""
+    t = thumb_size(resolution)
+    return channels * cells * 2 + 3 * t * t + (resolution * resolution if has_labels else 0)
+
+
+def check_cache_space(folder: Path, n: int, channels: int, cells: int, resolution: int, has_labels: bool,
+                      five_crop: bool) -> None:
+    """Stop with one line when a cache of ``n`` items does not fit on ``folder``'s disk, naming
+    the choices that shrink it with the size each gives."""
+    per_item = cache_item_bytes(channels, cells, resolution, has_labels)
+    choices = ["point --cache-dir at a larger disk"]
+    if five_crop:
+        choices.append(f"--no-five-crop ({human_bytes(n // 5 * per_item)}: 5x fewer items)")
+    for dim in (128, 64):
+        if dim < channels:
+            size = n * cache_item_bytes(dim, cells, resolution, has_labels)
+            choices.append(f"--pca-dim {dim} ({human_bytes(size)})")
+    if five_crop and channels > 64:
+        choices.append(f"both --no-five-crop and --pca-dim 64 "
+                       f"({human_bytes(n // 5 * cache_item_bytes(64, cells, resolution, has_labels))})")
+    check_free_space(folder, n * per_item, f"the feature cache ({n:,} items, {human_bytes(per_item)} each)",
+                     advice="; ".join(choices) + " (docs/scaling.md: their measured effect on CamVid)")
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:

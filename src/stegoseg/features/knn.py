@@ -58,7 +58,10 @@ def approximate_neighbors(vectors: np.ndarray, k: int = 30, seed: int = 0) -> tu
         found = np.empty((len(rows), k_eff + 1), dtype=np.int64)
         for s in range(0, len(rows), 8192):
             _, found[s : s + 8192] = index.search(x[rows[s : s + 8192]], k_eff + 1)
-        found = np.where(found < 0, rows[:, None], found)  # an unfilled slot (tiny graphs): counts as self
+        short = np.flatnonzero((found < 0).any(axis=1))  # unfilled slots (tiny graphs): search those rows exactly
+        if len(short):
+            sims = x[rows[short]] @ x.T
+            found[short] = np.argsort(-sims, axis=1, kind="stable")[:, : k_eff + 1]
         return _drop_self(found, k_eff, ids=rows)
 
     ef = max(HNSW_EF_SEARCH, 4 * (k_eff + 1))

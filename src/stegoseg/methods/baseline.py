@@ -29,7 +29,7 @@ def fit_feature_baseline(cfg: Config, out, cache: Optional[FeatureCache] = None,
     """
     out = Path(out)
     if backbone is None:
-        backbone, _ = build_backbone_from_config(cfg)
+        backbone, _ = build_backbone_from_config(cfg, out)
     if cache is None:
         cache = prepare(cfg, out, backbone)
     train = build_split(cfg, cfg.train_split, out)
@@ -41,7 +41,7 @@ def run_feature_baseline(cfg: Config, out) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(out / "config.yaml")
-    backbone, _ = build_backbone_from_config(cfg)
+    backbone, _ = build_backbone_from_config(cfg, out)
     cache = prepare(cfg, out, backbone)
     model = fit_feature_baseline(cfg, out, cache=cache, backbone=backbone)
     model.save(out / "checkpoint.pt")

@@ -39,7 +39,7 @@ def train_cause(cfg: Config, out, resume: bool = False) -> Optional[Path]:
         check_cause_resume(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     save_run_config(cfg, out / "config.yaml")
-    backbone, spec = build_backbone_from_config(cfg)
+    backbone, spec = build_backbone_from_config(cfg, out)
     cache = prepare(cfg, out, backbone, neighbors=False)  # CAUSE reads no nearest neighbours
     train = build_split(cfg, cfg.train_split, out)
     n_classes = n_classes_for(cfg, train)

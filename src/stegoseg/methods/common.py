@@ -31,6 +31,7 @@ from stegoseg.evaluation.crf import crf_params_from
 from stegoseg.evaluation.protocol import EvalConfig, evaluate_model
 from stegoseg.features.cache import FeatureCache, extract_features
 from stegoseg.features.cache import config_neighbors
+from stegoseg.features.projection import projection_digest
 from stegoseg.model import SegmentationModel, build_backbone, load
 from stegoseg.nn.kmeans import spherical_kmeans
 from stegoseg.nn.probes import set_centroids, train_linear_probe
@@ -95,11 +96,12 @@ def backbone_spec(cfg: Config) -> dict:
             "pos_embed": cfg.pos_embed}
 
 
-def build_backbone_from_config(cfg: Config):
+def build_backbone_from_config(cfg: Config, out=None):
     """The configured backbone. A randomly initialised one (``--no-pretrained``, no
     ``--weights``) is drawn from ``cfg.seed``: the same weights in every command and process
     with that seed (so ``run``, ``train``, ``baseline`` and ``datus`` share it); the caller's
-    RNG state is left untouched."""
+    RNG state is left untouched. With ``--pca-dim`` the backbone projects its features
+    (:func:`project_backbone`; ``out``: the run folder, where the default cache root is)."""
     spec = backbone_spec(cfg)
     random_init = not cfg.pretrained and not cfg.weights
     with torch.random.fork_rng(devices=[]):
@@ -108,7 +110,48 @@ def build_backbone_from_config(cfg: Config):
         backbone = build_backbone(spec)  # the same spec a checkpoint records and `load` rebuilds from
     if random_init:
         log.warning(RANDOM_BACKBONE_WARNING.format(name=cfg.backbone))
+    if cfg.pca_dim:
+        if out is None:
+            raise StegosegError("this command reads the backbone's own features: drop --pca-dim")
+        project_backbone(cfg, Path(out), backbone)
     return backbone, spec
+
+
+#: the seed of the crops and cells a --pca-dim projection is fitted on
+PROJECTION_SEED = 0
+
+
+def project_backbone(cfg: Config, out: Path, backbone) -> None:
+    """``--pca-dim D``: give ``backbone`` the projection fitted on ``--pca-sample`` crops of the
+    training split (:mod:`stegoseg.features.projection`; fitted once, stored in the cache root).
+    Before the fit, a new cache of D channels is checked against the free disk. The sample is
+    drawn with a fixed seed (:data:`PROJECTION_SEED`), not ``--seed``: runs that differ only in
+    their seed share one projection and one cache."""
+    from stegoseg.features.cache import CropView, cache_lock, check_cache_space, weights_fingerprint
+    from stegoseg.features.projection import PATCHES_PER_CROP, load_or_fit, projection_file, sample_patch_features
+
+    if cfg.pca_dim >= backbone.embed_dim:
+        raise StegosegError(f"--pca-dim {cfg.pca_dim} must be below the {backbone.embed_dim} channels of "
+                            f"{backbone.name}: pick fewer, or drop --pca-dim")
+    train = build_split(cfg, cfg.train_split, out)
+    view = CropView(train, cfg.resolution, cfg.five_crop, cfg.train_resample, jpeg=cfg.crop_jpeg)
+    key = {"backbone": backbone.name, "weights": getattr(backbone, "weights_sha256", None) or weights_fingerprint(backbone),
+           "pos_embed": getattr(backbone, "pos_embed_mode", "timm"), "dataset": cfg.dataset,
+           "root": str(Path(str(train.root)).resolve()), "split": cfg.train_split, "resolution": cfg.resolution,
+           "five_crop": cfg.five_crop, "resample": cfg.train_resample, "crop_jpeg": cfg.crop_jpeg,
+           "dim": cfg.pca_dim, "sample": min(cfg.pca_sample, len(view)), "seed": PROJECTION_SEED,
+           "patches": PATCHES_PER_CROP}
+    path = projection_file(cache_root(cfg, out), key)
+    if not path.is_file():
+        cells = (cfg.resolution // backbone.patch_size) ** 2
+        check_cache_space(cache_root(cfg, out), len(view), cfg.pca_dim, cells, cfg.resolution, train.has_labels,
+                          cfg.five_crop)
+    device, before = resolve_device(cfg.device), backbone._mean_t.device
+    with cache_lock(path):  # processes sharing the cache root fit once; the others read the file
+        state = load_or_fit(path, key, lambda: sample_patch_features(backbone.to(device), view, key["sample"],
+                                                                     PROJECTION_SEED, cfg.extract_batch_size, device))
+    backbone.to(before).project_onto(state["mean"], state["weight"])
+    backbone.projection_info = {"dim": cfg.pca_dim, "energy_kept": state["energy_kept"], "file": str(path)}
 
 
 def n_classes_for(cfg: Config, dataset) -> int:
@@ -233,7 +276,7 @@ def extraction_inputs(config: dict, out: str, split: str) -> tuple:
     """What a Ray extraction worker builds from the run's config: (backbone, the split's
     dataset, device, extraction batch size)."""
     cfg = Config(**config)
-    backbone, _ = build_backbone_from_config(cfg)
+    backbone, _ = build_backbone_from_config(cfg, out)
     return backbone, build_split(cfg, split, Path(out)), resolve_device(cfg.device), cfg.extract_batch_size
 
 
@@ -247,7 +290,7 @@ def prepare(cfg: Config, out, backbone=None, neighbors: bool = True) -> FeatureC
     device = resolve_device(cfg.device)
     train = build_split(cfg, cfg.train_split, out)
     if backbone is None:
-        backbone, _ = build_backbone_from_config(cfg)
+        backbone, _ = build_backbone_from_config(cfg, out)
     check_run_inputs(out, train, backbone)
     kind = "directory" if cfg.dataset == "synthetic" else cfg.dataset
     cache = extract_features(
@@ -288,7 +331,8 @@ def check_run_inputs(out: Path, dataset, backbone) -> None:
     current = {"data_root": str(getattr(dataset, "root", "")), "images": len(dataset),
                "files": dataset_fingerprint(dataset), "backbone": backbone.name,
                "weights": getattr(backbone, "weights_sha256", None) or weights_fingerprint(backbone),
-               "weights_source": str(getattr(backbone, "weights_source", ""))}
+               "weights_source": str(getattr(backbone, "weights_source", "")),
+               "projection": projection_digest(backbone), "channels": backbone.embed_dim}
     path = Path(out) / RUN_INPUTS
     started = any((Path(out) / "lightning").glob("*.ckpt")) or (Path(out) / "candidates").exists()
     if path.exists() and started:
@@ -301,9 +345,19 @@ def check_run_inputs(out: Path, dataset, backbone) -> None:
             raise StegosegError(f"the run in {out} trained on the backbone weights {old.get('weights_source')}; these "
                                 f"are other weights ({current['weights_source']}): resume it with the same --weights, "
                                 "or pass --overwrite to start a new run")
+        if old.get("projection") != current["projection"]:
+            raise StegosegError(f"the run in {out} trained on features {_projection_words(old)}; these are "
+                                f"{_projection_words(current)}: resume it with the same --pca-dim and --pca-sample, "
+                                "or pass --overwrite to start a new run")
         return
     Path(out).mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(current, indent=1)))
+
+
+def _projection_words(inputs: dict) -> str:
+    if inputs.get("projection") is None:
+        return "with all the backbone's channels"
+    return f"projected onto {inputs.get('channels')} channels (projection {inputs['projection']})"
 
 
 def eval_config(cfg: Config) -> EvalConfig:

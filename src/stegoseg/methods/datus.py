@@ -175,7 +175,7 @@ def run_datus(cfg, out, params: Optional[DatusParams] = None, split: Optional[st
     ds.transform = EvalTransform(resolution=cfg.eval_resolution, crop=cfg.eval_crop, image_resample=cfg.eval_resample)
     n_classes = n_classes_for(cfg, ds)
     k = params.n_clusters or n_classes
-    backbone, _ = build_backbone_from_config(cfg)
+    backbone, _ = build_backbone_from_config(cfg, out)
     backbone.to(device)
     t0 = time.perf_counter()
     segs, embeds, owners = [], [], []

@@ -89,7 +89,7 @@ def train_primaps(cfg: Config, out, resume: bool = False) -> Optional[Path]:
         backbone, spec = start.backbone, start.backbone_spec
         head = start.head.eval()
     else:
-        backbone, spec = build_backbone_from_config(cfg)
+        backbone, spec = build_backbone_from_config(cfg, out)
         head = None
     cache = prepare(cfg, out, backbone, neighbors=False)
     train = build_split(cfg, cfg.train_split, out)

@@ -55,7 +55,9 @@ def run_all(cfg: Config, out, resume: bool = False, baseline: bool = True, n_seg
         t = time.perf_counter()
         base = fit_feature_baseline(cfg, out / "baseline", backbone=model.backbone)
         base.save(out / "baseline" / "checkpoint.pt")
-        results["raw features (k-means / linear)"] = evaluate_checkpoint_model(cfg, base, out / "baseline")
+        name = "raw features (k-means / linear)" if not cfg.pca_dim else \
+            f"raw features, projected to {cfg.pca_dim} channels (k-means / linear)"
+        results[name] = evaluate_checkpoint_model(cfg, base, out / "baseline")
         timings["baseline"] = time.perf_counter() - t
     val = build_split(cfg, cfg.val_split, out)
     paths = [p for p in getattr(val, "image_paths", [])][:n_segment]

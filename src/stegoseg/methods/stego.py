@@ -106,7 +106,7 @@ def train_stego(cfg: Config, out, resume: bool = False) -> Optional[Path]:
     out.mkdir(parents=True, exist_ok=True)
     check_selection_possible(cfg, out)
     cfg.save(out / "config.yaml")
-    backbone, spec = build_backbone_from_config(cfg)
+    backbone, spec = build_backbone_from_config(cfg, out)
     cache = prepare(cfg, out, backbone)
     train = build_split(cfg, cfg.train_split, out)
     n_classes = n_classes_for(cfg, train)

@@ -111,7 +111,7 @@ def run_ablation(cfg: Config, out, variants=None) -> dict:
     device = resolve_device(cfg.device)
     t_start = time.perf_counter()
 
-    backbone, _ = build_backbone_from_config(cfg)
+    backbone, _ = build_backbone_from_config(cfg)  # (no --pca-dim: the backbone's own features)
     prepare(cfg, out, backbone)  # the shared cache and KNN, written once for every variant
     shared = SharedFeatures(backbone)
     full_cfg = cfg.to_dict()

@@ -236,7 +236,7 @@ def run_dimred_study(
     device = resolve_device(cfg.device)
     t_start = time.perf_counter()
 
-    backbone, _ = build_backbone_from_config(cfg)
+    backbone, _ = build_backbone_from_config(cfg)  # (no --pca-dim: the backbone's own features)
     cache = prepare(cfg, out, backbone)
     train = build_split(cfg, cfg.train_split, out)
     n_classes = n_classes_for(cfg, train)

@@ -55,7 +55,11 @@ class SharedFeatures(nn.Module):
 
 
 def same_weights(a: nn.Module, b: nn.Module) -> bool:
+    """The same weights and the same feature projection (``--pca-dim``), if any."""
     sa, sb = a.state_dict(), b.state_dict()
+    pa, pb = (getattr(m, "projection_state", lambda: None)() for m in (a, b))
+    if (pa is None) != (pb is None) or (pa is not None and not all(torch.equal(pa[k], pb[k]) for k in pa)):
+        return False
     return sa.keys() == sb.keys() and all(torch.equal(sa[k].cpu(), sb[k].cpu()) for k in sa)
 
 

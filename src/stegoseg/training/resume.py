@@ -50,8 +50,9 @@ def resume_checkpoint(ckpt_dir: Path, cfg: Config) -> Optional[ResumePoint]:
             raise StegosegError(f"--resume: {ckpt_dir} holds checkpoints of a run without {RUN_CONFIG} (written by an "
                                 "older stegoseg?): pass --overwrite to start again")
         return None
-    old = json.loads(saved.read_text())
-    new = cfg.to_dict()
+    # a setting added since the interrupted run was written reads as its default there
+    old = {**json.loads(json.dumps(type(cfg)().to_dict())), **json.loads(saved.read_text())}
+    new = json.loads(json.dumps(cfg.to_dict()))
     changed = sorted(k for k in set(old) | set(new) if k not in RESUME_MAY_CHANGE and old.get(k) != new.get(k))
     if changed:
         shown = ", ".join(f"--{k.replace('_', '-')} {old.get(k)} -> {new.get(k)}" for k in changed[:4])
