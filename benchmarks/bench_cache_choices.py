@@ -52,7 +52,11 @@ METRICS = ("cluster_acc", "cluster_miou", "linear_acc", "linear_miou")
 
 
 def cache_bytes(cache: FeatureCache) -> int:
-    return sum(f.stat().st_size for f in Path(cache.path).rglob("*") if f.is_file())
+    """The cache's own files: its shards, meta, descriptors and neighbour lists (not the folders
+    later stages keep inside it, such as PriMaPs' pseudo masks)."""
+    root = Path(cache.path)
+    files = [f for f in root.iterdir() if f.is_file()] + [f for f in (root / "shards").iterdir() if f.is_file()]
+    return sum(f.stat().st_size for f in files)
 
 
 def measure_choice(name: str, values: dict, runs: Path, seeds: list) -> dict:
