@@ -153,3 +153,15 @@ def test_resume_reads_settings_added_since_as_their_defaults(tmp_path, synthetic
 
     with pytest.raises(StegosegError, match="--pca-sample 256 -> 100"):
         resume_checkpoint(tmp_path / "lightning", replace(cfg, pca_sample=100))
+
+
+def test_the_expected_cache_size_is_logged_before_any_work(tmp_path, caplog):
+    import logging
+
+    n, cells, r = 1835, 784, 224
+    t = thumb_size(r)
+    with caplog.at_level(logging.INFO, logger="stegoseg"):
+        check_cache_space(tmp_path, n, 64, cells, r, False, five_crop=True)
+    total = preflight.human_bytes(n * (64 * cells * 2 + 3 * t * t))
+    assert any(f"1,835 items x {preflight.human_bytes(64 * cells * 2 + 3 * t * t)} = {total}" in m
+               for m in caplog.messages), caplog.messages

@@ -52,7 +52,7 @@ from stegoseg.features.crops import CropView, jpeg_round_trip  # noqa: F401 (the
 from stegoseg.features.knn import approximate_neighbors, index_kind, nearest_neighbors
 from stegoseg.features.projection import projection_digest
 from stegoseg.features.validate import array_problem, cache_problem, done_flags, file_problems, meta_problem
-from stegoseg.preflight import atomic_save_npy, check_free_space, files_fingerprint, human_bytes
+from stegoseg.preflight import atomic_save_npy, check_free_space, files_fingerprint, free_bytes, human_bytes
 
 log = logging.getLogger("stegoseg")
 
@@ -533,6 +533,8 @@ def check_cache_space(folder: Path, n: int, channels: int, cells: int, resolutio
                        f"({human_bytes(n // 5 * cache_item_bytes(64, cells, resolution, has_labels))})")
     check_free_space(folder, n * per_item, f"the feature cache ({n:,} items, {human_bytes(per_item)} each)",
                      advice="; ".join(choices) + " (docs/scaling.md: their measured effect on CamVid)")
+    log.info("the feature cache: %s items x %s = %s (%s free in %s)", f"{n:,}", human_bytes(per_item),
+             human_bytes(n * per_item), human_bytes(free_bytes(folder)), folder)
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:
