@@ -35,7 +35,7 @@ Writes ``benchmarks/results/methods.json`` ({"settings": [{"name", "rows": {meth
 with the metrics' mean and per seed) and ``benchmarks/results/methods.md``. Rows finished by
 an earlier invocation with the same config are reused (an interrupted run continues); each
 finished row is also written, small, to ``benchmarks/results/methods-rows/SETTING/seedK/`` with
-its config and the backbone weights' sha256, and reused from there on another machine when both
+its config and the fingerprint of the backbone weights' tensors, and reused from there on another machine when both
 match (``runs/`` does not travel between machines, a committed row does).
 
     PYTHONPATH=src python3 benchmarks/bench_methods.py                       # all four settings
@@ -45,7 +45,6 @@ match (``runs/`` does not travel between machines, a committed row does).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import statistics
@@ -61,6 +60,7 @@ from _common import machine, save_backbone_file  # noqa: E402
 from bench_label_free import REPO, Setting, make_data, metrics, reuse, settings  # noqa: E402
 
 from stegoseg.config.stego import make_config
+from stegoseg.features.cache import state_fingerprint
 from stegoseg.methods.baseline import fit_feature_baseline
 from stegoseg.methods.cause import MODULARITY_PROBE, train_method
 from stegoseg.methods.common import build_backbone_from_config, evaluate_checkpoint_model
@@ -92,18 +92,13 @@ ROWS = REPO / "benchmarks" / "results" / "methods-rows"
 
 
 def weights_digest(cfg) -> str:
-    """sha256 of the tensors of the backbone weights file a row read (None: no file), so that a
-    stored row is reused only with the very same backbone. Of the tensors, not of the file:
-    ``torch.save`` of the same seed-0 weights on another machine gives other bytes."""
+    """The fingerprint of the tensors of the backbone weights file a row read (None: no file), so
+    that a stored row is reused only with the very same backbone. Of the tensors, not of the
+    file: ``torch.save`` of the same seed-0 weights on another machine gives other bytes."""
     if not cfg.weights:
         return None
     saved = torch.load(cfg.weights, map_location="cpu", weights_only=True)
-    state = saved.get("state_dict", saved)
-    h = hashlib.sha256()
-    for name in sorted(state):
-        h.update(name.encode())
-        h.update(state[name].contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return "tensors:" + h.hexdigest()
+    return state_fingerprint(saved.get("state_dict", saved))
 
 
 def stored_row(setting: Setting, method: str, seed: int, cfg) -> Path:
@@ -120,7 +115,7 @@ def reuse_stored(path: Path, cfg):
     current = json.loads(json.dumps(cfg.to_dict()))
     same = {k: v for k, v in saved["config"].items() if k not in ("weights", "cache_dir", "data_root", "init_from")}
     mine = {k: current.get(k) for k in same}
-    if same != mine or saved.get("weights_sha256") != weights_digest(cfg):
+    if same != mine or saved.get("weights_fingerprint") != weights_digest(cfg):
         return None
     print(f"  {path.stem}: {saved['metrics']} (stored in {path.relative_to(REPO)}, same config and backbone)", flush=True)
     return saved["metrics"]
@@ -163,7 +158,7 @@ def train_row(setting: Setting, method: str, cfg, folder: Path, seed: int = 0, n
     print(f"  {method} {folder.name}: {json.dumps(result)}", flush=True)
     (folder / "bench_row.json").write_text(json.dumps({"config": cfg.to_dict(), "metrics": result}))
     store.parent.mkdir(parents=True, exist_ok=True)
-    store.write_text(json.dumps({"config": cfg.to_dict(), "weights_sha256": weights_digest(cfg), "metrics": result},
+    store.write_text(json.dumps({"config": cfg.to_dict(), "weights_fingerprint": weights_digest(cfg), "metrics": result},
                                 indent=1, default=float))
     return result
 

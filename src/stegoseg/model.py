@@ -368,10 +368,12 @@ class SegmentationModel(nn.Module):
         if include_backbone is None:
             include_backbone = not str(source).startswith("timm:")
         options = getattr(self.head, "options", dict)() if self.head is not None else {}
+        # --pca-dim: the fixed projection of the backbone's features (None: none)
+        projection = getattr(self.backbone, "projection_state", lambda: None)()
         ckpt = {
             "format": CHECKPOINT_FORMAT,
             # version 1 unless the features are projected (older readers then refuse the file clearly)
-            "version": CHECKPOINT_VERSION if getattr(self.backbone, "proj_weight", None) is not None else 1,
+            "version": CHECKPOINT_VERSION if projection is not None else 1,
             "method": self.method,
             "backbone": {
                 **spec,
@@ -395,8 +397,7 @@ class SegmentationModel(nn.Module):
             "class_names": self.class_names,
             "cluster_classes": self.cluster_classes,
             "config": self.config,
-            # --pca-dim: the fixed projection of the backbone's features (absent: none)
-            "projection": getattr(self.backbone, "projection_state", lambda: None)(),
+            "projection": projection,
         }
         return ckpt
 

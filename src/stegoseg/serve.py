@@ -31,7 +31,7 @@ from stegoseg.data.base import pil_to_tensor
 from stegoseg.data.io import list_images, load_image
 from stegoseg.errors import StegosegError
 from stegoseg.evaluation.crf import crf_params_from
-from stegoseg.features.cache import FeatureCache, weights_fingerprint
+from stegoseg.features.cache import FeatureCache, backbone_weights_id
 from stegoseg.features.projection import projection_digest
 from stegoseg.model import SegmentationModel, crop_to_image, resize_minor
 from stegoseg.reporting.figures import make_palette, overlay
@@ -108,7 +108,7 @@ class Neighbours:
         root = Path(cache_dir)
         if not root.is_dir():
             return None
-        wanted = getattr(model.backbone, "weights_sha256", None) or weights_fingerprint(model.backbone)
+        wanted = backbone_weights_id(model.backbone)
         projection = projection_digest(model.backbone)
         for meta in sorted(root.glob("*/meta.json")):
             spec = json.loads(meta.read_text()).get("spec", {})

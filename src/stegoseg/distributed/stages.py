@@ -22,14 +22,13 @@ class ExtractShards:
         """``build(split)``: (backbone, dataset of that split, device, extraction batch size),
         built in the worker from the run's config (:func:`stegoseg.methods.common.extraction_inputs`)."""
         worker_setup(threads)
-        from stegoseg.features.cache import CropView, weights_fingerprint
+        from stegoseg.features.cache import CropView, backbone_weights_id
 
         self.path = Path(cache_path)
         self.meta = json.loads((self.path / "meta.json").read_text())
         spec = self.meta["spec"]
         backbone, dataset, self.device, self.batch_size = build(spec["split"])
-        weights = getattr(backbone, "weights_sha256", None) or weights_fingerprint(backbone)
-        if weights != spec["weights"]:
+        if backbone_weights_id(backbone) != spec["weights"]:
             raise StegosegError(f"a Ray worker built other backbone weights than the feature cache {self.path} holds: "
                                 "give every worker the same --weights file (on a disk they all see)")
         from stegoseg.features.projection import projection_digest

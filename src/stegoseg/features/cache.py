@@ -294,7 +294,7 @@ def extract_features(
         root=str(Path(str(dataset.root)).resolve()),
         split=str(dataset.split),
         backbone=backbone.name,
-        weights=getattr(backbone, "weights_sha256", None) or weights_fingerprint(backbone),
+        weights=backbone_weights_id(backbone),
         patch_size=backbone.patch_size,
         resolution=resolution,
         five_crop=five_crop,
@@ -540,11 +540,22 @@ def check_cache_space(folder: Path, n: int, channels: int, cells: int, resolutio
 def weights_fingerprint(module: torch.nn.Module) -> str:
     """SHA-1 of a module's parameters and buffers: identifies weights that have no file
     (a random initialisation), so caches of different random backbones never collide."""
+    return state_fingerprint(module.state_dict())
+
+
+def state_fingerprint(state: dict) -> str:
+    """SHA-1 of a state dict's names and tensor bytes (:func:`weights_fingerprint` of its module)."""
     h = hashlib.sha1()
-    for name, t in sorted(module.state_dict().items()):
+    for name, t in sorted(state.items()):
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return "params:" + h.hexdigest()
+
+
+def backbone_weights_id(backbone) -> str:
+    """What identifies a backbone's weights: its weights file's SHA-256, else (no file: a random
+    initialisation) :func:`weights_fingerprint`."""
+    return getattr(backbone, "weights_sha256", None) or weights_fingerprint(backbone)
 
 
 def thumb_size(resolution: int) -> int:

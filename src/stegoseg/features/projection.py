@@ -88,7 +88,7 @@ def projection_file(cache_root, key: dict) -> Path:
     return Path(cache_root) / "projections" / f"pca{key['dim']}-{digest}.pt"
 
 
-def load_or_fit(path: Path, key: dict, sample, progress_note: str = "") -> dict:
+def load_or_fit(path: Path, key: dict, sample) -> dict:
     """The projection stored at ``path``, or ``sample()`` (the (n, C) features) fitted and
     stored there by rename (concurrent fitters write the same file)."""
     path = Path(path)
@@ -97,7 +97,7 @@ def load_or_fit(path: Path, key: dict, sample, progress_note: str = "") -> dict:
         if state.get("key") == key:
             return state
         log.warning("%s was fitted for other settings: fitting it again", path)
-    log.info("fitting a %d-channel projection of the features on %d crops%s", key["dim"], key["sample"], progress_note)
+    log.info("fitting a %d-channel projection of the features on %d crops", key["dim"], key["sample"])
     state = fit_projection(sample(), key["dim"], key["seed"])
     state["key"] = key
     path.parent.mkdir(parents=True, exist_ok=True)

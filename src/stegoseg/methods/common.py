@@ -127,7 +127,7 @@ def project_backbone(cfg: Config, out: Path, backbone) -> None:
     Before the fit, a new cache of D channels is checked against the free disk. The sample is
     drawn with a fixed seed (:data:`PROJECTION_SEED`), not ``--seed``: runs that differ only in
     their seed share one projection and one cache."""
-    from stegoseg.features.cache import CropView, cache_lock, check_cache_space, weights_fingerprint
+    from stegoseg.features.cache import CropView, backbone_weights_id, cache_lock, check_cache_space
     from stegoseg.features.projection import PATCHES_PER_CROP, load_or_fit, projection_file, sample_patch_features
 
     if cfg.pca_dim >= backbone.embed_dim:
@@ -135,16 +135,17 @@ def project_backbone(cfg: Config, out: Path, backbone) -> None:
                             f"{backbone.name}: pick fewer, or drop --pca-dim")
     train = build_split(cfg, cfg.train_split, out)
     view = CropView(train, cfg.resolution, cfg.five_crop, cfg.train_resample, jpeg=cfg.crop_jpeg)
-    key = {"backbone": backbone.name, "weights": getattr(backbone, "weights_sha256", None) or weights_fingerprint(backbone),
+    key = {"backbone": backbone.name, "weights": backbone_weights_id(backbone),
            "pos_embed": getattr(backbone, "pos_embed_mode", "timm"), "dataset": cfg.dataset,
            "root": str(Path(str(train.root)).resolve()), "split": cfg.train_split, "resolution": cfg.resolution,
            "five_crop": cfg.five_crop, "resample": cfg.train_resample, "crop_jpeg": cfg.crop_jpeg,
            "dim": cfg.pca_dim, "sample": min(cfg.pca_sample, len(view)), "seed": PROJECTION_SEED,
            "patches": PATCHES_PER_CROP}
-    path = projection_file(cache_root(cfg, out), key)
+    root = cache_root(cfg, out)
+    path = projection_file(root, key)
     if not path.is_file():
         cells = (cfg.resolution // backbone.patch_size) ** 2
-        check_cache_space(cache_root(cfg, out), len(view), cfg.pca_dim, cells, cfg.resolution, train.has_labels,
+        check_cache_space(root, len(view), cfg.pca_dim, cells, cfg.resolution, train.has_labels,
                           cfg.five_crop)
     device, before = resolve_device(cfg.device), backbone._mean_t.device
     with cache_lock(path):  # processes sharing the cache root fit once; the others read the file
@@ -325,12 +326,12 @@ def check_run_inputs(out: Path, dataset, backbone) -> None:
     """Before any work: a run folder that holds training checkpoints continues only on the same
     files (their fingerprint: names, sizes, times) and the same backbone weights (their hash);
     a moved folder or an offline copy of the same weights is fine. A fresh run records them."""
-    from stegoseg.features.cache import dataset_fingerprint, weights_fingerprint
+    from stegoseg.features.cache import backbone_weights_id, dataset_fingerprint
     from stegoseg.preflight import atomic_write
 
     current = {"data_root": str(getattr(dataset, "root", "")), "images": len(dataset),
                "files": dataset_fingerprint(dataset), "backbone": backbone.name,
-               "weights": getattr(backbone, "weights_sha256", None) or weights_fingerprint(backbone),
+               "weights": backbone_weights_id(backbone),
                "weights_source": str(getattr(backbone, "weights_source", "")),
                "projection": projection_digest(backbone), "channels": backbone.embed_dim}
     path = Path(out) / RUN_INPUTS
