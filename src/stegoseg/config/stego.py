@@ -216,7 +216,7 @@ _FIELD_HELP = {
     "knn_index": "FAISS index of the nearest-neighbour search: exact (flat), hnsw (approximate, its recall against "
                  "exact search measured on a sample and recorded), auto (exact up to 200,000 items, then hnsw)",
     "pca_dim": "cache (and train on) the features projected onto D directions fitted on --pca-sample training crops "
-               "(uncentred PCA: keeps dot products; C/D times smaller cache, e.g. 6x for 384 -> 64); the checkpoint "
+               "(uncentred PCA: keeps dot products; C/D times smaller features, e.g. 6x for 384 -> 64); the checkpoint "
                "stores the projection; effect on CamVid in docs/scaling.md",
     "pca_sample": "training crops the --pca-dim projection is fitted on (64 patch features from each)",
     "ray_address": "run extraction, evaluation, PriMaPs' pseudo masks and segment on Ray (pip install "
