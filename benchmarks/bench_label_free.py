@@ -66,6 +66,12 @@ CAMVID = SHARED_DATA / "camvid"
 CAMVID_CLASSES = "sky,building,pole,road,pavement,tree,sign/symbol,fence,car,pedestrian,bicyclist"
 PUBLISHED = {k: PRESETS["cocostuff27"][k] for k in ("w_self", "w_knn", "w_rand", "b_self", "b_knn", "b_rand")} | {
     "pointwise": True}
+# The tiny ViT-S/8 DINO-pretrained on the CamVid train images by `benchmarks/pretrain_cpu.sh`'s
+# `stegoseg pretrain` command (time-bounded, so not reproducible bit for bit): committed (a few
+# hundred KB) so that the stored rows of bench_methods, keyed by the weights' tensors, stay reusable
+# on another machine. It was made on 2026-12-02 with
+#   bash benchmarks/pretrain_cpu.sh && cp runs/pretrain-camvid-tiny/backbone.pt benchmarks/results/backbones/camvid-tiny-dino.pt
+TINY_DINO_WEIGHTS = REPO / "benchmarks" / "results" / "backbones" / "camvid-tiny-dino.pt"
 # 8 grid points: b_knn x b_rand with spatial centring (the published default), and two without it
 GRID = [dict(b_knn=bk, b_rand=br, pointwise=True) for bk in (0.2, 0.5, 0.8) for br in (0.5, 1.0)] + [
     dict(b_knn=0.5, b_rand=0.5, pointwise=False), dict(b_knn=0.8, b_rand=1.0, pointwise=False)]
@@ -88,10 +94,22 @@ def settings(runs: Path) -> dict:
                                     log_every=10, kmeans_iters=15),
         "camvid-tiny-dino": dict(common, dataset="directory", data_root=str(CAMVID), class_names=CAMVID_CLASSES,
                                  backbone="dino_vits8", tiny=True, pretrained=False,
-                                 weights=str(REPO / "runs" / "pretrain-camvid-tiny" / "backbone.pt"),
+                                 weights=str(TINY_DINO_WEIGHTS),
                                  resolution=224, steps=300, batch_size=16, eval_resolution=320,
                                  max_eval_images=50, ckpt_every=50, log_every=10),
     }
+
+
+def require_weights(names: list, table: dict) -> None:
+    """Exit with one line when a chosen setting is unknown or its weights file is missing (before any work)."""
+    for name in names:
+        if name not in table:
+            sys.exit(f"error: unknown setting {name!r} in --settings; choose from {', '.join(table)}")
+        weights = table[name].get("weights")
+        if weights and not Path(weights).is_file():
+            sys.exit(f"error: setting {name} reads the backbone {weights}, which is missing: run "
+                     f"`bash benchmarks/pretrain_cpu.sh` and copy runs/pretrain-camvid-tiny/backbone.pt there "
+                     f"(or leave {name} out with --settings)")
 
 
 def make_data(runs: Path) -> None:
@@ -383,6 +401,7 @@ def main() -> int:
     make_data(runs)
     all_settings = settings(runs)
     names = args.settings.split(",") if args.settings else list(all_settings)
+    require_weights(names, all_settings)
     out = Path(args.out)
     keep_previous = args.settings or args.replicates_only
     previous = json.loads(out.read_text())["settings"] if out.exists() and keep_previous else []

@@ -57,7 +57,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, save_backbone_file  # noqa: E402
-from bench_label_free import REPO, Setting, make_data, metrics, reuse, settings  # noqa: E402
+from bench_label_free import REPO, Setting, make_data, metrics, require_weights, reuse, settings  # noqa: E402
 
 from stegoseg.config.stego import make_config
 from stegoseg.features.cache import state_fingerprint
@@ -282,8 +282,9 @@ def main() -> None:
                         help="only measure the seconds per training step again, for settings already in --out")
     args = parser.parse_args()
     runs = Path(args.runs)
-    make_data(runs)
     table_of = settings(runs)
+    require_weights(args.settings.split(","), table_of)
+    make_data(runs)
     seeds = [int(s) for s in args.seeds.split(",")]
     out = Path(args.out)
     previous = json.loads(out.read_text()) if out.exists() else {"settings": []}

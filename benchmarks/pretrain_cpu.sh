@@ -22,6 +22,11 @@ if [[ ! -f $P/backbone.pt ]]; then
     --max-minutes "$MINUTES" --readout-every 300 --num-workers 2 --no-progress --out "$P"
 fi
 
+# The backbone of bench_label_free's and bench_methods' camvid-tiny-dino setting (committed, so that
+# their stored rows stay reusable; never overwritten here).
+mkdir -p benchmarks/results/backbones
+cp -n "$P/backbone.pt" benchmarks/results/backbones/camvid-tiny-dino.pt
+
 # The README's table used the reference's loss settings and probe: CocoStuff shifts, online cluster
 # probe, last checkpoint (since issue #10 the defaults are --shifts auto --select label-free
 # --cluster-fit kmeans; pinned here so that the script reproduces its table).

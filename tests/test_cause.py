@@ -122,6 +122,34 @@ def test_run_with_cause_trains_evaluates_segments_and_reloads(method, synthetic_
 
 
 @pytest.mark.slow
+def test_cause_label_free_selection_keeps_the_best_scored_stage2_head(synthetic_root, tmp_path):
+    """--select label-free on CAUSE: every stage-2 checkpoint (and the last head) is a candidate,
+    the best label-free score wins, and checkpoint.pt holds that checkpoint's teacher head with its
+    own k-means probe; the modularity probe (fitted for the last head) is kept only for it."""
+    import json
+
+    from stegoseg.model import load
+
+    out = tmp_path / "sel"
+    assert main(["train", "--method", "cause-mlp", "--select", "label-free", "--out", str(out), "--data-root",
+                 str(synthetic_root), "--steps", "6", *CAUSE_CLI, "--ckpt-every", "2", *tiny_cli("train")]) == 0
+    selection = json.loads((out / "selection.json").read_text())
+    assert selection["mode"] == "label-free"
+    assert sorted(int(k) for k in selection["candidates"]) == [2, 4, 6]  # stage 2 only: stage 3 moves no head
+    scores = {int(k): v["label_free_score"] for k, v in selection["candidates"].items()}
+    assert selection["chosen_step"] == max(scores, key=lambda k: (scores[k], -k))
+    model = load(out / "checkpoint.pt")
+    chosen = selection["chosen_step"]
+    saved = out / "lightning" / ("last.ckpt" if chosen == 6 else f"step{chosen:06d}.ckpt")
+    state = torch.load(saved, map_location="cpu", weights_only=True)["state_dict"]
+    teacher = {k[len("parts.model.head."):]: v for k, v in state.items() if k.startswith("parts.model.head.")}
+    assert teacher and all(torch.equal(model.head.state_dict()[k], v) for k, v in teacher.items())
+    assert (out / "modularity_probe.pt").exists() == (chosen == 6)
+    # the scores differ between heads (else the test could not tell a choice from the default)
+    assert len(set(round(v, 9) for v in scores.values())) > 1
+
+
+@pytest.mark.slow
 def test_cause_resume_matches_the_uninterrupted_run(synthetic_root, tmp_path):
     import lightning as L
 
@@ -239,8 +267,11 @@ def test_bad_cause_input_is_one_line(synthetic_root, tmp_path, capsys):
     # an unknown method for training
     one_line_error(capsys, ["train", "--method", "cause-xl", "--out", str(tmp_path / "t"), "--data-root",
                             str(synthetic_root), *tiny_cli("train")], "--method must be one of", "cause-tr")
-    one_line_error(capsys, ["train", "--method", "cause-tr", "--select", "val-miou", "--out", str(tmp_path / "t"),
+    one_line_error(capsys, ["train", "--method", "primaps", "--select", "val-miou", "--out", str(tmp_path / "t"),
                             "--data-root", str(synthetic_root), *tiny_cli("train")], "keeps the last step")
+    one_line_error(capsys, ["train", "--method", "cause-tr", "--select", "label-free", "--cluster-fit", "online",
+                            "--out", str(tmp_path / "t"), "--data-root", str(synthetic_root), *tiny_cli("train")],
+                   "--cluster-fit kmeans", "last head only")
     one_line_error(capsys, ["train", "--method", "cause-mlp", "--w-potts", "0.1", "--out", str(tmp_path / "t"),
                             "--data-root", str(synthetic_root), *tiny_cli("train")], "--w-potts", "drop")
 

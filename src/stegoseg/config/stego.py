@@ -232,7 +232,8 @@ _FIELD_HELP = {
     "or both (default) and let --select choose among the checkpoints of the two runs",
     "select": "which checkpoint becomes checkpoint.pt: label-free (best agreement of the code's clusters with the "
     "feature correspondences, training images only), val-miou (best validation cluster mIoU: needs val labels, the "
-    "reference's way), last; default: label-free with --shifts auto, else last",
+    "reference's way), last; default: label-free with STEGO's --shifts auto, else last (CAUSE: among its stage-2 "
+    "heads, with --cluster-fit kmeans; PriMaPs-EM: last only)",
     "cluster_fit": "the cluster probe: 'kmeans' (after training, seeded spherical k-means++ over the cached "
     "training code: stable between runs; the default) or 'online' (the reference's own: STEGO's minibatch probe "
     "trained alongside the head, the paper presets; CAUSE's modularity-fitted probe of stage 3)",
@@ -436,9 +437,13 @@ def validate(cfg: Config) -> None:
         (cfg.cause_clip > 0, "--cause-clip must be > 0"),
         (cfg.cause_weight_decay >= 0, "--cause-weight-decay must be >= 0"),
         (cfg.cause_probe_steps >= 1, "--cause-probe-steps must be >= 1"),
-        (not (cfg.method != "stego" and cfg.select not in (None, "last")),
-         f"--select {cfg.select} is for STEGO's checkpoints; --method {cfg.method} keeps the last step, as its "
-         "reference does (docs/cause.md): drop --select"),
+        (not (cfg.method not in ("stego", "cause-mlp", "cause-tr") and cfg.select not in (None, "last")),
+         f"--select {cfg.select} picks among STEGO's and CAUSE's checkpoints; --method {cfg.method} keeps the last "
+         "step, as its reference does (docs/primaps.md): drop --select"),
+        (not (cfg.method in ("cause-mlp", "cause-tr") and cfg.select not in (None, "last")
+              and cfg.cluster_fit != "kmeans"),
+         f"--select {cfg.select} picks one of CAUSE's stage-2 heads, but the modularity cluster probe "
+         "(--cluster-fit online) is fitted for the last head only: use --cluster-fit kmeans or --select last"),
         (not (cfg.method != "stego" and cfg.live_backbone), f"--method {cfg.method} trains on the feature cache: "
          "drop --live-backbone"),
         (not ((base_method(cfg.method) or cfg.method) != "stego" and cfg.w_potts > 0),

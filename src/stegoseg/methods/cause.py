@@ -6,6 +6,8 @@ probe (stage 3), one checkpoint. Each stage's output is kept in ``--out`` and re
 """
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import time
 from pathlib import Path
@@ -13,7 +15,8 @@ from typing import Optional
 
 import torch
 
-from stegoseg.config.stego import Config
+from stegoseg.config.stego import Config, selection_mode
+from stegoseg.features.cache import config_neighbors
 from stegoseg.methods.common import (
     build_backbone_from_config,
     build_split,
@@ -22,7 +25,7 @@ from stegoseg.methods.common import (
     refit_cluster_probe,
     resolve_device,
 )
-from stegoseg.methods.stego import save_run_config, write_selection
+from stegoseg.methods.stego import check_selection_possible, save_run_config, select_checkpoint
 from stegoseg.reporting.figures import plot_training_curves
 from stegoseg.training.cause import fit_cause, fit_clusterbook
 
@@ -33,14 +36,23 @@ MODULARITY_PROBE = "modularity_probe.pt"
 
 
 def train_cause(cfg: Config, out, resume: bool = False) -> Optional[Path]:
-    """The three stages into ``out``; returns ``<out>/checkpoint.pt`` (None on other DDP ranks)."""
+    """The three stages into ``out``; returns ``<out>/checkpoint.pt`` (None on other DDP ranks).
+
+    ``--select label-free`` / ``val-miou`` picks the head among stage 2's checkpoints (every
+    ``--ckpt-every`` steps, and its last step, the head stage 3 saw) by the same criterion as
+    STEGO's (:func:`~stegoseg.methods.stego.select_checkpoint`); each candidate's cluster probe
+    is the k-means refit of its own code (``--cluster-fit kmeans``, required there: the
+    modularity probe of stage 3 belongs to the last head only)."""
     out = Path(out)
     if resume:
         check_cause_resume(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
+    check_selection_possible(cfg, out)
+    mode = selection_mode(cfg)
     save_run_config(cfg, out / "config.yaml")
     backbone, spec = build_backbone_from_config(cfg, out)
-    cache = prepare(cfg, out, backbone, neighbors=False)  # CAUSE reads no nearest neighbours
+    # CAUSE reads no nearest neighbours; the label-free criterion does
+    cache = prepare(cfg, out, backbone, neighbors=mode != "last")
     train = build_split(cfg, cfg.train_split, out)
     n_classes = n_classes_for(cfg, train)
     t0 = time.perf_counter()
@@ -48,24 +60,38 @@ def train_cause(cfg: Config, out, resume: bool = False) -> Optional[Path]:
     module = fit_cause(cfg, out, cache, n_classes, cache.has_labels, book, resume=resume)
     if not module.is_global_zero:
         return None
-    model = module.model
-    model.attach_backbone(backbone, spec)
-    torch.save(model.cluster_probe.centroids.detach().clone(), out / MODULARITY_PROBE)
+    final = copy.deepcopy(module.state_dict())
+    modularity = module.model.cluster_probe.centroids.detach().clone()  # stage 3's, for the last head
+
+    def model_from(run: dict, state: dict):
+        """The model of one stage-2 head: the module's SegmentationModel with the backbone, class
+        names and config attached and (--cluster-fit kmeans) the cluster probe refitted on its code."""
+        module.load_state_dict(state)
+        model = copy.deepcopy(module.model).attach_backbone(backbone, spec)
+        model.class_names = list(train.class_names) if train.has_labels else None
+        model.config = cfg.to_dict()
+        if cfg.cluster_fit == "kmeans":
+            # the default: the cluster probe refitted by spherical k-means on the teacher's code, as
+            # STEGO's is; --cluster-fit online keeps the reference's modularity-fitted probe
+            refit_cluster_probe(cfg, cache, model)
+        return model.eval()
+
+    run = {"name": "", "cfg": cfg, "calibration": None, "folder": out, "module": module, "final": final}
+    knn = config_neighbors(cfg, cache) if mode != "last" else None
+    _, model = select_checkpoint(cfg, out, [run], model_from, cache, knn, n_classes + cfg.extra_clusters)
+    chosen = json.loads((out / "selection.json").read_text())["chosen_step"]
+    if chosen == cfg.steps:
+        torch.save(modularity, out / MODULARITY_PROBE)
+    else:  # an earlier head: stage 3's probe was fitted on another code
+        (out / MODULARITY_PROBE).unlink(missing_ok=True)
     if cfg.cluster_fit == "kmeans":
-        # the default: the cluster probe refitted by spherical k-means on the teacher's code, as
-        # STEGO's is; --cluster-fit online keeps the reference's modularity-fitted probe
-        refit_cluster_probe(cfg, cache, model)
-        log.info("cluster probe refitted by spherical k-means on the trained code (--cluster-fit kmeans; the "
-                 "modularity-fitted probe of stage 3 is in %s)", out / MODULARITY_PROBE)
-    model.class_names = list(train.class_names) if train.has_labels else None
-    model.config = cfg.to_dict()
-    model.eval()
-    total = cfg.steps + cfg.cause_probe_steps
-    write_selection(out, "last", {str(total): {"run": "", "step": total}}, str(total), None)
+        log.info("cluster probe refitted by spherical k-means on the trained code (--cluster-fit kmeans%s)",
+                 f"; the modularity-fitted probe of stage 3 is in {out / MODULARITY_PROBE}" if chosen == cfg.steps
+                 else "")
     path = model.save(out / "checkpoint.pt")
     plot_training_curves(out / "logs" / "metrics.csv", out / "training_curves.png")
-    log.info("CAUSE (%s): %d head steps + %d probe steps in %.1fs; checkpoint %s", cfg.method, cfg.steps,
-             cfg.cause_probe_steps, time.perf_counter() - t0, path)
+    log.info("CAUSE (%s): %d head steps + %d probe steps in %.1fs; checkpoint %s (head of step %d)", cfg.method,
+             cfg.steps, cfg.cause_probe_steps, time.perf_counter() - t0, path, chosen)
     return path
 
 
@@ -74,8 +100,6 @@ def check_cause_resume(cfg: Config, out: Path) -> None:
     run (:func:`~stegoseg.training.resume.resume_checkpoint`; ``--cause-probe-steps`` among them),
     and also the same ``--steps``, which STEGO may extend (stage 3 starts at step ``--steps``: a
     longer stage 2 after it began would mix the stages)."""
-    import json
-
     from stegoseg.errors import StegosegError
     from stegoseg.training.resume import RUN_CONFIG, resume_checkpoint
 
