@@ -35,8 +35,10 @@ Writes ``benchmarks/results/methods.json`` ({"settings": [{"name", "rows": {meth
 with the metrics' mean and per seed) and ``benchmarks/results/methods.md``. Rows finished by
 an earlier invocation with the same config are reused (an interrupted run continues); each
 finished row is also written, small, to ``benchmarks/results/methods-rows/SETTING/seedK/`` with
-its config and the fingerprint of the backbone weights' tensors, and reused from there on another machine when both
-match (``runs/`` does not travel between machines, a committed row does).
+its config, the fingerprint of the backbone weights' tensors and their per-tensor sums and norms, and reused
+from there on another machine when the config matches and the backbone is the same (the same fingerprint, or
+the same sums and norms to float32 rounding: a seed-0 random backbone drawn on another CPU can differ in a few
+last bits); ``runs/`` does not travel between machines, a committed row does.
 
     PYTHONPATH=src python3 benchmarks/bench_methods.py                       # all four settings
     PYTHONPATH=src python3 benchmarks/bench_methods.py --settings demo --seeds 0
@@ -91,14 +93,41 @@ def row_config(setting: Setting, method: str, seed: int, keep: dict, folder: Pat
 ROWS = REPO / "benchmarks" / "results" / "methods-rows"
 
 
+def _weights_state(cfg):
+    saved = torch.load(cfg.weights, map_location="cpu", weights_only=True)
+    return saved.get("state_dict", saved)
+
+
 def weights_digest(cfg) -> str:
     """The fingerprint of the tensors of the backbone weights file a row read (None: no file), so
     that a stored row is reused only with the very same backbone. Of the tensors, not of the
     file: ``torch.save`` of the same seed-0 weights on another machine gives other bytes."""
     if not cfg.weights:
         return None
-    saved = torch.load(cfg.weights, map_location="cpu", weights_only=True)
-    return state_fingerprint(saved.get("state_dict", saved))
+    return state_fingerprint(_weights_state(cfg))
+
+
+def weights_signature(cfg) -> dict:
+    """Per tensor of the backbone weights file: (sum, L2 norm) in float64 (None: no file). The
+    seed-0 random backbone drawn on another CPU can differ in the last bits of some values (the
+    vectorised initialisers round differently), which changes :func:`weights_digest`; the
+    signature tells such a copy (equal to ~1e-7 relative) from another backbone (different at
+    the first digit)."""
+    if not cfg.weights:
+        return None
+    return {name: [float(t.double().sum()), float(t.double().norm())] for name, t in
+            sorted(_weights_state(cfg).items()) if t.is_floating_point()}
+
+
+def same_backbone(saved: dict, cfg) -> bool:
+    """A stored row's backbone is this one: the same tensor fingerprint, or the same signature to
+    float32 rounding (rtol 1e-5 on every tensor's sum and norm, the same tensor names)."""
+    if saved.get("weights_fingerprint") == weights_digest(cfg):
+        return True
+    theirs, mine = saved.get("weights_signature"), weights_signature(cfg)
+    if not theirs or not mine or set(theirs) != set(mine):
+        return False
+    return all(abs(a - b) <= 1e-5 * max(abs(a), abs(b), 1e-3) for k in mine for a, b in zip(theirs[k], mine[k]))
 
 
 def stored_row(setting: Setting, method: str, seed: int, cfg) -> Path:
@@ -115,7 +144,7 @@ def reuse_stored(path: Path, cfg):
     current = json.loads(json.dumps(cfg.to_dict()))
     same = {k: v for k, v in saved["config"].items() if k not in ("weights", "cache_dir", "data_root", "init_from")}
     mine = {k: current.get(k) for k in same}
-    if same != mine or saved.get("weights_fingerprint") != weights_digest(cfg):
+    if same != mine or not same_backbone(saved, cfg):
         return None
     print(f"  {path.stem}: {saved['metrics']} (stored in {path.relative_to(REPO)}, same config and backbone)", flush=True)
     return saved["metrics"]
@@ -158,7 +187,8 @@ def train_row(setting: Setting, method: str, cfg, folder: Path, seed: int = 0, n
     print(f"  {method} {folder.name}: {json.dumps(result)}", flush=True)
     (folder / "bench_row.json").write_text(json.dumps({"config": cfg.to_dict(), "metrics": result}))
     store.parent.mkdir(parents=True, exist_ok=True)
-    store.write_text(json.dumps({"config": cfg.to_dict(), "weights_fingerprint": weights_digest(cfg), "metrics": result},
+    store.write_text(json.dumps({"config": cfg.to_dict(), "weights_fingerprint": weights_digest(cfg),
+                                 "weights_signature": weights_signature(cfg), "metrics": result},
                                 indent=1, default=float))
     return result
 
