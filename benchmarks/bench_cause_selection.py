@@ -16,7 +16,8 @@ and the Spearman correlation of the criterion with validation cluster mIoU over 
 candidates. Random backbones: this says whether the criterion picks better heads than the
 last one on these settings, not on real data.
 
-Run time on the project's 2-core CPU: about 35 minutes (CAUSE-TR is most of it).
+Run time on the project's 2-core CPU (2026-12-02, demo): about 3 minutes per CAUSE-MLP run and 16 per
+CAUSE-TR run (training plus the candidates' evaluations), so about an hour per setting.
 
 Writes ``benchmarks/results/cause_selection.json`` and ``benchmarks/results/cause_selection.md``;
 finished runs (``bench_selection.json`` in the run folder, same config) are reused.
@@ -47,8 +48,9 @@ METHODS = ("cause-mlp", "cause-tr")
 CHOICES = ("last", "label-free", "oracle")
 
 
-def run_one(setting: Setting, method: str, seed: int, folder: Path) -> dict:
-    """One training run with ``--select val-miou``; the three choices among its stage-2 heads."""
+def run_one(setting: Setting, method: str, seed: int, folder: Path, reuse_only: bool = False):
+    """One training run with ``--select val-miou``; the three choices among its stage-2 heads
+    (``reuse_only``: only a finished run's, else None)."""
     cfg = replace(row_config(setting, method, seed, {}, folder), select="val-miou")
     record = folder / "bench_selection.json"
     if record.exists():
@@ -56,6 +58,8 @@ def run_one(setting: Setting, method: str, seed: int, folder: Path) -> dict:
         if saved["config"] == json.loads(json.dumps(cfg.to_dict())):
             print(f"  {method} seed {seed}: reused {record}", flush=True)
             return saved["result"]
+    if reuse_only:
+        return None
     t = time.perf_counter()
     train_method(cfg, folder)
     selection = json.loads((folder / "selection.json").read_text())
@@ -77,7 +81,10 @@ def run_one(setting: Setting, method: str, seed: int, folder: Path) -> dict:
 
 
 def summarise(per_seed: dict) -> dict:
+    per_seed = {seed: row for seed, row in per_seed.items() if row is not None}
     rows = list(per_seed.values())
+    if not rows:
+        return None
     mean = {c: statistics.fmean(r[c] for r in rows) for c in CHOICES}
     rhos = [r["spearman"] for r in rows if r["spearman"] is not None]
     mean["spearman"] = statistics.fmean(rhos) if rhos else None
@@ -91,6 +98,9 @@ def table(result: dict) -> str:
              "(seeds up / down) | Spearman (criterion, val mIoU) |", "|---|---|---|---|---|---|---|"]
     for name, methods in result["settings"].items():
         for method, row in methods.items():
+            if row is None:
+                lines.append(f"| {name} | {method} | not run | | | | |")
+                continue
             m, per = row["mean"], row["per_seed"]
 
             def cell(choice):
@@ -109,6 +119,8 @@ def main() -> None:
     parser.add_argument("--settings", default="demo,synthetic-small-objects")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "cause_selection.json"))
+    parser.add_argument("--reuse-only", action="store_true",
+                        help="train nothing: tabulate the runs an earlier invocation finished (the rest: not run)")
     args = parser.parse_args()
     runs = Path(args.runs)
     table_of = settings(runs)
@@ -122,16 +134,21 @@ def main() -> None:
         print(f"[{name}]", flush=True)
         setting = Setting(name, with_fixed_backbone(name, table_of[name], runs), runs)
         result["settings"][name] = {
-            method: summarise({str(seed): run_one(setting, method, seed, setting.out / f"seed{seed}" / method)
+            method: summarise({str(seed): run_one(setting, method, seed, setting.out / f"seed{seed}" / method,
+                                                  reuse_only=args.reuse_only)
                                for seed in seeds})
             for method in METHODS}
     result["seconds_this_invocation"] = time.perf_counter() - t0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=float))
+    missing = [f"{name} {method} seed {seed}" for name, methods in result["settings"].items()
+               for method, row in methods.items() for seed in map(str, seeds)
+               if row is None or seed not in row["per_seed"]]
     md = ("Strict validation cluster mIoU (percent, no CRF, the cluster probe refitted by k-means on each head's "
           "code), mean over the seeds (per seed in brackets), of three choices among one CAUSE run's stage-2 "
-          "heads. Random backbones: not a ranking on real data.\n\n" + table(result) + "\n")
+          "heads. Random backbones: not a ranking on real data.\n\n" + table(result) + "\n"
+          + (f"\nNot run yet: {', '.join(missing)} (run the script again: finished runs are reused).\n" if missing else ""))
     out.with_suffix(".md").write_text(md)
     print(md, flush=True)
 
