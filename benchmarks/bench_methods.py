@@ -93,41 +93,33 @@ def row_config(setting: Setting, method: str, seed: int, keep: dict, folder: Pat
 ROWS = REPO / "benchmarks" / "results" / "methods-rows"
 
 
-def _weights_state(cfg):
+def backbone_identity(cfg) -> dict:
+    """What a stored row records of the backbone weights file it read (both None: no file), from
+    one read of the file: ``weights_fingerprint``, the SHA-1 of its tensors (of the tensors, not of
+    the file: ``torch.save`` of the same seed-0 weights on another machine gives other bytes), and
+    ``weights_signature``, each floating tensor's (sum, L2 norm) in float64. The seed-0 random
+    backbone drawn on another CPU can differ in the last bits of some values (the vectorised
+    initialisers round differently), which changes the fingerprint; the signature tells such a
+    copy (equal to ~1e-7 relative) from another backbone (different at the first digit)."""
+    if not cfg.weights:
+        return {"weights_fingerprint": None, "weights_signature": None}
     saved = torch.load(cfg.weights, map_location="cpu", weights_only=True)
-    return saved.get("state_dict", saved)
-
-
-def weights_digest(cfg) -> str:
-    """The fingerprint of the tensors of the backbone weights file a row read (None: no file), so
-    that a stored row is reused only with the very same backbone. Of the tensors, not of the
-    file: ``torch.save`` of the same seed-0 weights on another machine gives other bytes."""
-    if not cfg.weights:
-        return None
-    return state_fingerprint(_weights_state(cfg))
-
-
-def weights_signature(cfg) -> dict:
-    """Per tensor of the backbone weights file: (sum, L2 norm) in float64 (None: no file). The
-    seed-0 random backbone drawn on another CPU can differ in the last bits of some values (the
-    vectorised initialisers round differently), which changes :func:`weights_digest`; the
-    signature tells such a copy (equal to ~1e-7 relative) from another backbone (different at
-    the first digit)."""
-    if not cfg.weights:
-        return None
-    return {name: [float(t.double().sum()), float(t.double().norm())] for name, t in
-            sorted(_weights_state(cfg).items()) if t.is_floating_point()}
+    state = saved.get("state_dict", saved)
+    return {"weights_fingerprint": state_fingerprint(state),
+            "weights_signature": {name: [float(t.double().sum()), float(t.double().norm())]
+                                  for name, t in sorted(state.items()) if t.is_floating_point()}}
 
 
 def same_backbone(saved: dict, cfg) -> bool:
     """A stored row's backbone is this one: the same tensor fingerprint, or the same signature to
     float32 rounding (rtol 1e-5 on every tensor's sum and norm, the same tensor names)."""
-    if saved.get("weights_fingerprint") == weights_digest(cfg):
+    mine = backbone_identity(cfg)
+    if saved.get("weights_fingerprint") == mine["weights_fingerprint"]:
         return True
-    theirs, mine = saved.get("weights_signature"), weights_signature(cfg)
-    if not theirs or not mine or set(theirs) != set(mine):
+    theirs, ours = saved.get("weights_signature"), mine["weights_signature"]
+    if not theirs or not ours or set(theirs) != set(ours):
         return False
-    return all(abs(a - b) <= 1e-5 * max(abs(a), abs(b), 1e-3) for k in mine for a, b in zip(theirs[k], mine[k]))
+    return all(abs(a - b) <= 1e-5 * max(abs(a), abs(b), 1e-3) for k in ours for a, b in zip(theirs[k], ours[k]))
 
 
 def stored_row(setting: Setting, method: str, seed: int, cfg) -> Path:
@@ -187,8 +179,7 @@ def train_row(setting: Setting, method: str, cfg, folder: Path, seed: int = 0, n
     print(f"  {method} {folder.name}: {json.dumps(result)}", flush=True)
     (folder / "bench_row.json").write_text(json.dumps({"config": cfg.to_dict(), "metrics": result}))
     store.parent.mkdir(parents=True, exist_ok=True)
-    store.write_text(json.dumps({"config": cfg.to_dict(), "weights_fingerprint": weights_digest(cfg),
-                                 "weights_signature": weights_signature(cfg), "metrics": result},
+    store.write_text(json.dumps({"config": cfg.to_dict(), **backbone_identity(cfg), "metrics": result},
                                 indent=1, default=float))
     return result
 

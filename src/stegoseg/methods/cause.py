@@ -22,10 +22,9 @@ from stegoseg.methods.common import (
     build_split,
     n_classes_for,
     prepare,
-    refit_cluster_probe,
     resolve_device,
 )
-from stegoseg.methods.stego import check_selection_possible, save_run_config, select_checkpoint
+from stegoseg.methods.stego import check_selection_possible, checkpoint_model, save_run_config, select_checkpoint
 from stegoseg.reporting.figures import plot_training_curves
 from stegoseg.training.cause import fit_cause, fit_clusterbook
 
@@ -64,17 +63,9 @@ def train_cause(cfg: Config, out, resume: bool = False) -> Optional[Path]:
     modularity = module.model.cluster_probe.centroids.detach().clone()  # stage 3's, for the last head
 
     def model_from(run: dict, state: dict):
-        """The model of one stage-2 head: the module's SegmentationModel with the backbone, class
-        names and config attached and (--cluster-fit kmeans) the cluster probe refitted on its code."""
-        module.load_state_dict(state)
-        model = copy.deepcopy(module.model).attach_backbone(backbone, spec)
-        model.class_names = list(train.class_names) if train.has_labels else None
-        model.config = cfg.to_dict()
-        if cfg.cluster_fit == "kmeans":
-            # the default: the cluster probe refitted by spherical k-means on the teacher's code, as
-            # STEGO's is; --cluster-fit online keeps the reference's modularity-fitted probe
-            refit_cluster_probe(cfg, cache, model)
-        return model.eval()
+        # --cluster-fit kmeans (the default): the cluster probe refitted by spherical k-means on the
+        # teacher's code, as STEGO's is; --cluster-fit online keeps the reference's modularity-fitted probe
+        return checkpoint_model(module, state, cfg, backbone, spec, train, cache)
 
     run = {"name": "", "cfg": cfg, "calibration": None, "folder": out, "module": module, "final": final}
     knn = config_neighbors(cfg, cache) if mode != "last" else None

@@ -133,17 +133,7 @@ def train_stego(cfg: Config, out, resume: bool = False) -> Optional[Path]:
         return None
 
     def model_from(run: dict, state: dict) -> SegmentationModel:
-        """The trained model of one checkpoint: the module's own SegmentationModel, with the
-        backbone, class names and run config attached (and, with --cluster-fit kmeans, the
-        cluster probe refitted on the trained code)."""
-        module, vcfg = run["module"], run["cfg"]
-        module.load_state_dict(state)
-        model = copy.deepcopy(module.model).attach_backbone(backbone, spec)
-        model.class_names = list(train.class_names) if train.has_labels else None
-        model.config = vcfg.to_dict()
-        if vcfg.cluster_fit == "kmeans":
-            refit_cluster_probe(vcfg, cache, model)
-        return model.eval()
+        return checkpoint_model(run["module"], state, run["cfg"], backbone, spec, train, cache)
 
     run, model = select_checkpoint(cfg, out, runs, model_from, cache, knn, n_clusters)
     save_run_config(run["cfg"], out / "config.yaml", calibrated=run["calibration"] is not None)
@@ -209,6 +199,21 @@ def select_checkpoint(cfg: Config, out: Path, runs: list, model_from, cache: Fea
              rows[chosen][metric])
     run, _, state = candidates[chosen]
     return run, model_from(run, state)
+
+
+def checkpoint_model(module, state: dict, cfg: Config, backbone, spec: dict, train, cache: FeatureCache
+                     ) -> SegmentationModel:
+    """The trained model of one checkpoint ``state`` of a Lightning ``module`` (STEGO's or CAUSE's):
+    the module's own SegmentationModel, with the backbone, class names (of the ``train`` split, when
+    labelled) and run config attached, and, with ``--cluster-fit kmeans``, the cluster probe
+    refitted on the trained code. Leaves ``state`` loaded in ``module``."""
+    module.load_state_dict(state)
+    model = copy.deepcopy(module.model).attach_backbone(backbone, spec)
+    model.class_names = list(train.class_names) if train.has_labels else None
+    model.config = cfg.to_dict()
+    if cfg.cluster_fit == "kmeans":
+        refit_cluster_probe(cfg, cache, model)
+    return model.eval()
 
 
 def checkpoint_states(ckpt_dir: Path, final_state: dict, final_step: int) -> dict:
