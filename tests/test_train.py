@@ -207,3 +207,42 @@ def test_cache_held_in_memory_trains_exactly_like_reading_the_cache_from_disk(sy
     got = ResidentFeatures(cache).batch(ids["index"], ids["partner"])
     for key in ("feats", "feats_knn", "label"):
         assert torch.equal(got[key], disk[key]), key
+
+
+def test_progress_log_reads_the_step_count_the_trainer_was_given_after_it_was_built(caplog, monkeypatch):
+    """DINO pretraining builds its trainer with ``max_steps=-1`` and sets the fit loop's step
+    count afterwards; the log lines must show that count (not "-1", "-800%"), and with a
+    ``max_time`` the time left is the time limit's when it ends first."""
+    import logging
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    from stegoseg.training import trainer as trainer_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(trainer_module.time, "monotonic", lambda: clock[0])
+
+    def run(steps_at_seconds):
+        fake = SimpleNamespace(max_steps=200, global_step=0, is_global_zero=True, callback_metrics={})
+        callback = trainer_module.LogTrainingProgress(-1, timedelta(minutes=25))
+        clock[0] = 1000.0
+        callback.on_train_start(fake, None)
+        for step, seconds in steps_at_seconds:
+            clock[0], fake.global_step = 1000.0 + seconds, step
+            callback.on_train_batch_end(fake, None, None, None, step - 1)
+
+    with caplog.at_level(logging.INFO, logger="stegoseg"):
+        # 0.5 steps/s: 200 steps in 6m40s, inside the limit; at step 40 only 50 s of the 25 min are left
+        run([(5, 10.0), (20, 40.0), (40, 1450.0)])
+        # 0.05 steps/s over the first 5 steps: the 200 steps would need 1h06m, the limit ends it first
+        run([(5, 100.0)])
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("training:")]
+    assert lines == [
+        "training: steps 0..200 of 200, at most 25m00s",
+        "training: 0.50 steps/s over the first 5 steps: about 6m40s for the 200 steps",
+        "training: step 20/200 (10%), 0.50 steps/s, about 6m00s left",
+        "training: step 40/200 (20%), 0.03 steps/s, about 50s left (time limit)",
+        "training: steps 0..200 of 200, at most 25m00s",
+        "training: 0.05 steps/s over the first 5 steps: about 1h06m for the 200 steps; "
+        "the time limit ends it in 23m20s",
+    ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
@@ -76,31 +77,49 @@ class _LightningNoise(logging.Filter):
 class LogTrainingProgress(L.Callback):
     """Training progress as log lines when there is no progress bar (a log file): the start,
     every 10% of the steps (at most one line per 10 s) with the step rate and the time left,
-    and the end."""
+    and the end.
 
-    def __init__(self, max_steps: int):
+    The step count is the trainer's own at the start of training (a caller may set the fit
+    loop's ``max_steps`` after building the trainer, as DINO pretraining does once the world
+    size is known); with a ``max_time`` the time left is the earlier of the two ends."""
+
+    def __init__(self, max_steps: int, max_time: Optional[timedelta] = None):
         self.max_steps, self.next_mark, self.t0, self.start, self.last = max_steps, 0, 0.0, 0, 0.0
+        self.max_seconds = None if max_time is None else max_time.total_seconds()
+
+    def _left(self, steps_left: int, rate: float, now: float) -> str:
+        """The time to the end of the steps, or to the time limit when that comes first."""
+        by_steps = steps_left / rate if rate else float("nan")
+        if self.max_seconds is not None and self.max_seconds - (now - self.t0) < by_steps:
+            return f"{_duration(max(0.0, self.max_seconds - (now - self.t0)))} left (time limit)"
+        return f"{_duration(by_steps)} left"
 
     def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.max_steps is not None and trainer.max_steps > 0:
+            self.max_steps = trainer.max_steps
         self.t0 = self.last = time.monotonic()
         self.start = trainer.global_step
         self.next_mark = self.start + max(1, self.max_steps // 10)
         if trainer.is_global_zero:
-            log.info("training: steps %d..%d of %d", self.start, self.max_steps, self.max_steps)
+            limit = "" if self.max_seconds is None else f", at most {_duration(self.max_seconds)}"
+            log.info("training: steps %d..%d of %d%s", self.start, self.max_steps, self.max_steps, limit)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step, now = trainer.global_step, time.monotonic()
         if step == self.start + WARMUP_STEPS and step < self.max_steps and trainer.is_global_zero:
             rate = WARMUP_STEPS / max(now - self.t0, 1e-9)
-            log.info("training: %.2f steps/s over the first %d steps: about %s for the %d steps", rate, WARMUP_STEPS,
-                     _duration((self.max_steps - self.start) / rate), self.max_steps - self.start)
+            need = (self.max_steps - self.start) / rate
+            cut = (f"; the time limit ends it in {_duration(self.max_seconds - (now - self.t0))}"
+                   if self.max_seconds is not None and self.max_seconds - (now - self.t0) < need else "")
+            log.info("training: %.2f steps/s over the first %d steps: about %s for the %d steps%s", rate, WARMUP_STEPS,
+                     _duration(need), self.max_steps - self.start, cut)
         if step < self.next_mark or now - self.last < 10 or not trainer.is_global_zero:
             return
         self.last, self.next_mark = now, step + max(1, self.max_steps // 10)
         rate = (step - self.start) / max(now - self.t0, 1e-9)
         loss = trainer.callback_metrics.get("loss")
-        log.info("training: step %d/%d (%.0f%%), %.2f steps/s, about %s left%s", step, self.max_steps,
-                 100 * step / self.max_steps, rate, _duration((self.max_steps - step) / rate if rate else float("nan")),
+        log.info("training: step %d/%d (%.0f%%), %.2f steps/s, about %s%s", step, self.max_steps,
+                 100 * step / self.max_steps, rate, self._left(self.max_steps - step, rate, now),
                  f", loss {float(loss):.4f}" if loss is not None else "")
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -141,7 +160,7 @@ def build_trainer(cfg, out, max_steps: int, callbacks: Optional[list] = None, **
     options.setdefault("plugins", [AtomicCheckpointIO()])
     bar = bool(cfg.progress) and on_terminal()
     if not bar:
-        callbacks = [*(callbacks or []), LogTrainingProgress(max_steps)]
+        callbacks = [*(callbacks or []), LogTrainingProgress(max_steps, options.get("max_time"))]
     return L.Trainer(
         max_steps=max_steps,
         max_epochs=-1,
