@@ -199,7 +199,8 @@ def with_fixed_backbone(name: str, values: dict, runs: Path) -> dict:
 def run_setting(name: str, values: dict, runs: Path, seeds: list, previous: dict = None,
                 cost_only: bool = False) -> dict:
     """Every row of a setting (rows finished earlier are reused); the training cost is measured
-    when ``previous`` (this setting's entry of an earlier invocation) has none, or ``cost_only``."""
+    when ``previous`` (this setting's entry of an earlier invocation) has none or has other rows
+    than this invocation's, or with ``cost_only``."""
     setting = Setting(name, with_fixed_backbone(name, values, runs), runs)
     if cost_only:
         return dict(previous, seconds_per_step=training_cost(setting))
@@ -223,8 +224,20 @@ def run_setting(name: str, values: dict, runs: Path, seeds: list, previous: dict
         steps = [m["seconds_per_step"] for m in per if m.get("seconds_per_step")]
         row["mean"]["train_seconds"] = statistics.fmean(times) if times else None
         row["mean"]["seconds_per_step"] = statistics.fmean(steps) if steps else None
+    cost = (previous or {}).get("seconds_per_step")
+    if cost is None or not same_rows(previous, rows):  # e.g. the rows of another backbone file: measure again
+        cost = training_cost(setting)
     return {"name": name, "config": {k: v for k, v in values.items() if k != "progress"}, "seeds": seeds,
-            "rows": rows, "seconds_per_step": (previous or {}).get("seconds_per_step") or training_cost(setting)}
+            "rows": rows, "seconds_per_step": cost}
+
+
+def same_rows(previous: dict, rows: dict) -> bool:
+    """The earlier invocation's entry has exactly these per-seed rows (its training cost was
+    measured with them, so it still belongs next to them)."""
+    before = previous.get("rows", {})
+    return set(before) == set(rows) and all(
+        json.loads(json.dumps(before[m]["per_seed"], default=float)) == json.loads(json.dumps(rows[m]["per_seed"], default=float))
+        for m in rows)
 
 
 def training_cost(setting: Setting, short: int = 10, long: int = 50) -> dict:
