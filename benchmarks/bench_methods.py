@@ -26,9 +26,10 @@ pipeline, and which one wins on these settings.
 Training cost: each row's wall time of training (all stages) and its optimiser steps, so a
 cost per step and per run, measured in the same invocation on the same machine.
 
-Run time on the project's 2-core CPU (2026-12-01): about 6 minutes per seed on each generated
-setting (CAUSE-TR is most of it), about 30 minutes per seed on CamVid with the tiny DINO
-backbone (CAUSE's 2048-wide bank dominates), and more for CamVid with the random ViT-S/8 (its
+Run time on the project's 2-core CPU (2026-12-01/02): about 6 minutes per seed on each generated
+setting (CAUSE-TR is most of it), about 65 minutes per seed on CamVid with the tiny DINO
+backbone (CAUSE-TR's 600 steps take 29 of them; the whole setting, three seeds and its
+training-cost measurement, took 130 minutes of one invocation after seed 0 was stored), and more for CamVid with the random ViT-S/8 (its
 cache alone takes about 15 minutes), plus a few minutes of training-cost measurement per setting.
 
 Writes ``benchmarks/results/methods.json`` ({"settings": [{"name", "rows": {method: M}}]}, M
