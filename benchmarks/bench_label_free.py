@@ -69,8 +69,8 @@ PUBLISHED = {k: PRESETS["cocostuff27"][k] for k in ("w_self", "w_knn", "w_rand",
 # The tiny ViT-S/8 DINO-pretrained on the CamVid train images by `benchmarks/pretrain_cpu.sh`'s
 # `stegoseg pretrain` command (time-bounded, so not reproducible bit for bit): committed (a few
 # hundred KB) so that the stored rows of bench_methods, keyed by the weights' tensors, stay reusable
-# on another machine. `pretrain_cpu.sh` writes it once (never overwriting it); as of 2026-12-02 it
-# has not been made yet, and the setting is refused with one line until it is.
+# on another machine. `pretrain_cpu.sh` writes it once (never overwriting it); without the file
+# the setting is refused with one line.
 TINY_DINO_WEIGHTS = REPO / "benchmarks" / "results" / "backbones" / "camvid-tiny-dino.pt"
 # 8 grid points: b_knn x b_rand with spatial centring (the published default), and two without it
 GRID = [dict(b_knn=bk, b_rand=br, pointwise=True) for bk in (0.2, 0.5, 0.8) for br in (0.5, 1.0)] + [

@@ -267,8 +267,9 @@ def test_bad_cause_input_is_one_line(synthetic_root, tmp_path, capsys):
     # an unknown method for training
     one_line_error(capsys, ["train", "--method", "cause-xl", "--out", str(tmp_path / "t"), "--data-root",
                             str(synthetic_root), *tiny_cli("train")], "--method must be one of", "cause-tr")
-    one_line_error(capsys, ["train", "--method", "primaps", "--select", "val-miou", "--out", str(tmp_path / "t"),
-                            "--data-root", str(synthetic_root), *tiny_cli("train")], "keeps the last step")
+    one_line_error(capsys, ["train", "--method", "primaps", "--select", "label-free", "--out", str(tmp_path / "t"),
+                            "--data-root", str(synthetic_root), *tiny_cli("train")], "does not change",
+                   "--select val-miou")
     one_line_error(capsys, ["train", "--method", "cause-tr", "--select", "label-free", "--cluster-fit", "online",
                             "--out", str(tmp_path / "t"), "--data-root", str(synthetic_root), *tiny_cli("train")],
                    "--cluster-fit kmeans", "last head only")

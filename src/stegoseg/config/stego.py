@@ -98,6 +98,7 @@ class Config(ConfigBase):
     primaps_focal: float = 2.0  # focal-loss exponent
     primaps_init: str = "pca"  # the prototypes' start for --method primaps: pca (the reference's) | kmeans
     primaps_init_epochs: int = 2  # pca init: epochs of the cluster loss after the PCA directions
+    primaps_student_augs: bool = False  # the reference's --student-augs: live backbone, flips, blur, jitter, grey
     # ---- optimisation
     steps: int = 5000
     batch_size: int = 16
@@ -212,6 +213,9 @@ _FIELD_HELP = {
     "n_classes": "number of classes/clusters; required for label-free data",
     "devices": "Lightning devices: a count, 'auto', or a list like '0,1'",
     "live_backbone": "run the backbone each training step instead of reading cached features",
+    "primaps_student_augs": "PriMaPs-EM as the reference's --student-augs: each step runs the backbone on the batch's "
+                            "crops, flipped at random with their masks, and the student reads a blurred, jittered or "
+                            "grey copy (slower: two backbone passes a step; effect in docs/primaps.md)",
     "cache_shard_items": "items per feature-cache shard, the unit a worker writes (default: about 256 MB of features)",
     "knn_index": "FAISS index of the nearest-neighbour search: exact (flat), hnsw (approximate, its recall against "
                  "exact search measured on a sample and recorded), auto (exact up to 200,000 items, then hnsw)",
@@ -233,7 +237,7 @@ _FIELD_HELP = {
     "select": "which checkpoint becomes checkpoint.pt: label-free (best agreement of the code's clusters with the "
     "feature correspondences, training images only), val-miou (best validation cluster mIoU: needs val labels, the "
     "reference's way), last; default: label-free with STEGO's --shifts auto, else last (CAUSE: among its stage-2 "
-    "heads, with --cluster-fit kmeans; PriMaPs-EM: last only)",
+    "heads, with --cluster-fit kmeans; PriMaPs-EM: among its EM steps, val-miou or last)",
     "cluster_fit": "the cluster probe: 'kmeans' (after training, seeded spherical k-means++ over the cached "
     "training code: stable between runs; the default) or 'online' (the reference's own: STEGO's minibatch probe "
     "trained alongside the head, the paper presets; CAUSE's modularity-fitted probe of stage 3)",
@@ -264,7 +268,7 @@ FIELD_GROUPS = {
               "cause_temperature", "cause_pos_threshold", "cause_neg_threshold", "cause_bank_size", "cause_ema",
               "cause_grid", "cause_clip", "cause_weight_decay", "cause_probe_steps"),
     "primaps": ("primaps_threshold", "primaps_coverage", "primaps_steps", "primaps_lr", "primaps_ema",
-                "primaps_ema_every", "primaps_focal", "primaps_init", "primaps_init_epochs"),
+                "primaps_ema_every", "primaps_focal", "primaps_init", "primaps_init_epochs", "primaps_student_augs"),
 }
 
 
@@ -437,9 +441,10 @@ def validate(cfg: Config) -> None:
         (cfg.cause_clip > 0, "--cause-clip must be > 0"),
         (cfg.cause_weight_decay >= 0, "--cause-weight-decay must be >= 0"),
         (cfg.cause_probe_steps >= 1, "--cause-probe-steps must be >= 1"),
-        (not (cfg.method not in ("stego", "cause-mlp", "cause-tr") and cfg.select not in (None, "last")),
-         f"--select {cfg.select} picks among STEGO's and CAUSE's checkpoints; --method {cfg.method} keeps the last "
-         "step, as its reference does (docs/primaps.md): drop --select"),
+        (not (uses_primaps(cfg.method) and cfg.select == "label-free"),
+         f"--select label-free scores a head's code, which PriMaPs-EM does not change (--method {cfg.method} moves "
+         "only its prototypes): drop --select (the last EM step) or use --select val-miou (needs validation labels; "
+         "docs/primaps.md)"),
         (not (cfg.method in ("cause-mlp", "cause-tr") and cfg.select not in (None, "last")
               and cfg.cluster_fit != "kmeans"),
          f"--select {cfg.select} picks one of CAUSE's stage-2 heads, but the modularity cluster probe "
@@ -457,6 +462,9 @@ def validate(cfg: Config) -> None:
         (cfg.primaps_focal >= 0, "--primaps-focal must be >= 0"),
         (cfg.primaps_init in ("pca", "kmeans"), f"--primaps-init must be pca or kmeans, got {cfg.primaps_init!r}"),
         (cfg.primaps_init_epochs >= 0, "--primaps-init-epochs must be >= 0"),
+        (not (cfg.primaps_student_augs and not uses_primaps(cfg.method)),
+         f"--primaps-student-augs is an option of PriMaPs-EM: use it with --method primaps or METHOD+primaps "
+         f"(not --method {cfg.method})"),
         (not (cfg.init_from and cfg.method != "primaps"), f"--init-from boosts a trained model with PriMaPs-EM: "
          f"use it with --method primaps (--method {cfg.method} trains its own head)"),
         (not cfg.init_from or Path(cfg.init_from).expanduser().is_file(),

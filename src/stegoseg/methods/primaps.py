@@ -28,7 +28,7 @@ from stegoseg.methods.common import (
     resolve_device,
     split_dataset,
 )
-from stegoseg.methods.stego import save_run_config, write_selection
+from stegoseg.methods.stego import check_selection_possible, checkpoint_states, save_run_config, write_selection
 from stegoseg.model import SegmentationModel
 from stegoseg.model import load as load_model
 from stegoseg.reporting.figures import plot_training_curves
@@ -39,7 +39,7 @@ log = logging.getLogger("stegoseg")
 
 def base_config(cfg: Config) -> Config:
     """The config of the base run of ``METHOD+primaps``: the same settings with ``method`` METHOD."""
-    return dataclasses.replace(cfg, method=base_method(cfg.method))
+    return dataclasses.replace(cfg, method=base_method(cfg.method), primaps_student_augs=False)
 
 
 def load_start_model(path) -> SegmentationModel:
@@ -69,6 +69,7 @@ def train_primaps(cfg: Config, out, resume: bool = False) -> Optional[Path]:
         from stegoseg.training.resume import resume_checkpoint
 
         resume_checkpoint(out / "lightning", cfg)
+    check_selection_possible(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     save_run_config(cfg, out / "config.yaml")
     t0 = time.perf_counter()
@@ -110,21 +111,31 @@ def train_primaps(cfg: Config, out, resume: bool = False) -> Optional[Path]:
             init = pca_prototypes(cfg, cache, None, n_clusters, device)
         else:
             init = fit_centroids(cfg, cache, n_clusters, device=device).cpu()
+    live = (backbone, view) if cfg.primaps_student_augs else None
     module = fit_primaps(cfg, out, cache, masks, code_dim, n_clusters, n_classes if cache.has_labels else None,
-                         init, head=head, resume=resume)
+                         init, head=head, resume=resume, live=live)
     if not getattr(module, "is_global_zero", True):
         return None
-    model = SegmentationModel(backbone, spec, head, n_clusters=n_clusters,
-                              n_classes=n_classes if cache.has_labels else None,
-                              class_names=list(train.class_names) if train.has_labels else None,
-                              method=cfg.method, config=cfg.to_dict())
-    with torch.no_grad():
-        model.cluster_probe.centroids.copy_(module.prototypes())
-    if module.linear_probe is not None:
-        model.linear_probe.load_state_dict(module.linear_probe.state_dict())
-    model.eval()
+
+    def model_of(state: dict) -> SegmentationModel:
+        """The trained model at one EM step: the teacher's prototypes and the linear probe of ``state``."""
+        module.load_state_dict(state)
+        model = SegmentationModel(backbone, spec, head, n_clusters=n_clusters,
+                                  n_classes=n_classes if cache.has_labels else None,
+                                  class_names=list(train.class_names) if train.has_labels else None,
+                                  method=cfg.method, config=cfg.to_dict())
+        with torch.no_grad():
+            model.cluster_probe.centroids.copy_(module.prototypes())
+        if module.linear_probe is not None:
+            model.linear_probe.load_state_dict(module.linear_probe.state_dict())
+        return model.eval()
+
     steps = cfg.primaps_steps or cfg.steps
-    write_selection(out, "last", {str(steps): {"run": "", "step": steps}}, str(steps), None)
+    if cfg.select == "val-miou":
+        model = select_em_step(cfg, out, model_of, checkpoint_states(out / "lightning", module.state_dict(), steps))
+    else:
+        model = model_of(module.state_dict())
+        write_selection(out, "last", {str(steps): {"run": "", "step": steps}}, str(steps), None)
     stats = masks_folder(cfg, cache) / "stats.json"
     if stats.exists():
         (out / "pseudo_masks.json").write_text(stats.read_text())
@@ -132,6 +143,26 @@ def train_primaps(cfg: Config, out, resume: bool = False) -> Optional[Path]:
     plot_training_curves(out / "logs" / "metrics.csv", out / "training_curves.png")
     log.info("PriMaPs-EM (%s): %d EM steps in %.1fs; checkpoint %s", cfg.method, steps, time.perf_counter() - t0, path)
     return path
+
+
+def select_em_step(cfg: Config, out: Path, model_of, states: dict) -> SegmentationModel:
+    """``--select val-miou``, the reference's model choice: the EM step (each saved one and the
+    last) whose model has the best strict validation cluster mIoU (no CRF; ties: the earliest);
+    every step's scores in ``selection.json`` / ``selection.png``."""
+    from stegoseg.methods.common import evaluate_checkpoint_model
+
+    val_cfg = dataclasses.replace(cfg, crf=False, progress=False)
+    device = resolve_device(cfg.device)
+    rows = {}
+    for step, state in states.items():
+        result = evaluate_checkpoint_model(val_cfg, model_of(state).to(device), out / "selection-eval" / str(step))
+        rows[str(step)] = {"run": "", "step": step, "val_cluster_miou": result["cluster"]["strict"]["miou"],
+                           "val_cluster_acc": result["cluster"]["strict"]["accuracy"]}
+    chosen = max(rows, key=lambda key: rows[key]["val_cluster_miou"])
+    write_selection(out, "val-miou", rows, chosen, None)
+    log.info("--select val-miou: chose the EM step %s among %d (validation cluster mIoU %.2f; the last step: %.2f)",
+             chosen, len(rows), rows[chosen]["val_cluster_miou"], rows[str(max(states))]["val_cluster_miou"])
+    return model_of(states[int(chosen)]).cpu()
 
 
 def ray_pseudo_masks(cfg: Config, out: Path, view: dict):

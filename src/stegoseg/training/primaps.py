@@ -29,7 +29,7 @@ from stegoseg.losses.primaps import ema_step
 from stegoseg.nn.primaps import PrototypeHead, mask_unaries, principal_masks
 from stegoseg.nn.probes import ClusterProbe, LinearProbe
 from stegoseg.preflight import atomic_save_npy, check_free_space
-from stegoseg.training.primaps_em import em_loss, em_pseudo_label
+from stegoseg.training.primaps_em import draw_student_aug, em_loss, em_pseudo_label, student_augment
 from stegoseg.training.steps import fit_step_module, step_seed
 
 log = logging.getLogger("stegoseg")
@@ -127,12 +127,14 @@ def _write_masks(cfg: Config, cache: FeatureCache, view, folder: Path, todo: np.
         finally:
             if pool is not None:
                 pool.shutdown()
+    # the flips and seconds are those of this build (a continued one: of the crops it wrote); a
+    # run that reuses the masks copies this file as it stands
     stats = {"crops": int(cache.n), "masks_per_crop": float(counts.mean()),
-             "one_mask_crops": int((counts == 1).sum()), "sign_flips_this_run": int(flips),
-             "seconds_this_run": time.perf_counter() - t0}
+             "one_mask_crops": int((counts == 1).sum()), "sign_flips_last_build": int(flips),
+             "seconds_last_build": time.perf_counter() - t0}
     (folder / "stats.json").write_text(json.dumps(stats, indent=1))
     log.info("PriMaPs pseudo masks: %.1f masks per crop on average, written in %.1fs", stats["masks_per_crop"],
-             stats["seconds_this_run"])
+             stats["seconds_last_build"])
 
 
 def chunk_masks(cfg: Config, cache: FeatureCache, view, chunk: np.ndarray, size: int, params, pool=None) -> tuple:
@@ -230,6 +232,7 @@ class PrimapsModule(L.LightningModule):
         self.linear_probe = LinearProbe(code_dim, n_classes) if n_classes else None
         self.masks: Optional[np.ndarray] = None  # (N, R, R) mask ids, set before fitting
         self.resident = None
+        self.live: Optional[tuple] = None  # (backbone, crop view) with --primaps-student-augs, set before fitting
         self._step: Optional[int] = None  # the step whose optimiser step runs next
 
     def configure_optimizers(self):
@@ -241,6 +244,36 @@ class PrimapsModule(L.LightningModule):
     def on_fit_start(self) -> None:
         if self.resident is not None:
             self.resident.to(self.device)
+        if self.live is not None:
+            self.live[0].to(self.device).eval()
+
+    def live_batch(self, index: torch.Tensor, step: int, labels: Optional[torch.Tensor] = None) -> dict:
+        """``--primaps-student-augs``: the batch's crops through the backbone as the reference's
+        student-augs training sees them: each crop, its masks and labels flipped with probability
+        1/2; the teacher (and the linear probe) read the clean crop's code, the student the code
+        of its augmented copy (:func:`~stegoseg.training.primaps_em.student_augment`). The draws
+        come from a generator seeded by (seed, step, rank): a resumed run draws the same."""
+        backbone, view = self.live
+        rows = index.cpu().numpy()
+        items = [view[int(i)] for i in rows]
+        generator = torch.Generator().manual_seed(step_seed(self.cfg.seed, step, self.global_rank, 11))
+        params = [draw_student_aug(generator) for _ in rows]
+        flip = torch.tensor([p["flip"] for p in params], dtype=torch.bool)
+
+        def flipped(x: torch.Tensor) -> torch.Tensor:
+            x, which = x.to(self.device).clone(), flip.to(self.device)
+            x[which] = x[which].flip(-1)
+            return x
+
+        clean = backbone.normalize(flipped(torch.stack([item["image"] for item in items])))
+        augmented = torch.stack([student_augment(image, p) for image, p in zip(clean, params)])
+        with torch.no_grad():
+            feats = backbone(torch.cat([clean, augmented])).float()
+        out = {"code": self.code(feats[: len(rows)]), "student_code": self.code(feats[len(rows):]),
+               "masks": flipped(torch.from_numpy(np.asarray(self.masks[rows])))}
+        if labels is not None:  # the cache's labels of these crops (ignore already mapped)
+            out["label"] = flipped(labels)
+        return out
 
     def code(self, feats: torch.Tensor) -> torch.Tensor:
         if self.head is None:
@@ -255,12 +288,16 @@ class PrimapsModule(L.LightningModule):
             raise RuntimeError(f"batch for step {step} arrived at global step {self.global_step}")
         if "feats" not in batch:
             batch = {**batch, **self.resident.batch(batch["index"])}
-        code = self.code(batch["feats"].float())
-        masks = torch.from_numpy(np.asarray(self.masks[batch["index"].cpu().numpy()])).to(self.device)
+        labels = batch.get("label")
+        if self.live is not None:
+            live = self.live_batch(batch["index"], step, labels)
+            code, student_code, masks, labels = live["code"], live["student_code"], live["masks"], live.get("label")
+        else:
+            code = student_code = self.code(batch["feats"].float())
+            masks = torch.from_numpy(np.asarray(self.masks[batch["index"].cpu().numpy()])).to(self.device)
         pseudo = em_pseudo_label(self.teacher, code, masks)
         self._step = step
-        out = {"focal": em_loss(self.student, code, pseudo, self.cfg.primaps_focal)}
-        labels = batch.get("label")
+        out = {"focal": em_loss(self.student, student_code, pseudo, self.cfg.primaps_focal)}
         if labels is not None and self.linear_probe is not None:
             out["linear"] = self.linear_probe.loss(code, labels)
         self.log_dict({f"loss/{k}": v.float() for k, v in out.items()}, on_step=True)
@@ -283,11 +320,13 @@ class PrimapsModule(L.LightningModule):
 
 def fit_primaps(cfg: Config, out, cache: FeatureCache, masks: np.ndarray, code_dim: int, n_clusters: int,
                 n_classes: Optional[int], init: torch.Tensor, head: Optional[nn.Module] = None,
-                resume: bool = False) -> PrimapsModule:
+                resume: bool = False, live: Optional[tuple] = None) -> PrimapsModule:
     """EM for ``primaps_steps`` (default ``--steps``) steps into ``out`` (Lightning checkpoints in
-    ``<out>/lightning/``); returns the module on the CPU."""
+    ``<out>/lightning/``); returns the module on the CPU. ``live``: (backbone, crop view of the
+    cached split) for ``--primaps-student-augs``."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = PrimapsModule(cfg, code_dim, n_clusters, n_classes, init, head)
     module.masks = masks
+    module.live = live
     steps = cfg.primaps_steps or cfg.steps
     return fit_step_module(module, cfg, Path(out), cache, None, max_steps=steps, resume=resume)
