@@ -199,7 +199,7 @@ def test_em_with_student_augs_reads_live_flipped_crops_and_resumes_exactly(synth
     from stegoseg.methods.common import build_backbone_from_config, build_split, prepare
     from stegoseg.training.primaps import PrimapsModule, build_pseudo_masks, fit_primaps
     from stegoseg.training.primaps_em import draw_student_aug, student_augment
-    from stegoseg.training.steps import step_seed
+    from stegoseg.training.steps import StepBatches, step_seed
 
     cfg = tiny_config(synthetic_root, method="primaps", steps=8, ckpt_every=3, primaps_ema_every=2,
                       primaps_student_augs=True, cache_dir=str(tmp_path / "cache"))
@@ -212,24 +212,27 @@ def test_em_with_student_augs_reads_live_flipped_crops_and_resumes_exactly(synth
 
     # one step's batch, against the crops flipped by hand
     module = PrimapsModule(cfg, backbone.embed_dim, 4, 4, init)
-    module.masks, module.live = masks, (backbone, view)
-    index = torch.arange(8)
-    labels = torch.from_numpy(np.asarray(cache.labels[:8])).long()
-    batch = module.live_batch(index, 5, labels)
+    module.masks, module.live = masks, [backbone]
+    # step 5's batch as the step loader gives it with the crop view (images decoded there, no cached features)
+    loaded = StepBatches(cache, None, 8, cfg.seed, crop_view=view, start_step=5, steps=6)[0]
+    assert "feats" not in loaded and "image_knn" not in loaded
+    index = loaded["index"].numpy()
+    batch = module.live_batch(loaded, 5)
     g = torch.Generator().manual_seed(step_seed(cfg.seed, 5, 0, 11))
     params = [draw_student_aug(g) for _ in range(8)]
     assert 0 < sum(p["flip"] for p in params) < 8  # both kinds in this batch
-    for i, p in enumerate(params):
-        image = view[i]["image"].float() / (255 if view[i]["image"].dtype == torch.uint8 else 1)
+    for i, (j, p) in enumerate(zip(index, params)):
+        image = view[int(j)]["image"].float() / (255 if view[int(j)]["image"].dtype == torch.uint8 else 1)
         image = image.flip(-1) if p["flip"] else image
         with torch.no_grad():
             clean = backbone(backbone.normalize(image[None]))[0]
             student = backbone(student_augment(backbone.normalize(image), p)[None])[0]
         torch.testing.assert_close(batch["code"][i], clean, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(batch["student_code"][i], student, rtol=1e-5, atol=1e-5)
-        mask = torch.from_numpy(np.array(masks[i]))
+        mask = torch.from_numpy(np.array(masks[j]))
         assert torch.equal(batch["masks"][i], mask.flip(-1) if p["flip"] else mask)
-        assert torch.equal(batch["label"][i], labels[i].flip(-1) if p["flip"] else labels[i])
+        label = torch.from_numpy(np.asarray(cache.labels[j])).long()
+        assert torch.equal(batch["label"][i].long(), label.flip(-1) if p["flip"] else label)
     assert not torch.allclose(batch["code"], batch["student_code"])
 
     class Kill(L.Callback):
@@ -246,8 +249,9 @@ def test_em_with_student_augs_reads_live_flipped_crops_and_resumes_exactly(synth
 
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         killed = PrimapsModule(cfg, backbone.embed_dim, 4, 4, init)
-        killed.masks, killed.live = masks, (backbone, view)
-        fit_step_module(killed, cfg, tmp_path / "killed", cache, None, max_steps=cfg.steps, callbacks=[Kill()])
+        killed.masks, killed.live = masks, [backbone]
+        fit_step_module(killed, cfg, tmp_path / "killed", cache, None, max_steps=cfg.steps, callbacks=[Kill()],
+                        crop_view=view)
     resumed = fit_primaps(cfg, tmp_path / "killed", cache, masks, backbone.embed_dim, 4, 4, init, resume=True,
                           live=(backbone, view))
     for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):

@@ -232,7 +232,7 @@ class PrimapsModule(L.LightningModule):
         self.linear_probe = LinearProbe(code_dim, n_classes) if n_classes else None
         self.masks: Optional[np.ndarray] = None  # (N, R, R) mask ids, set before fitting
         self.resident = None
-        self.live: Optional[tuple] = None  # (backbone, crop view) with --primaps-student-augs, set before fitting
+        self.live: Optional[list] = None  # [backbone] with --primaps-student-augs (a list: never saved), set before fitting
         self._step: Optional[int] = None  # the step whose optimiser step runs next
 
     def configure_optimizers(self):
@@ -247,15 +247,15 @@ class PrimapsModule(L.LightningModule):
         if self.live is not None:
             self.live[0].to(self.device).eval()
 
-    def live_batch(self, index: torch.Tensor, step: int, labels: Optional[torch.Tensor] = None) -> dict:
-        """``--primaps-student-augs``: the batch's crops through the backbone as the reference's
-        student-augs training sees them: each crop, its masks and labels flipped with probability
-        1/2; the teacher (and the linear probe) read the clean crop's code, the student the code
-        of its augmented copy (:func:`~stegoseg.training.primaps_em.student_augment`). The draws
-        come from a generator seeded by (seed, step, rank): a resumed run draws the same."""
-        backbone, view = self.live
-        rows = index.cpu().numpy()
-        items = [view[int(i)] for i in rows]
+    def live_batch(self, batch: dict, step: int) -> dict:
+        """``--primaps-student-augs``: the batch's crops (``image``, decoded by the step loader from
+        the crop view) through the backbone as the reference's student-augs training sees them:
+        each crop, its masks and labels flipped with probability 1/2; the teacher (and the linear
+        probe) read the clean crop's code, the student the code of its augmented copy
+        (:func:`~stegoseg.training.primaps_em.student_augment`). The draws come from a generator
+        seeded by (seed, step, rank): a resumed run draws the same."""
+        backbone = self.live[0]
+        rows = batch["index"].cpu().numpy()
         generator = torch.Generator().manual_seed(step_seed(self.cfg.seed, step, self.global_rank, 11))
         params = [draw_student_aug(generator) for _ in rows]
         flip = torch.tensor([p["flip"] for p in params], dtype=torch.bool)
@@ -265,14 +265,14 @@ class PrimapsModule(L.LightningModule):
             x[which] = x[which].flip(-1)
             return x
 
-        clean = backbone.normalize(flipped(torch.stack([item["image"] for item in items])))
+        clean = backbone.normalize(flipped(batch["image"]))
         augmented = torch.stack([student_augment(image, p) for image, p in zip(clean, params)])
         with torch.no_grad():
             feats = backbone(torch.cat([clean, augmented])).float()
         out = {"code": self.code(feats[: len(rows)]), "student_code": self.code(feats[len(rows):]),
                "masks": flipped(torch.from_numpy(np.asarray(self.masks[rows])))}
-        if labels is not None:  # the cache's labels of these crops (ignore already mapped)
-            out["label"] = flipped(labels)
+        if "label" in batch:  # the cache's labels of these crops (ignore already mapped)
+            out["label"] = flipped(batch["label"])
         return out
 
     def code(self, feats: torch.Tensor) -> torch.Tensor:
@@ -286,13 +286,13 @@ class PrimapsModule(L.LightningModule):
         step = int(batch["step"])
         if step != self.global_step:
             raise RuntimeError(f"batch for step {step} arrived at global step {self.global_step}")
-        if "feats" not in batch:
-            batch = {**batch, **self.resident.batch(batch["index"])}
-        labels = batch.get("label")
         if self.live is not None:
-            live = self.live_batch(batch["index"], step, labels)
+            live = self.live_batch(batch, step)
             code, student_code, masks, labels = live["code"], live["student_code"], live["masks"], live.get("label")
         else:
+            if "feats" not in batch:
+                batch = {**batch, **self.resident.batch(batch["index"])}
+            labels = batch.get("label")
             code = student_code = self.code(batch["feats"].float())
             masks = torch.from_numpy(np.asarray(self.masks[batch["index"].cpu().numpy()])).to(self.device)
         pseudo = em_pseudo_label(self.teacher, code, masks)
@@ -327,6 +327,7 @@ def fit_primaps(cfg: Config, out, cache: FeatureCache, masks: np.ndarray, code_d
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = PrimapsModule(cfg, code_dim, n_clusters, n_classes, init, head)
     module.masks = masks
-    module.live = live
+    backbone, view = live if live is not None else (None, None)
+    module.live = [backbone] if live is not None else None
     steps = cfg.primaps_steps or cfg.steps
-    return fit_step_module(module, cfg, Path(out), cache, None, max_steps=steps, resume=resume)
+    return fit_step_module(module, cfg, Path(out), cache, None, max_steps=steps, resume=resume, crop_view=view)

@@ -104,7 +104,8 @@ class StepBatches(torch.utils.data.Dataset):
                 out["feats_knn"] = self.cache.feature_batch(partner)
         else:
             out["image"] = torch.stack([self.crop_view[int(j)]["image"] for j in idx])
-            out["image_knn"] = torch.stack([self.crop_view[int(j)]["image"] for j in partner])
+            if partner is not None:
+                out["image_knn"] = torch.stack([self.crop_view[int(j)]["image"] for j in partner])
         if self.with_thumbs:
             out["thumb"] = self.cache.thumb_batch(idx)
         if self.cache.has_labels:
